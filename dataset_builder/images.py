@@ -1,0 +1,146 @@
+"""Reading, checking and re-encoding the input radiographs.
+
+Every image is decoded once at build time, converted to 8-bit grayscale and re-encoded as PNG with its
+longer side at most `image_size`, so training never decodes the 2,000-3,000 px originals.
+
+Conversions: 16-bit (and 32-bit integer / float) images are scaled linearly from their ACTUAL value
+range (min..max) to 0..255, not by a fixed 257 or 65535 (many 16-bit radiographs use 10-12 bits);
+RGBA / LA / palette images are composited over black (the radiograph background) then turned to
+luminance; RGB to luminance; bilevel to 0/255.
+
+Problems are raised as `ImageProblem(reason, detail)` with one of the reasons below; the builder
+records them in `skipped` instead of crashing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+REASON_MISSING = "image file missing"
+REASON_ESCAPES = "filename escapes the image folder"
+REASON_NOT_IMAGE = "not an image"
+REASON_UNREADABLE = "unreadable or truncated image"
+REASON_TOO_LARGE = "image too large (decompression bomb guard)"
+
+# The real Indiana PNGs are at most ~2,934 x 2,934 = 8.6 M pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageProblem(Exception):
+    """An input image that cannot be used.
+
+    Args:
+        reason (`str`): one of the `REASON_*` constants (a stable category for the build report).
+        detail (`str`, defaults to ""): what exactly went wrong.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def resolve_image_path(image_dir: Path, filename: str) -> Path:
+    """Joins `filename` to `image_dir`, refusing names that escape it (`../`, absolute paths, links out).
+
+    Raises:
+        ImageProblem: with `REASON_ESCAPES` or `REASON_MISSING`.
+    """
+    if not filename or "\x00" in filename:
+        raise ImageProblem(REASON_MISSING, f"empty or invalid filename {filename!r}")
+    root = image_dir.resolve()
+    candidate = (image_dir / filename).resolve()
+    if os.path.isabs(filename) or (candidate != root and root not in candidate.parents):
+        raise ImageProblem(REASON_ESCAPES, f"{filename!r} resolves outside {root}")
+    if not candidate.is_file():
+        raise ImageProblem(REASON_MISSING, str(image_dir / filename))
+    return candidate
+
+
+def probe_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Cheap header check (no pixel decoding): the file is a non-empty image of acceptable size.
+
+    Returns:
+        `tuple[int, int]`: (width, height).
+
+    Raises:
+        ImageProblem: `REASON_NOT_IMAGE`, `REASON_TOO_LARGE` or `REASON_UNREADABLE`.
+    """
+    if path.stat().st_size == 0:
+        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is an empty (zero-byte) file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+    except Image.DecompressionBombError as err:
+        raise ImageProblem(REASON_TOO_LARGE, str(err)) from None
+    except UnidentifiedImageError:
+        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is not a recognised image format") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a data problem, not a crash
+        raise ImageProblem(REASON_UNREADABLE, f"{type(err).__name__}: {err}") from None
+    if size[0] * size[1] > max_image_pixels:
+        raise ImageProblem(
+            REASON_TOO_LARGE,
+            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} px > max_image_pixels={max_image_pixels:,}",
+        )
+    if size[0] < 1 or size[1] < 1:
+        raise ImageProblem(REASON_UNREADABLE, f"invalid size {size}")
+    return size
+
+
+def to_grayscale_8bit(im: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit grayscale ("L"), scaling high-bit-depth images by their real range."""
+    mode = im.mode
+    if mode == "L":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            out = np.zeros(arr.shape, dtype=np.uint8)
+        else:
+            out = np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return Image.fromarray(out, mode="L")
+    if mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    return im.convert("L")
+
+
+def encode_image(
+    path: Path, image_size: int = 512, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[bytes, tuple[int, int]]:
+    """Decodes `path` fully, converts it to 8-bit grayscale, shrinks it so its longer side is at most
+    `image_size` (never enlarges) and re-encodes it as PNG.
+
+    Returns:
+        `tuple[bytes, tuple[int, int]]`: the PNG bytes and the ORIGINAL (width, height).
+
+    Raises:
+        ImageProblem: for truncated, corrupt, non-image or oversized files.
+    """
+    size = probe_image(path, max_image_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                gray = to_grayscale_8bit(im)
+    except Exception as err:  # noqa: BLE001
+        raise ImageProblem(REASON_UNREADABLE, f"{path.name}: {type(err).__name__}: {err}") from None
+    w, h = gray.size
+    scale = image_size / max(w, h)
+    if scale < 1.0:
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray = gray.resize(new, Image.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    gray.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue(), size
