@@ -106,6 +106,11 @@ class IndianaXrayConfig(datasets.BuilderConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks the options (datasets sets config kwargs with setattr after construction, so the builder
+        calls this again before building) and applies `r2gen` (section findings, min_images >= 2)."""
         if self.section not in SECTIONS:
             raise ValueError(f"section must be one of {SECTIONS}, got {self.section!r}")
         if self.views not in VIEWS:
@@ -119,7 +124,8 @@ class IndianaXrayConfig(datasets.BuilderConfig):
         if self.r2gen:
             if self.section != "findings":
                 raise ValueError(
-                    f"r2gen=True reproduces the findings-only protocol; got section={self.section!r}"
+                    f"r2gen=True reproduces the findings-only protocol; got section={self.section!r} "
+                    "(drop --r2gen or use --section findings)"
                 )
             self.min_images = max(self.min_images, 2)
 
@@ -356,6 +362,7 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
             raise ValueError(
                 "IndianaXrayBuilder needs data_dir= (the folder holding the Kaggle CSVs and images/)"
             )
+        cfg.validate()
         self.generated = True
         studies, self.plan_skipped, self.plan_stats = make_plan(cfg, Path(cfg.data_dir))
         by_split = {name: [s for s in studies if s.split == name] for name in SPLIT_NAMES}
@@ -503,6 +510,17 @@ def build_dataset(
     split_file_str = str(Path(split_file).expanduser().resolve()) if split_file else None
     if split_file_str and not Path(split_file_str).is_file():
         raise FileNotFoundError(f"split_file {split_file_str} not found (an R2Gen annotation.json)")
+    checked = IndianaXrayConfig(
+        name="default",
+        section=section,
+        views=views,
+        min_images=min_images,
+        image_size=image_size,
+        seed=seed,
+        r2gen=r2gen,
+        xxxx=xxxx,
+    )  # validates and applies r2gen before the options go into the cache key
+    min_images = checked.min_images
     options = {
         "section": section,
         "views": views,
