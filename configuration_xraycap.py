@@ -1,0 +1,235 @@
+"""XrayCap configuration: a vision tower (ResNet or any timm model), a projection and a GPT-2 decoder.
+
+The config is the single source of truth: the model builds every submodule from it, and `from_preset`
+gives the two sizes the project uses ("tiny" for tests and the CPU demo, "resnet50-gpt2" for real runs).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PretrainedConfig, ResNetConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+VISUAL_TOKEN_MODES = ("pooled", "grid")
+PROJECTION_TYPES = ("linear", "mlp")
+
+# The two presets. Each entry is (vision_config kwargs, text_config kwargs, top-level kwargs).
+_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    # Real sizes: ResNet-50 (microsoft/resnet-50 layout, ~23.5M parameters) and GPT-2 small (124M).
+    # GPT-2 has no pad token: one is appended after the 50,257 BPE tokens (id 50257).
+    "resnet50-gpt2": (
+        {
+            "model_type": "resnet",
+            "embedding_size": 64,
+            "hidden_sizes": [256, 512, 1024, 2048],
+            "depths": [3, 4, 6, 3],
+            "layer_type": "bottleneck",
+            "hidden_act": "relu",
+            "downsample_in_first_stage": False,
+        },
+        {
+            "model_type": "gpt2",
+            "vocab_size": 50258,
+            "n_positions": 1024,
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+        },
+        {
+            "visual_tokens": "grid",
+            "projection": "linear",
+            "image_size": 224,
+            "max_views": 2,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "pad_token_id": 50257,
+        },
+    ),
+    # A few-MB model: ResNet widths 32-256 with one basic block per stage, a 3-layer GPT-2 192 wide,
+    # 128-px images -> a 4x4 grid = 16 tokens per view. Token ids match `train_tokenizer`
+    # (<|endoftext|> = 0, <|pad|> = 1). 256 positions = 2 views x 16 tokens + bos + ~220 report tokens.
+    "tiny": (
+        {
+            "model_type": "resnet",
+            "embedding_size": 32,
+            "hidden_sizes": [32, 64, 128, 256],
+            "depths": [1, 1, 1, 1],
+            "layer_type": "basic",
+            "hidden_act": "relu",
+            "downsample_in_first_stage": False,
+        },
+        {
+            "model_type": "gpt2",
+            "vocab_size": 2000,
+            "n_positions": 256,
+            "n_embd": 192,
+            "n_layer": 3,
+            "n_head": 4,
+            "n_inner": 768,
+        },
+        {
+            "visual_tokens": "grid",
+            "projection": "linear",
+            "image_size": 128,
+            "max_views": 2,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 1,
+        },
+    ),
+}
+
+
+class XrayCapConfig(PretrainedConfig):
+    r"""
+    Configuration of [`XrayCapForConditionalGeneration`]: an image encoder whose features are projected into
+    GPT-2's embedding space and prepended to the report tokens as a prefix.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the image encoder, built with `AutoModel.from_config`. A transformers `ResNetConfig`
+            (default: ResNet-50) or a `TimmWrapperConfig` (any timm CNN or ViT).
+        text_config (`dict` or `GPT2Config`, *optional*):
+            Config of the GPT-2 decoder (default: GPT-2 small).
+        visual_tokens (`str`, *optional*, defaults to `"grid"`):
+            `"pooled"`: one token per view from the globally pooled feature; `"grid"`: every position of the
+            last feature map is a token (7x7 = 49 per view at 224 px for ResNet-50), so the decoder attends
+            over image regions.
+        projection (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` (one `nn.Linear` from the encoder width to `n_embd`) or `"mlp"` (Linear-GELU-Linear).
+        freeze_vision_encoder (`bool`, *optional*, defaults to `True`):
+            Keep the encoder's weights and BatchNorm statistics fixed (no gradient, always in eval mode).
+        max_views (`int`, *optional*, defaults to 2):
+            Views per study (1: frontal only; 2: frontal + lateral). Each view adds its tokens plus a learned
+            view embedding.
+        image_size (`int`, *optional*, defaults to 224):
+            Side in pixels of the square images the processor feeds.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the normal init of the projection and view embeddings.
+        pad_token_id (`int`, *optional*), bos_token_id (`int`, *optional*), eos_token_id (`int`, *optional*):
+            Special token ids; they are copied into `text_config`. The pad id must differ from eos.
+
+    Example:
+
+    ```python
+    >>> from configuration_xraycap import XrayCapConfig
+    >>> config = XrayCapConfig.from_preset("tiny", vocab_size=500)
+    >>> config.text_config.n_layer, config.image_size
+    (3, 128)
+    ```
+    """
+
+    model_type = "xraycap"
+    PRESETS: ClassVar[tuple[str, ...]] = ("tiny", "resnet50-gpt2")
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
+    }
+
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    visual_tokens: str = "grid"
+    projection: str = "linear"
+    freeze_vision_encoder: bool = True
+    max_views: int = 2
+    image_size: int = 224
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = copy.deepcopy(_PRESETS["resnet50-gpt2"][0])
+        if self.text_config is None:
+            self.text_config = copy.deepcopy(_PRESETS["resnet50-gpt2"][1])
+        super().__post_init__(**kwargs)
+        if self.visual_tokens not in VISUAL_TOKEN_MODES:
+            raise ValueError(f"visual_tokens={self.visual_tokens!r} is not one of {VISUAL_TOKEN_MODES}.")
+        if self.projection not in PROJECTION_TYPES:
+            raise ValueError(f"projection={self.projection!r} is not one of {PROJECTION_TYPES}.")
+        if self.max_views not in (1, 2):
+            raise ValueError(f"max_views={self.max_views!r}: use 1 (frontal) or 2 (frontal + lateral).")
+        if int(self.image_size) < 32:
+            raise ValueError(
+                f"image_size={self.image_size!r} px is too small for a 32x-downsampling encoder."
+            )
+        # The decoder's special ids follow the top-level ones (one source of truth).
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, getattr(self.text_config, name, None))
+            else:
+                setattr(self.text_config, name, value)
+        if self.pad_token_id is not None and self.pad_token_id == self.eos_token_id:
+            logger.warning(
+                "pad_token_id == eos_token_id (%s): labels mask padding by position, but a distinct pad "
+                "token is recommended.",
+                self.pad_token_id,
+            )
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
+
+    @property
+    def vocab_size(self) -> int:
+        """The decoder's vocabulary size (stored in `text_config`)."""
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.text_config.vocab_size = value
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> XrayCapConfig:
+        """
+        Build one of the named configurations in `XrayCapConfig.PRESETS`.
+
+        Args:
+            name (`str`):
+                `"tiny"` (a few-MB model for tests and the CPU demo) or `"resnet50-gpt2"` (ResNet-50 +
+                GPT-2 small, 224 px).
+            **overrides:
+                Top-level fields (`visual_tokens`, `projection`, `max_views`, `image_size`, token ids, ...);
+                `vocab_size`, `n_positions`, `n_embd`, `n_layer`, `n_head` for the decoder; and
+                `vision_config` / `text_config` dicts merged into the preset's sub-configs.
+
+        Returns:
+            `XrayCapConfig`
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {cls.PRESETS}.")
+        vision, text, top = (copy.deepcopy(part) for part in _PRESETS[name])
+        text_keys = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"}
+        for key, value in overrides.items():
+            if key == "vision_config":
+                vision = value.to_dict() if isinstance(value, PretrainedConfig) else {**vision, **value}
+            elif key == "text_config":
+                text = value.to_dict() if isinstance(value, PretrainedConfig) else {**text, **value}
+            elif key in text_keys:
+                text[key] = value
+            else:
+                top[key] = value
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if top.get(key) is not None:
+                text[key] = top[key]
+        return cls(vision_config=vision, text_config=text, **top)
+
+    def vision_feature_dim(self) -> int:
+        """Channels of the encoder's last feature map (2048 for ResNet-50)."""
+        vision = self.vision_config
+        if isinstance(vision, ResNetConfig) or getattr(vision, "model_type", "") == "resnet":
+            return int(vision.hidden_sizes[-1])
+        for attr in ("num_features", "hidden_size"):
+            if getattr(vision, attr, None):
+                return int(getattr(vision, attr))
+        return -1  # resolved from the built module (timm models)
+
+
+XrayCapConfig.register_for_auto_class()  # AutoConfig: saved folders carry this file
+
+__all__ = ["XrayCapConfig"]

@@ -1,0 +1,594 @@
+"""XrayCap: image encoder -> projection -> prefix tokens -> GPT-2 decoder, as a transformers model.
+
+Each view of a study is encoded by the vision tower (a transformers ResNet or a timm model); its features
+(one pooled vector, or every cell of the last feature map) are projected into GPT-2's embedding space,
+get a learned view embedding, and are prepended to the report tokens. The decoder is a plain
+`GPT2LMHeadModel`, so the text path is exactly GPT-2 and `generate` reuses transformers' decoding loop:
+the prefix is embedded once at prefill and the KV cache carries it afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput, logging
+
+try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
+    from .configuration_xraycap import XrayCapConfig
+except ImportError:  # the repository root on sys.path (`import modeling_xraycap`)
+    from configuration_xraycap import XrayCapConfig
+
+logger = logging.get_logger(__name__)
+
+# Room left for the report when the default generation length is derived from `n_positions`.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class XrayCapCausalLMOutput(ModelOutput):
+    r"""
+    Output of [`XrayCapForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Mean next-token cross-entropy over the report tokens (the image prefix and -100 labels are ignored).
+        logits (`torch.FloatTensor` of shape `(batch_size, prefix_length + text_length, vocab_size)`):
+            Decoder scores for every position, image prefix included.
+        cache (`Cache`, *optional*):
+            The decoder's key/value cache (when `use_cache=True`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*), attentions (`tuple(torch.FloatTensor)`, *optional*):
+            As returned by GPT-2 when requested.
+        prefix_length (`int`, *optional*):
+            Number of image-prefix positions at the front of `logits` (0 on the text-only path).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    prefix_length: int | None = None
+
+
+class XrayCapProjection(nn.Module):
+    """
+    Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd).
+
+    `"linear"`: LayerNorm(C) then Linear(C, n_embd); `"mlp"`: LayerNorm(C), Linear, GELU, Linear. The
+    LayerNorm makes the prefix scale independent of the encoder's raw activation scale (ResNet features
+    after ReLU are large and all positive).
+    """
+
+    def __init__(self, in_features: int, config: XrayCapConfig):
+        super().__init__()
+        out_features = config.text_config.n_embd
+        self.norm = nn.LayerNorm(in_features)
+        if config.projection == "mlp":
+            self.proj = nn.Sequential(
+                nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features)
+            )
+        else:
+            self.proj = nn.Linear(in_features, out_features)
+
+    @property
+    def proj_dtype(self) -> torch.dtype:
+        """The dtype of the projection weights (inputs are cast to it outside autocast)."""
+        return self.norm.weight.dtype
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features))
+
+
+class XrayCapPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the settings transformers needs for XrayCap models."""
+
+    config_class = XrayCapConfig
+    config: XrayCapConfig
+    base_model_prefix = "xraycap"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["GPT2Block", "ResNetStage"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, XrayCapForConditionalGeneration):
+            nn.init.normal_(module.view_embedding, mean=0.0, std=self.config.initializer_range)
+
+
+def _vision_feature_dim(vision_model: nn.Module, config: XrayCapConfig) -> int:
+    """Channels of the encoder's last feature map, for ResNet or timm towers."""
+    timm_model = getattr(vision_model, "timm_model", None)
+    if timm_model is not None:
+        return int(timm_model.num_features)
+    dim = config.vision_feature_dim()
+    if dim <= 0:
+        raise ValueError(
+            f"Cannot infer the feature width of vision tower {type(vision_model).__name__}: "
+            "use a ResNetConfig or a TimmWrapperConfig as vision_config."
+        )
+    return dim
+
+
+class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
+    r"""
+    Radiology report generator: vision tower -> projection (+ view embedding) -> image prefix -> GPT-2.
+
+    Args:
+        config ([`XrayCapConfig`]):
+            The whole configuration; the towers are built from `config.vision_config` and
+            `config.text_config` with random weights. Use [`from_pretrained_towers`] to start from
+            pretrained ResNet / GPT-2 weights, or `from_pretrained` to load a saved XrayCap folder.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
+    >>> inputs = processor(images=[["frontal.png", "lateral.png"]], return_tensors="pt")
+    >>> ids = model.generate(**inputs, num_beams=3, max_new_tokens=120)
+    >>> processor.batch_decode(ids, skip_special_tokens=True)
+    ```
+    """
+
+    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
+
+    def __init__(self, config: XrayCapConfig):
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.vision_feature_dim = _vision_feature_dim(self.vision_model, config)
+        self.projection = XrayCapProjection(self.vision_feature_dim, config)
+        self.view_embedding = nn.Parameter(torch.zeros(config.max_views, config.text_config.n_embd))
+        self.language_model = GPT2LMHeadModel(config.text_config)
+        self.post_init()
+        self.set_vision_encoder_frozen(config.freeze_vision_encoder)
+        room = config.text_config.n_positions - self.max_prefix_length - 1
+        if room < 1:
+            raise ValueError(
+                f"text_config.n_positions={config.text_config.n_positions} leaves no room for text after an "
+                f"image prefix of {self.max_prefix_length} tokens: raise n_positions or lower image_size/max_views."
+            )
+        self.generation_config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+        self.generation_config.max_length = None
+
+    # ----------------------------------------------------------------------------------------- towers
+    @classmethod
+    def from_pretrained_towers(
+        cls,
+        vision: str = "microsoft/resnet-50",
+        text: str = "gpt2",
+        **config_kwargs,
+    ) -> XrayCapForConditionalGeneration:
+        r"""
+        Build a model from a pretrained image encoder and a pretrained GPT-2 (Hub ids or local folders).
+
+        The projection and view embeddings start random. GPT-2 has no pad token, so unless `pad_token_id`
+        is given one row is appended to its vocabulary (id = the original vocabulary size); pair the model
+        with `XrayCapProcessor.from_pretrained_tokenizer(text)`, which adds the matching `<|pad|>` token.
+
+        Args:
+            vision (`str`, *optional*, defaults to `"microsoft/resnet-50"`):
+                A transformers ResNet checkpoint or a timm checkpoint (`"timm/resnet50.a1_in1k"`).
+            text (`str`, *optional*, defaults to `"gpt2"`):
+                A GPT-2 checkpoint.
+            **config_kwargs:
+                Other `XrayCapConfig` fields (`visual_tokens`, `projection`, `max_views`, `image_size`, ...).
+
+        Returns:
+            `XrayCapForConditionalGeneration`
+        """
+        vision_tower = AutoModel.from_pretrained(vision)
+        text_tower = GPT2LMHeadModel.from_pretrained(text)
+        text_config = text_tower.config.to_dict()
+        if config_kwargs.get("pad_token_id") is None:
+            config_kwargs["pad_token_id"] = text_tower.config.vocab_size
+            text_config["vocab_size"] = text_tower.config.vocab_size + 1
+        for key in ("bos_token_id", "eos_token_id"):
+            config_kwargs.setdefault(key, text_config.get(key))
+        config = XrayCapConfig(
+            vision_config=vision_tower.config.to_dict(), text_config=text_config, **config_kwargs
+        )
+        model = cls(config)
+        model.vision_model.load_state_dict(vision_tower.state_dict())
+        if text_tower.config.vocab_size != config.text_config.vocab_size:
+            text_tower.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
+        model.language_model.load_state_dict(text_tower.state_dict())
+        model.language_model.tie_weights()
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def set_vision_encoder_frozen(self, frozen: bool = True) -> None:
+        """
+        Freeze (default) or unfreeze the vision tower: a frozen tower gets no gradient and stays in eval mode
+        (BatchNorm statistics fixed) even under `model.train()`. Updates `config.freeze_vision_encoder`.
+
+        Args:
+            frozen (`bool`, *optional*, defaults to `True`): whether to freeze the encoder.
+        """
+        self.config.freeze_vision_encoder = bool(frozen)
+        self.vision_model.requires_grad_(not frozen)
+        if frozen:
+            self.vision_model.eval()
+        else:
+            self.vision_model.train(self.training)
+
+    def train(self, mode: bool = True) -> XrayCapForConditionalGeneration:
+        super().train(mode)
+        if self.config.freeze_vision_encoder:
+            self.vision_model.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------- images
+    @property
+    def tokens_per_view(self) -> int:
+        """Image tokens per view at `config.image_size` (1 for "pooled"; the feature-map cells for "grid")."""
+        if self.config.visual_tokens == "pooled":
+            return 1
+        cells = getattr(self, "_grid_cells", None)
+        if cells is None:
+            side = -(-int(self.config.image_size) // 32)  # ResNets and most timm CNNs downsample by 32
+            cells = side * side
+        return cells
+
+    @property
+    def max_prefix_length(self) -> int:
+        """Image-prefix length with every view present."""
+        return self.config.max_views * self.tokens_per_view
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: use XrayCapProcessor "
+                "with return_tensors='pt'."
+            )
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, 3, height, width) or "
+                "(batch, views, 3, height, width) with 3 colour channels (the processor converts grayscale)."
+            )
+        if pixel_values.shape[1] > self.config.max_views:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} views but this model takes at most "
+                f"max_views={self.config.max_views}: drop extra views or use a config with max_views=2."
+            )
+        if min(pixel_values.shape[-2:]) < 32:
+            raise ValueError(
+                f"pixel_values images are {tuple(pixel_values.shape[-2:])} px; need at least 32 px."
+            )
+        return pixel_values
+
+    def _check_view_mask(
+        self, view_mask: torch.Tensor | None, batch: int, views: int, device
+    ) -> torch.Tensor:
+        if view_mask is None:
+            return torch.ones(batch, views, dtype=torch.bool, device=device)
+        view_mask = torch.as_tensor(view_mask, device=device)
+        if view_mask.ndim == 1 and views == 1:
+            view_mask = view_mask.unsqueeze(1)
+        if tuple(view_mask.shape) != (batch, views):
+            raise ValueError(
+                f"view_mask has shape {tuple(view_mask.shape)}; expected (batch, views) = {(batch, views)}."
+            )
+        view_mask = view_mask.bool()
+        if not bool(view_mask.any(dim=1).all()):
+            empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"view_mask marks no view as present for batch rows {empty}: each study needs one."
+            )
+        return view_mask
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r"""
+        Encode each view with the vision tower, before projection.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)` or `(batch, views, 3, H, W)`):
+                Normalised images from `XrayCapProcessor`.
+            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
+                1 for a real view, 0 for padding. Absent views are not encoded (zeros are returned), so they
+                never touch the encoder's BatchNorm statistics.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the
+            cells of the last feature map ("grid"; 7x7 = 49 at 224 px for ResNet-50). Computed without grad
+            while the encoder is frozen, so it can be cached and fed back as `image_features`.
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        batch, views = pixel_values.shape[:2]
+        view_mask = self._check_view_mask(view_mask, batch, views, pixel_values.device)
+        flat = pixel_values.flatten(0, 1)[view_mask.flatten()]
+        param = next(self.vision_model.parameters())
+        if not torch.is_autocast_enabled(flat.device.type):
+            flat = flat.to(param.dtype)
+        frozen = self.config.freeze_vision_encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            outputs = self.vision_model(pixel_values=flat)
+            tokens = self._tokens_from_encoder_output(outputs)
+        features = tokens.new_zeros(batch * views, *tokens.shape[1:])
+        features[view_mask.flatten()] = tokens
+        return features.view(batch, views, *tokens.shape[1:])
+
+    def _tokens_from_encoder_output(self, outputs) -> torch.Tensor:
+        hidden = outputs.last_hidden_state
+        pooled = getattr(outputs, "pooler_output", None)
+        if hidden.ndim == 4:  # CNN feature map (N, C, h, w)
+            if self.config.visual_tokens == "grid":
+                self._grid_cells = hidden.shape[-2] * hidden.shape[-1]
+                return hidden.flatten(2).transpose(1, 2).contiguous()
+            if pooled is None:
+                pooled = hidden.mean(dim=(2, 3))
+        else:  # transformer tokens (N, L, C)
+            if self.config.visual_tokens == "grid":
+                return hidden
+            if pooled is None:
+                pooled = hidden.mean(dim=1)
+        return pooled.reshape(pooled.shape[0], 1, -1)
+
+    def get_prefix_embeds(
+        self, image_features: torch.Tensor, view_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Project image features into the decoder's embedding space and add the view embeddings.
+
+        Args:
+            image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`):
+                Output of [`get_image_features`].
+            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*): 1 = real view.
+
+        Returns:
+            `tuple(torch.FloatTensor, torch.LongTensor)`: the prefix `(batch, views * tokens, n_embd)` and its
+            attention mask `(batch, views * tokens)` (0 on absent views).
+        """
+        if image_features.ndim == 3:
+            image_features = image_features.unsqueeze(1)
+        if image_features.ndim != 4 or image_features.shape[-1] != self.vision_feature_dim:
+            raise ValueError(
+                f"image_features has shape {tuple(image_features.shape)}; expected (batch, views, tokens, "
+                f"{self.vision_feature_dim}) as returned by get_image_features."
+            )
+        batch, views, tokens = image_features.shape[:3]
+        if views > self.config.max_views:
+            raise ValueError(
+                f"image_features has {views} views but this model takes at most max_views={self.config.max_views}."
+            )
+        view_mask = self._check_view_mask(view_mask, batch, views, image_features.device)
+        prefix = self.projection(image_features.to(self.projection.proj_dtype))
+        prefix = prefix + self.view_embedding[:views].to(prefix.dtype)[None, :, None, :]
+        prefix_mask = view_mask[:, :, None].expand(batch, views, tokens).reshape(batch, views * tokens)
+        return prefix.reshape(batch, views * tokens, -1), prefix_mask.long()
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> XrayCapCausalLMOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, text_length)`, *optional*):
+                Report tokens: `bos + report + eos`, right-padded (see `XrayCapProcessor`).
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)` or `(batch, views, 3, H, W)`, *optional*):
+                Images; their prefix goes in front of the text. Without images (and without
+                `image_features`) the model is exactly GPT-2 on the text.
+            attention_mask (`torch.Tensor` of shape `(batch, text_length)`, *optional*):
+                1 on text tokens, 0 on padding. The image prefix mask is prepended internally.
+            labels (`torch.LongTensor` of shape `(batch, text_length)`, *optional*):
+                Targets aligned with `input_ids`, -100 where no loss is wanted (padding, the leading bos).
+                The loss never covers the image prefix.
+            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
+                1 = real view, 0 = absent (its tokens are masked out of attention).
+            image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`, *optional*):
+                Precomputed `get_image_features` output used instead of `pixel_values`.
+            inputs_embeds, position_ids, cache, use_cache, logits_to_keep:
+                As in `GPT2LMHeadModel` (used by `generate`). Position ids default to the running count of
+                attended positions, so absent views shift nothing.
+
+        Returns:
+            [`XrayCapCausalLMOutput`] with `loss` (when `labels` is given) and `logits` over prefix + text.
+
+        Raises:
+            `ValueError` when prefix + text is longer than `text_config.n_positions` (GPT-2 has no position
+            embedding beyond it; the processor truncates reports to `max_length` with a warning).
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        prefix_embeds = prefix_mask = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, view_mask)
+        if image_features is not None:
+            prefix_embeds, prefix_mask = self.get_prefix_embeds(image_features, view_mask)
+
+        if inputs_embeds is None:
+            if input_ids is not None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            elif prefix_embeds is not None:
+                inputs_embeds = prefix_embeds[:, :0]
+            else:
+                raise ValueError("Pass input_ids, inputs_embeds, pixel_values or image_features.")
+        elif input_ids is not None:
+            raise ValueError("Pass either input_ids or inputs_embeds, not both.")
+
+        prefix_length = 0
+        if prefix_embeds is not None:
+            batch, prefix_length = prefix_embeds.shape[:2]
+            if inputs_embeds.shape[0] != batch:
+                raise ValueError(
+                    f"{batch} studies of images but {inputs_embeds.shape[0]} texts: pass one report per study."
+                )
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+                )
+            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+            inputs_embeds = torch.cat([prefix_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+            if labels is not None:
+                ignore = labels.new_full((batch, prefix_length), -100)
+                labels = torch.cat([ignore, labels], dim=1)
+
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total = past_length + inputs_embeds.shape[1]
+        n_positions = self.config.text_config.n_positions
+        if total > n_positions:
+            raise ValueError(
+                f"Sequence of {total} positions ({prefix_length} image-prefix + "
+                f"{total - prefix_length} text) exceeds the decoder's n_positions={n_positions}: shorten the "
+                "report (XrayCapProcessor(max_length=...) truncates) or lower max_new_tokens."
+            )
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return XrayCapCausalLMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            prefix_length=prefix_length,
+        )
+
+    # ----------------------------------------------------------------------------------------- generate
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        # Without a KV cache every step re-reads the whole sequence: image prefix + bos (the prompt
+        # embeddings) followed by the tokens generated so far.
+        no_cache = cache is None or not kwargs.get("use_cache", True)
+        if inputs_embeds is not None and not is_first_iteration and no_cache:
+            inputs_embeds = torch.cat([inputs_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+            is_first_iteration = True
+            next_sequence_length = None
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        r"""
+        Write reports for a batch of studies.
+
+        The prompt is `[image prefix; bos]`, embedded once; transformers' `generate` then decodes with the
+        KV cache. Every `generate` option passes through (`num_beams`, `do_sample`, `top_p`,
+        `num_return_sequences`, `no_repeat_ngram_size`, `max_new_tokens`, `use_cache`, ...).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)` or `(batch, views, 3, H, W)`):
+                Images from `XrayCapProcessor`.
+            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*): 1 = real view.
+            image_features (`torch.FloatTensor`, *optional*): precomputed `get_image_features` output.
+            **generate_kwargs: passed to `GenerationMixin.generate`. `input_ids`/`attention_mask` from the
+                processor (the reference text) are ignored, so a processor batch can be passed whole.
+                `max_new_tokens` is capped (with a warning) to the positions left after the prefix.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch * num_return_sequences, new_tokens)`: the new tokens only
+            (no prefix, no bos), padded with `pad_token_id` after eos.
+        """
+        if pixel_values is None and image_features is None:
+            if generate_kwargs.get("input_ids") is None and generate_kwargs.get("inputs_embeds") is None:
+                raise ValueError(
+                    "generate needs pixel_values or image_features (or input_ids for text only)."
+                )
+            return super().generate(**generate_kwargs)  # text-only: plain GPT-2 continuation
+        for key in ("input_ids", "attention_mask", "labels"):
+            if generate_kwargs.pop(key, None) is not None and key == "input_ids":
+                logger.info(
+                    "generate: ignoring input_ids; reports are generated from the image prefix + bos."
+                )
+        if image_features is None:
+            image_features = self.get_image_features(pixel_values, view_mask)
+        prefix_embeds, prefix_mask = self.get_prefix_embeds(image_features, view_mask)
+        batch = prefix_embeds.shape[0]
+        bos_id = self.config.bos_token_id
+        if bos_id is None:
+            raise ValueError("config.bos_token_id is None: set it to the tokenizer's bos id.")
+        bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=prefix_embeds.device)
+        bos_embeds = self.get_input_embeddings()(bos)
+        inputs_embeds = torch.cat([prefix_embeds.to(bos_embeds.dtype), bos_embeds], dim=1)
+        attention_mask = torch.cat([prefix_mask, torch.ones_like(bos)], dim=1)
+
+        room = self.config.text_config.n_positions - inputs_embeds.shape[1]
+        generation_config = generate_kwargs.get("generation_config") or self.generation_config
+        max_new = generate_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if generate_kwargs.get("max_length") is not None and "max_new_tokens" not in generate_kwargs:
+            max_new = generate_kwargs.pop("max_length") - 1
+        if max_new is None or max_new > room:
+            if max_new is not None:
+                logger.warning(
+                    "max_new_tokens=%s exceeds the %s positions left after the %s-token image prefix + bos; "
+                    "capping it.",
+                    max_new,
+                    room,
+                    inputs_embeds.shape[1],
+                )
+            max_new = room
+        generate_kwargs["max_new_tokens"] = max_new
+        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        generate_kwargs.setdefault("bos_token_id", bos_id)
+        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+# Saved folders carry the code and load with AutoModel.from_pretrained(dir, trust_remote_code=True).
+XrayCapForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["XrayCapPreTrainedModel", "XrayCapForConditionalGeneration", "XrayCapCausalLMOutput"]

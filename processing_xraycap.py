@@ -1,0 +1,407 @@
+"""XrayCap preprocessing: chest X-ray images -> normalised 3-channel tensors; reports -> GPT-2 tokens + labels.
+
+`XrayCapImageProcessor` turns any PIL image, numpy array or file path (8/16-bit grayscale, RGB, RGBA,
+palette) into an ImageNet-normalised `(3, size, size)` tensor. `XrayCapProcessor` pairs it with a GPT-2
+byte-level BPE tokenizer and builds `bos + report + eos` inputs and labels. `train_tokenizer` trains such
+a tokenizer locally (no Hub access needed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import GPT2TokenizerFast
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+ENDOFTEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
+
+
+def _array_to_pil(array: np.ndarray, name: str = "array") -> Image.Image:
+    """A (H, W), (H, W, C) or (C, H, W) array of any integer/float dtype -> an 8-bit PIL image."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels-first -> channels-last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"{name} has shape {array.shape}; expected an image (H, W), (H, W, 3/4) or (3/4, H, W)."
+        )
+    if array.dtype != np.uint8:
+        array = array.astype(np.float64)
+        if array.dtype.kind == "f" and array.size and 0.0 <= array.min() and array.max() <= 1.0:
+            array = array * 255.0  # floats in [0, 1]
+        elif array.size and (array.max() > 255 or array.min() < 0):
+            low, high = float(array.min()), float(array.max())  # 16-bit / HU: use the image's own range
+            array = (array - low) / max(high - low, 1e-8) * 255.0
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _array_to_pil(np.asarray(image))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))  # X-ray background is black
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(path_or_image: ImageLike) -> Image.Image:
+    """
+    Open an image and convert it to 8-bit RGB.
+
+    Args:
+        path_or_image (`str`, `os.PathLike`, `bytes`, `PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
+            A file path, encoded file bytes, or an image already in memory. 16-bit and float images are
+            rescaled from their own min-max range; RGBA is composited on black; palettes are expanded.
+
+    Returns:
+        `PIL.Image.Image` in mode "RGB".
+
+    Raises:
+        `FileNotFoundError` if the path does not exist; `ValueError` naming the file if it is not a readable
+        image.
+    """
+    if isinstance(path_or_image, Image.Image):
+        return _to_rgb(path_or_image)
+    if isinstance(path_or_image, torch.Tensor):
+        return _to_rgb(_array_to_pil(path_or_image.detach().cpu().numpy(), "tensor"))
+    if isinstance(path_or_image, np.ndarray):
+        return _to_rgb(_array_to_pil(path_or_image))
+    if isinstance(path_or_image, bytes | bytearray):
+        source, name = io.BytesIO(path_or_image), "<bytes>"
+    elif isinstance(path_or_image, str | os.PathLike):
+        source = name = os.fspath(path_or_image)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"Image file not found: {source}")
+    else:
+        raise ValueError(
+            f"Cannot read an image from a {type(path_or_image).__name__}: pass a path, bytes, a PIL image "
+            "or a numpy array."
+        )
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return _to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{name} is not a readable image file ({err}).") from err
+
+
+class XrayCapImageProcessor(ImageProcessingMixin):
+    r"""
+    Chest X-ray image preprocessing: to RGB, resize the shorter side to `size`, centre-crop `size` x `size`,
+    scale to [0, 1] and normalise with the ImageNet mean/std (what ResNet weights expect).
+
+    Args:
+        size (`int`, *optional*, defaults to 224): output side in pixels (`XrayCapConfig.image_size`).
+        image_mean (`list[float]`, *optional*, defaults to ImageNet's): per-channel mean.
+        image_std (`list[float]`, *optional*, defaults to ImageNet's): per-channel std.
+        resample (`str`, *optional*, defaults to `"bicubic"`): `"bilinear"`, `"bicubic"` or `"lanczos"`.
+    """
+
+    model_input_names = ["pixel_values"]
+    _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+    def __init__(
+        self,
+        size: int = 224,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        resample: str = "bicubic",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(size, dict):  # {"height": h, "width": w} / {"shortest_edge": s} from other processors
+            size = size.get("shortest_edge") or size.get("height")
+        if int(size) < 32:
+            raise ValueError(f"size={size} px is too small: use at least 32.")
+        if resample not in self._RESAMPLE:
+            raise ValueError(f"resample={resample!r} is not one of {sorted(self._RESAMPLE)}.")
+        self.size = int(size)
+        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.resample = resample
+
+    def process_image(self, image: ImageLike) -> torch.Tensor:
+        """One image (anything `load_image` reads) -> a normalised `(3, size, size)` float32 tensor."""
+        image = load_image(image)
+        width, height = image.size
+        scale = self.size / min(width, height)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), self._RESAMPLE[self.resample])
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        return (array - mean) / std
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs):
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs
+    ) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list of images.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"`, `"np"` or None (lists).
+
+        Returns:
+            `BatchFeature` with `pixel_values` of shape `(num_images, 3, size, size)`.
+        """
+        if kwargs:
+            logger.warning("XrayCapImageProcessor ignores arguments %s.", sorted(kwargs))
+        if not isinstance(images, list | tuple):
+            images = [images]
+        pixel_values = torch.stack([self.process_image(image) for image in images])
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type=None).convert_to_tensors(
+            return_tensors
+        )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> GPT2TokenizerFast:
+    """
+    Train a GPT-2-style byte-level BPE tokenizer on local texts (no Hub access needed).
+
+    Args:
+        texts (`Iterable[str]`): training corpus (e.g. the training reports).
+        vocab_size (`int`, *optional*, defaults to 2000): target vocabulary size, special tokens included.
+
+    Returns:
+        `GPT2TokenizerFast` with bos = eos = unk = `<|endoftext|>` (id 0) and pad = `<|pad|>` (id 1).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + 2 tokens."
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((str(text) for text in texts), trainer=trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return GPT2TokenizerFast(
+        vocab=state["vocab"],
+        merges=merges,
+        unk_token=ENDOFTEXT,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        pad_token=PAD,
+    )
+
+
+class XrayCapProcessor(ProcessorMixin):
+    r"""
+    Images + reports -> model inputs, and generated ids -> text.
+
+    Args:
+        image_processor ([`XrayCapImageProcessor`]): the image pipeline.
+        tokenizer (`GPT2TokenizerFast`): byte-level BPE with bos/eos and a pad token distinct from eos.
+        max_views (`int`, *optional*, defaults to 2): views per study; `pixel_values` is padded to it.
+        max_length (`int`, *optional*): longest `bos + report + eos` in tokens. Longer reports are
+            TRUNCATED with a warning (the eos is kept). Set it to `n_positions - image prefix length` so a
+            sequence always fits the decoder (the model raises a ValueError otherwise).
+    """
+
+    def __init__(
+        self, image_processor, tokenizer, max_views: int = 2, max_length: int | None = None, **kwargs
+    ):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError(
+                f"The tokenizer's pad token ({tokenizer.pad_token!r}) must exist and differ from eos "
+                f"({tokenizer.eos_token!r}): use train_tokenizer or XrayCapProcessor.from_tokenizer."
+            )
+        if max_views not in (1, 2):
+            raise ValueError(f"max_views={max_views!r}: use 1 or 2.")
+        self.max_views = int(max_views)
+        self.max_length = None if max_length is None else int(max_length)
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: GPT2TokenizerFast | str = "gpt2",
+        image_size: int = 224,
+        max_views: int = 2,
+        max_length: int | None = None,
+    ) -> XrayCapProcessor:
+        """
+        Build a processor around a GPT-2 tokenizer (object, Hub id or folder), adding `<|pad|>` if it has no
+        pad token (GPT-2's pad then gets id 50257, as `from_pretrained_towers` expects).
+
+        Args:
+            tokenizer (`GPT2TokenizerFast` or `str`, *optional*, defaults to `"gpt2"`): the tokenizer.
+            image_size (`int`, *optional*, defaults to 224): `XrayCapConfig.image_size`.
+            max_views (`int`, *optional*, defaults to 2): `XrayCapConfig.max_views`.
+            max_length (`int`, *optional*): see the class docstring.
+        """
+        if isinstance(tokenizer, str | os.PathLike):
+            tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+        return cls(
+            XrayCapImageProcessor(size=image_size), tokenizer, max_views=max_views, max_length=max_length
+        )
+
+    # ----------------------------------------------------------------------------------------- images
+    def _studies(self, images: Any) -> list[list[ImageLike]]:
+        """Normalise `images` to a list of studies, each a list of views."""
+        if (
+            isinstance(images, np.ndarray | torch.Tensor)
+            and images.ndim == 4
+            and images.shape[-1] not in (3, 4)
+        ):
+            images = list(images)  # a stacked batch of single images
+        if not isinstance(images, list | tuple):
+            return [[images]]
+        studies = []
+        for study in images:
+            views = list(study) if isinstance(study, list | tuple) else [study]
+            if not views:
+                raise ValueError("A study in `images` has no views: give each study at least one image.")
+            if len(views) > self.max_views:
+                raise ValueError(
+                    f"A study has {len(views)} views but the processor takes at most max_views={self.max_views}:"
+                    " keep the frontal (and one lateral) view."
+                )
+            studies.append(views)
+        return studies
+
+    def _process_studies(self, images: Any) -> dict[str, torch.Tensor]:
+        studies = self._studies(images)
+        size = self.image_processor.size
+        pixel_values = torch.zeros(len(studies), self.max_views, 3, size, size)
+        view_mask = torch.zeros(len(studies), self.max_views, dtype=torch.long)
+        for i, views in enumerate(studies):
+            for j, view in enumerate(views):
+                pixel_values[i, j] = self.image_processor.process_image(view)
+                view_mask[i, j] = 1
+        return {"pixel_values": pixel_values, "view_mask": view_mask}
+
+    # ----------------------------------------------------------------------------------------- text
+    def _encode_text(self, text: str | Sequence[str], max_length: int | None) -> dict[str, torch.Tensor]:
+        texts = [text] if isinstance(text, str) else list(text)
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"text must be a string or a list of strings, got a {type(t).__name__}.")
+        tok = self.tokenizer
+        bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        rows = []
+        truncated = 0
+        for body in tok(texts, add_special_tokens=False)["input_ids"]:
+            ids = [bos, *body, eos]
+            if max_length is not None and len(ids) > max_length:
+                ids = ids[: max_length - 1] + [eos]
+                truncated += 1
+            rows.append(ids)
+        if truncated:
+            logger.warning(
+                "%d of %d reports were longer than max_length=%d tokens and were truncated.",
+                truncated,
+                len(rows),
+                max_length,
+            )
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, 0] = -100  # bos is the prompt, never a target
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        return_tensors: str | None = "pt",
+        max_length: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            images (*optional*): one image, a list of images (one per study), or a list of lists of views per
+                study (frontal first). An image is a PIL image, a numpy array, a tensor or a file path.
+            text (`str` or `list[str]`, *optional*): reports, one per study.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"`.
+            max_length (`int`, *optional*): overrides `self.max_length` (truncate with a warning).
+
+        Returns:
+            `BatchFeature` with `pixel_values` `(batch, max_views, 3, size, size)` and `view_mask`
+            `(batch, max_views)` (1 = real view) when images are given; `input_ids` (`bos + report + eos`,
+            right-padded with the pad id), `attention_mask` and `labels` (-100 on padding and on the bos)
+            when text is given.
+        """
+        if kwargs:
+            logger.warning("XrayCapProcessor ignores arguments %s.", sorted(kwargs))
+        if images is None and text is None:
+            raise ValueError("Pass images, text, or both.")
+        data: dict[str, torch.Tensor] = {}
+        if images is not None:
+            data.update(self._process_studies(images))
+        if text is not None:
+            data.update(self._encode_text(text, max_length if max_length is not None else self.max_length))
+        if images is not None and text is not None and len(data["pixel_values"]) != len(data["input_ids"]):
+            raise ValueError(
+                f"{len(data['pixel_values'])} studies of images but {len(data['input_ids'])} texts: pass one "
+                "report per study."
+            )
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """
+        Token ids (e.g. `model.generate(...)`) -> stripped report strings.
+
+        Args:
+            sequences (`torch.Tensor` or `list[list[int]]`): ids, one row per report.
+            skip_special_tokens (`bool`, *optional*, defaults to `True`): drop bos/eos/pad.
+        """
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [t.strip() for t in texts]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        """One row of ids -> a stripped report string."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "view_mask", "input_ids", "attention_mask"]
+
+
+# Saved folders carry this file and load with AutoProcessor.from_pretrained(dir, trust_remote_code=True).
+XrayCapImageProcessor.register_for_auto_class("AutoImageProcessor")
+XrayCapProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["XrayCapImageProcessor", "XrayCapProcessor", "load_image", "train_tokenizer"]
