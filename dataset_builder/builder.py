@@ -547,9 +547,13 @@ def build_dataset(
         "force_redownload" if force_rebuild or not sidecar.is_file() else "reuse_dataset_if_exists"
     )
     builder.download_and_prepare(download_mode=download_mode)
-    ds = builder.as_dataset()
-    if not isinstance(ds, datasets.DatasetDict):
-        ds = datasets.DatasetDict(ds)
+    ds = datasets.DatasetDict()
+    for name in SPLIT_NAMES:
+        # datasets cannot read back a split with no example: give it an empty Dataset with the features
+        if builder.info.splits[name].num_examples:
+            ds[name] = builder.as_dataset(split=name)
+        else:
+            ds[name] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
 
     if builder.generated:
         cached = {

@@ -107,7 +107,7 @@ def to_grayscale_8bit(im: Image.Image) -> Image.Image:
             out = np.zeros(arr.shape, dtype=np.uint8)
         else:
             out = np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-        return Image.fromarray(out, mode="L")
+        return Image.fromarray(out)
     if mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

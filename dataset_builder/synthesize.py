@@ -351,7 +351,7 @@ def _soft(r: np.ndarray, edge: float) -> np.ndarray:
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Smooth noise in about [-1, 1]: random cells upsampled bicubically."""
     small = rng.standard_normal((cells, cells)).astype(np.float32)
-    img = Image.fromarray(small, mode="F").resize((size, size), Image.BICUBIC)
+    img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.float32)
 
 
@@ -389,7 +389,7 @@ def _sample_anatomy(rng: np.random.Generator, findings: list[Finding]) -> _Anato
 def _finish(img: np.ndarray, a: _Anatomy, rng: np.random.Generator, size: int) -> Image.Image:
     img = img + 0.018 * rng.standard_normal(img.shape, dtype=np.float32)
     img = np.clip(img * a.gain, 0.0, 1.0) ** a.gamma
-    pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), mode="L")
+    pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8))
     return pil.filter(ImageFilter.GaussianBlur(radius=max(0.4, size / 320)))
 
 
