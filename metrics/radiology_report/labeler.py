@@ -1,0 +1,450 @@
+"""A rule-based CheXpert-style labeler for chest X-ray reports (no model, no download).
+
+It reads a free-text report and assigns each of the 14 CheXpert observations one of
+`1` (positive), `0` (negative), `-1` (uncertain) or `None` (not mentioned), following the three stages of
+the CheXpert labeler (Irvin et al., 2019):
+
+1. **Mention extraction.** Each observation has a list of mention phrases (regular expressions, e.g.
+   "pleural effusion", "blunting of the costophrenic angle" for Pleural Effusion; "the heart is enlarged",
+   "cardiomegaly" for Cardiomegaly). Organ statements such as "heart size is normal" or "normal cardiac
+   silhouette" are negative mentions of the matching observation.
+2. **Classification of each mention** inside its *sentence* and its *clause* (a sentence is cut into
+   clauses at "but", "however", "although", "which", ";", ", with", "and there"... so that in
+   "no effusion but mild cardiomegaly" the negation does not reach "cardiomegaly"). The nearest cue
+   before the mention in its clause decides: a negation cue ("no", "without", "negative for", "free
+   of", "clear of", "absence of", "resolution of"...) gives 0, an uncertainty cue ("possible",
+   "may represent", "suggestive of", "cannot exclude", "likely", "versus"...) gives -1. Cues after the
+   mention ("... is not seen", "... has resolved", "... cannot be excluded", "... is suspected") are
+   read next. Pseudo-negations ("no change in", "no interval increase") are ignored.
+3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
+   negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
+   (all but "No Finding" and "Support Devices") is positive or uncertain, and 0 otherwise, as in
+   CheXpert. An empty report gets no label at all (every value is None).
+
+Example:
+
+```python
+>>> from metrics.radiology_report.labeler import label_reports
+>>> labels = label_reports(["No effusion but mild cardiomegaly. Possible left basilar atelectasis."])
+>>> labels[0]["Cardiomegaly"], labels[0]["Pleural Effusion"], labels[0]["Atelectasis"]
+(1, 0, -1)
+
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+"""The 14 CheXpert observations, in the CheXpert column order."""
+
+PATHOLOGY_OBSERVATIONS: tuple[str, ...] = tuple(
+    o for o in CHEXPERT_OBSERVATIONS if o not in ("No Finding", "Support Devices")
+)
+"""The 12 observations whose positive or uncertain mention rules out "No Finding"."""
+
+POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
+
+# --------------------------------------------------------------------------------------------------
+# Mention phrases. Patterns are matched on lower-cased text with single spaces.
+# A mention is (observation, pattern, fixed_label): fixed_label None means "decided by the cues";
+# 0 means the phrase itself states normality ("heart size is normal").
+# --------------------------------------------------------------------------------------------------
+
+_HEART = r"(?:heart|cardiac)(?: (?:size|silhouette|contours?|shadow|diameter|borders?))?"
+_MEDIASTINUM = (
+    r"(?:(?:cardio)?mediastin(?:al|um)(?: (?:size|silhouettes?|contours?|shadow|width|structures))?"
+    r"|(?:cardio)?mediastinal)"
+)
+_COPULA = (
+    r"(?: (?:is|are|was|were|appears?|remains?|seems?|again|still|now|stably|be|to|been|has|have|"
+    r"mildly|moderately|markedly|severely|slightly|somewhat|minimally|significantly|grossly|overall|"
+    r"not|likely|probably|possibly|may|of|at|in|the|size|borderline|top|upper|within|otherwise|"
+    r"stable|unchanged|xxxx|(?:moderate|mild|moderately|mildly) to (?:moderate|marked|severe|severely|markedly)))*"
+)
+# "Heart size and mediastinal contours are ...": a second subject joined by "and" / ",".
+_AND_SUBJECT = r"(?:(?: ?,| and| ?, and)(?: the)? [a-z]+(?: (?:contours?|silhouettes?|size|width|vascularity|vasculature))?){0,3}"
+_ENLARGED = (
+    r"(?:enlarged|enlargement|large|increased|prominent|prominence|widened|widening|"
+    r"(?:at |near )?(?:the )?(?:top|upper)(?:[ -](?:limits?|range|normal))?(?: (?:of|limits?))* normal)"
+)
+_NORMAL = r"(?:normal(?:ly)?|within normal limits|unremarkable|not enlarged|negative|preserved)"
+
+_SEV = r"(?:(?:mild|mildly|moderate|moderately|severe|severely|marked|markedly|minimal|slight|borderline|stable|massive|significant|gross) )"
+
+_MENTIONS: dict[str, list[tuple[str, int | None]]] = {
+    "Enlarged Cardiomediastinum": [
+        (
+            rf"\b{_MEDIASTINUM}{_AND_SUBJECT}{_COPULA} (?:enlarged|widened|widening|prominent|enlargement)\b",
+            None,
+        ),
+        (
+            rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent) {_MEDIASTINUM}\b",
+            None,
+        ),
+        (r"\bmediastinal (?:widening|enlargement|prominence|mass|lymphadenopathy|adenopathy)\b", None),
+        (r"\b(?:hilar|mediastinal) (?:lymphadenopathy|adenopathy)\b", None),
+        (rf"\b{_MEDIASTINUM}{_AND_SUBJECT}{_COPULA} {_NORMAL}\b", NEGATIVE),
+        (rf"\b(?:normal|unremarkable)(?:[ -]sized)?(?: [a-z]+)?{_AND_SUBJECT} {_MEDIASTINUM}\b", NEGATIVE),
+        (rf"\b{_MEDIASTINUM}(?: is| are)? of normal (?:size|contour|width)", NEGATIVE),
+    ],
+    "Cardiomegaly": [
+        (r"\bcardiomegaly\b", None),
+        (rf"\b{_HEART}{_AND_SUBJECT}{_COPULA} {_SEV}?{_ENLARGED}\b", None),
+        (
+            rf"\b{_SEV}?(?:enlarged|enlargement of the|enlargement of|large|increased size of the) {_HEART}\b",
+            None,
+        ),
+        (r"\bcardiac (?:enlargement|prominence)\b", None),
+        (r"\bborderline (?:heart|cardiac)(?: size)?\b", None),
+        (r"\b(?:heart size|cardiac size|cardiac silhouette) (?:is )?(?:at )?(?:the )?borderline\b", None),
+        (rf"\b{_HEART}{_AND_SUBJECT}{_COPULA} {_NORMAL}\b", NEGATIVE),
+        (rf"\b{_HEART}(?:{_AND_SUBJECT})? (?:is |are )?(?:of )?normal (?:size|in size|contour)", NEGATIVE),
+        (rf"\b(?:normal|unremarkable)(?:[ -]sized)?(?: [a-z]+)?{_AND_SUBJECT} {_HEART}\b", NEGATIVE),
+        (
+            r"\bcardiomediastinal (?:silhouettes?|contours?)(?: (?:is|are|appears?|remains?))? (?:normal|within normal limits|unremarkable)\b",
+            NEGATIVE,
+        ),
+        (r"\bnormal cardiomediastinal (?:silhouettes?|contours?)\b", NEGATIVE),
+        (
+            r"\bheart and mediastinum(?: are)? (?:normal|within normal limits|unremarkable|of normal size)",
+            NEGATIVE,
+        ),
+        (r"\bsize is normal limits\b", NEGATIVE),
+    ],
+    "Lung Opacity": [
+        (r"\bopaci(?:ty|ties|fication|fications|fied)\b", None),
+        (
+            r"\b(?:air ?space|alveolar|interstitial|parenchymal) (?:disease|process|opacit(?:y|ies)|markings?|prominence|pattern)\b",
+            None,
+        ),
+        (r"\binfiltrat(?:e|es|ion|ive)\b", None),
+        (
+            r"\b(?:increased|prominent|coarse|coarsened|reticular|reticulonodular) (?:\w+ )?(?:interstitial |lung |pulmonary )?markings\b",
+            None,
+        ),
+        (
+            r"\b(?:pulmonary|lung|parenchymal|airspace|basilar|basal|patchy|streaky|hazy|focal) (?:\w+ )?densit(?:y|ies)\b",
+            None,
+        ),
+        (r"\bhaz(?:y|iness)\b", None),
+        (r"\breticul(?:ar|onodular)\b", None),
+    ],
+    "Lung Lesion": [
+        (r"\bnodul(?:e|es|ar|arity)\b", None),
+        (r"\bmass(?:es)?\b(?! effect)", None),
+        (r"\b(?<!bone )(?<!bony )(?<!lytic )(?<!sclerotic )(?<!osseous )(?<!skin )lesions?\b", None),
+        (r"\bgranulom(?:a|as|ata|atous)\b", None),
+        (r"\bhistoplasmom(?:a|as)\b", None),
+        (r"\b(?:neoplasm|neoplastic|tumou?rs?|carcinoma|malignancy|metasta(?:sis|ses|tic))\b", None),
+        (r"\bcavitary (?:lesion|mass|nodule)", None),
+    ],
+    "Edema": [
+        (r"\b(?<!laryngeal )(?<!soft tissue )(?<!subcutaneous )edema\b", None),
+        (r"\b(?:vascular|pulmonary|venous|interstitial) congestion\b", None),
+        (r"\bcongestive (?:heart failure|failure|changes?)\b", None),
+        (r"\bcongestion\b", None),
+        (r"\b(?:heart failure|chf|fluid overload|volume overload|kerley b lines?|cephalization)\b", None),
+        (r"\bvenous (?:engorgement|hypertension)\b", None),
+    ],
+    "Consolidation": [
+        (r"\bconsolidat(?:ion|ions|ive|ed)\b", None),
+    ],
+    "Pneumonia": [
+        (r"\b(?:broncho)?pneumonias?\b", None),
+        (r"\b(?:infection|infectious|infective) (?:process|etiology|disease|infiltrate)\b", None),
+        (r"\b(?:acute |active )?infection\b", None),
+    ],
+    "Atelectasis": [
+        (r"\batelecta(?:sis|ses|tic)\b", None),
+        (r"\b(?:lobar |segmental |lung |lobe )?collapse[ds]?\b", None),
+        (
+            r"\b(?:plate|plate-like|platelike|discoid)(?: atelectasis| opacit(?:y|ies)| densit(?:y|ies))?\b(?! atelecta)",
+            None,
+        ),
+    ],
+    "Pneumothorax": [
+        (r"\b(?:hydro)?pneumothora(?:x|ces|xes)\b", None),
+    ],
+    "Pleural Effusion": [
+        (r"\b(?<!pericardial )effusions?\b", None),
+        (r"\bpleural fluid\b", None),
+        (r"\bhydrothorax\b", None),
+        (r"\bfluid (?:in|within) (?:the )?(?:\w+ )?(?:pleural space|fissures?)\b", None),
+    ],
+    "Pleural Other": [
+        (r"\bpleural (?:thickening|plaques?|calcifications?|scarring|scar|reaction|fibrosis)\b", None),
+        (r"\bpleural(?:[ -]parenchymal)? (?:thickening|scarring)\b", None),
+        (r"\bfibrothorax\b", None),
+        (r"\bapical (?:pleural )?(?:cap|capping|thickening)\b", None),
+    ],
+    "Fracture": [
+        (r"\bfractur(?:e|es|ed)\b", None),
+        (r"\bfx\b", None),
+    ],
+    "Support Devices": [
+        (r"\b(?:pacemaker|pacer|aicd|icd|defibrillator|stimulator|loop recorder|generator)s?\b", None),
+        (
+            r"\b(?:catheters?|picc|port-?a-?cath|mediport|portacath|central (?:venous )?line|(?:venous|dialysis|swan-ganz) catheter)\b",
+            None,
+        ),
+        (
+            r"\b(?:chest|endotracheal|et|ng|nasogastric|orogastric|og|feeding|tracheostomy|enteric|dobhoff|gastric|gastrostomy|suction|drainage|thoracostomy) tubes?\b",
+            None,
+        ),
+        (r"\btracheostomy\b", None),
+        (
+            r"\b(?:stents?|(?:surgical|vascular|metallic) clips?|clips|sutures?|suture material|sternotomy (?:wires?|sutures?)|sternal (?:wires?|sutures?)|cerclage)\b",
+            None,
+        ),
+        (
+            r"\b(?:prosthetic|mechanical|replaced) (?:\w+ )?valves?\b|\bvalve (?:replacement|prosthesis)\b",
+            None,
+        ),
+        (
+            r"\b(?:hardware|fixation|rods?|screws?|bone anchor|implants?|implanted|prosthes[ie]s|arthroplasty|device|devices|leads|wires|coils?|ivc filter|drains?|shunt|tips?)\b",
+            None,
+        ),
+    ],
+}
+
+# --------------------------------------------------------------------------------------------------
+# Cues. "Pre" cues act on mentions after them in the same clause, the nearest one deciding;
+# "post" cues act on the mention just before them (within a few words, same clause).
+# --------------------------------------------------------------------------------------------------
+
+_PSEUDO = re.compile(
+    r"\b(?:no|without|not)(?: significant| appreciable| definite| interval| substantial| marked| apparent)*"
+    r" (?:change|changes|changed|increase|decrease|decreased|worsening|improvement|progression|difference)\b"
+    r"|\bnot (?:only|necessarily)\b|\bno longer\b(?= (?:enlarged|prominent))"
+)
+_DOUBLE_NEGATIVE_UNCERTAIN = re.compile(
+    r"\b(?:can ?not|could not|can't|couldn't|not|unable to|difficult to|does not|cannot entirely|"
+    r"can ?not (?:be )?(?:completely |entirely |fully )?)(?: be)?(?: entirely| completely| definitely| fully)?"
+    r" (?:excluded|exclude|ruled out|rule out|be excluded|be ruled out|be entirely excluded)\b"
+)
+_PRE_NEGATION = re.compile(
+    r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
+    r"removal of|removed|rather than|no evidence of|no signs? of|nor|neither|never|"
+    r"no (?:radiographic |definite |convincing |acute |focal |visible |large |significant )*evidence (?:of|for)|"
+    r"(?:is|are) negative|negative)\b"
+)
+_PRE_UNCERTAIN = re.compile(
+    r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|question(?:ed)? (?:of|for)|"
+    r"questionably|suspicious(?: for| of)?|suspect(?:ed)?|suggest(?:s|ed|ive|ing)?(?: of)?|"
+    r"concern(?:ing)? (?:for|of)|concern|likely|presumabl[ey]|presumed|equivocal|indeterminate|"
+    r"uncertain|versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
+    r"borderline(?= pneumo| effusion| edema)|cannot exclude|can not exclude|cannot rule out|"
+    r"may represent|may reflect|could represent|could reflect|correlate for|rule out|r/o|"
+    r"or(?= (?:less likely|early|developing)? ?(?:pneumonia|atelectasis|consolidation|infiltrate|edema|infection|scarring|effusion)))\b"
+)
+_POST_NEGATION = re.compile(
+    r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:is |are |was |were |has |have |has been |have been )?"
+    r"(?:(?:not|no longer) (?:\w+ )?(?:seen|identified|present|visualized|visible|demonstrated|evident|"
+    r"appreciated|noted|detected|apparent|definitely seen|clearly seen)|resolved|cleared|removed|absent|"
+    r"not enlarged|negative|now resolved|been removed)\b"
+)
+_POST_UNCERTAIN = re.compile(
+    r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:"
+    r"(?:is |are )?(?:not |cannot be |can not be |could not be )?(?:excluded|ruled out)|"
+    r"(?:is |are )?(?:possible|suspected|questioned|likely|probable|in question|not excluded|suggested|"
+    r"considered|a consideration|favored|less likely)|(?:\w+ )?\?"
+    r")"
+)
+# Clause boundaries: the negation/uncertainty of one clause does not reach the next.
+_CLAUSE_BOUNDARY = re.compile(
+    r";|:| but | however| although | though | whereas | while | except | aside from | apart from |"
+    r" other than | yet |, which | which | that is | that are |(?:,)? and (?:there|the|a|an|it|this|these) |"
+    r", there | there (?:is|are) |, with (?!no )|\bwith (?=(?:a |an )?(?:mild|moderate|severe|small|large|new|"
+    r"persistent|stable|increased|bilateral|left|right|minimal|trace) )|"
+    r" (?:is|are) (?:again |now |still )?(?:seen|noted|present|identified) (?=(?:in|at|within|along|projecting|over) )"
+)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[a-z)])\.(?=[a-z])|\n+|(?<=\.)\s*(?=\d+\.\s)")
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention of an observation found in a report.
+
+    Args:
+        observation (`str`): one of `CHEXPERT_OBSERVATIONS`.
+        label (`int`): 1 positive, 0 negative, -1 uncertain.
+        text (`str`): the matched phrase.
+        clause (`str`): the clause it was classified in.
+    """
+
+    observation: str
+    label: int
+    text: str
+    clause: str
+
+
+_COMPILED = {
+    obs: [(re.compile(pattern), fixed) for pattern, fixed in patterns] for obs, patterns in _MENTIONS.items()
+}
+
+
+def _normalise(text: str) -> str:
+    text = text.replace("\u2019", "'").replace("\u2013", "-").replace("\u2014", "-")
+    text = re.sub(r"[ \t\r\f\v]+", " ", text)
+    return text
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits a report into lower-cased sentences (on ". ", "!", "?", new lines and "word.Word").
+
+    Args:
+        text (`str`): a report.
+
+    Returns:
+        `list[str]`: the non-empty sentences, lower-cased, with single spaces.
+    """
+    text = _normalise(text)
+    # "normal.No" (missing space) is a sentence end; decimals ("1.5 cm") are not.
+    text = re.sub(r"(?<=[a-z)])\.(?=[A-Z])", ". ", text)
+    parts = _SENTENCE_SPLIT.split(text.lower())
+    return [p.strip(" .,") for p in parts if p and p.strip(" .,")]
+
+
+def split_clauses(sentence: str) -> list[str]:
+    """Splits a sentence into clauses at conjunctions and punctuation that end a negation's scope.
+
+    Args:
+        sentence (`str`): one lower-cased sentence.
+
+    Returns:
+        `list[str]`: the clauses (the boundary words themselves are dropped).
+    """
+    parts, start = [], 0
+    for m in _CLAUSE_BOUNDARY.finditer(sentence):
+        parts.append(sentence[start : m.start()])
+        start = m.end()
+    parts.append(sentence[start:])
+    return [p.strip(" ,") for p in parts if p.strip(" ,")]
+
+
+def _mask(pattern: re.Pattern, text: str) -> str:
+    """Replaces each match of `pattern` with underscores (keeps offsets)."""
+    return pattern.sub(lambda m: "_" * len(m.group(0)), text)
+
+
+def _classify(clause: str, start: int, end: int) -> int:
+    """Classifies the mention `clause[start:end]` as positive, negative or uncertain."""
+    # Double negatives that mean uncertainty ("cannot be excluded") and pseudo-negations
+    # ("no change in") are found first and masked so their "not"/"no" is not read as negation.
+    double = [m.span() for m in _DOUBLE_NEGATIVE_UNCERTAIN.finditer(clause)]
+    masked = _mask(_DOUBLE_NEGATIVE_UNCERTAIN, _mask(_PSEUDO, clause))
+    after = masked[end:]
+    if any(s >= end and s - end <= 60 for s, _ in double):
+        return UNCERTAIN
+    # The nearest cue before the mention decides.
+    before = masked[:start]
+    cues = [(m.end(), NEGATIVE) for m in _PRE_NEGATION.finditer(before)]
+    cues += [(m.end(), UNCERTAIN) for m in _PRE_UNCERTAIN.finditer(before)]
+    cues += [(e, UNCERTAIN) for s, e in double if e <= start]
+    # Negations inside the mention ("heart is not enlarged").
+    inside = masked[start:end]
+    if re.search(r"\b(?:not|no)\b", inside):
+        return NEGATIVE
+    if cues:
+        return max(cues)[1]
+    if _POST_NEGATION.match(after):
+        return NEGATIVE
+    if _POST_UNCERTAIN.match(after):
+        return UNCERTAIN
+    return POSITIVE
+
+
+def find_mentions(text: str) -> list[Mention]:
+    """Finds and classifies every observation mention in a report.
+
+    Args:
+        text (`str`): a report (findings and/or impression), any case.
+
+    Returns:
+        `list[Mention]`: the mentions in reading order.
+    """
+    mentions: list[Mention] = []
+    for sentence in split_sentences(text or ""):
+        for clause in split_clauses(sentence):
+            for observation, patterns in _COMPILED.items():
+                for pattern, fixed in patterns:
+                    for m in pattern.finditer(clause):
+                        if fixed is not None:
+                            label = fixed
+                        else:
+                            label = _classify(clause, m.start(), m.end())
+                        mentions.append(Mention(observation, label, m.group(0), clause))
+    return mentions
+
+
+def _aggregate(labels: Iterable[int]) -> int | None:
+    labels = set(labels)
+    for label in (POSITIVE, UNCERTAIN, NEGATIVE):
+        if label in labels:
+            return label
+    return None
+
+
+def label_report(text: str) -> dict[str, int | None]:
+    """Labels one report with the 14 CheXpert observations.
+
+    Args:
+        text (`str`): a report (findings and/or impression), any case. An empty or blank report gets
+            `None` for every observation, "No Finding" included.
+
+    Returns:
+        `dict[str, int | None]`: observation name -> 1 (positive), 0 (negative), -1 (uncertain) or
+        None (not mentioned), over `CHEXPERT_OBSERVATIONS` in that order.
+    """
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise ValueError(f"label_report expects a string report, got {type(text).__name__}: {text!r}")
+    result: dict[str, int | None] = dict.fromkeys(CHEXPERT_OBSERVATIONS)
+    if not text.strip():
+        return result
+    by_observation: dict[str, list[int]] = {}
+    for mention in find_mentions(text):
+        by_observation.setdefault(mention.observation, []).append(mention.label)
+    for observation, labels in by_observation.items():
+        result[observation] = _aggregate(labels)
+    finding = any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
+    result["No Finding"] = NEGATIVE if finding else POSITIVE
+    return result
+
+
+def label_reports(texts: Iterable[str]) -> list[dict[str, int | None]]:
+    """Labels reports with the 14 CheXpert observations (see the module docstring for the rules).
+
+    Args:
+        texts (`Iterable[str]`): reports (findings and/or impression), any case.
+
+    Returns:
+        `list[dict[str, int | None]]`: one dict per report: observation name -> 1 (positive),
+        0 (negative), -1 (uncertain) or None (not mentioned).
+    """
+    if isinstance(texts, str):
+        raise ValueError("label_reports expects a list of reports, got a single string: wrap it in a list.")
+    return [label_report(t) for t in texts]
