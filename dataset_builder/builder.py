@@ -30,6 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import images as img
+from .saving import save_dataset_dict
 from .split_file import read_split_file
 from .splits import SPLIT_NAMES, assign_splits, split_sizes
 from .text_cleaning import XXXX_MODES, clean_text, join_sections
@@ -594,7 +595,7 @@ def build_dataset(
 
     if output_dir is not None:
         out = Path(output_dir)
-        ds.save_to_disk(str(out))
+        save_dataset_dict(ds, out)
         (out / "build_report.json").write_text(json.dumps(report, indent=1))
         logger.info("Saved the dataset and build_report.json to %s", out)
     return ds, report

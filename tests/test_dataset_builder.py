@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 from PIL import Image
 
@@ -70,6 +71,9 @@ def test_real_sample_findings(sample_dir, tmp_path):
                 assert im.mode == "L" and max(im.size) == 256  # originals are 2048-2934 px
     # the aspect ratio survives the resize (1000_IM-0003-1001 is 2048 x 2496)
     assert ex["images"][0].size == (210, 256)
+    reloaded = datasets.load_from_disk(str(tmp_path / "out"))  # the save_to_disk layout
+    assert {k: v.num_rows for k, v in reloaded.items()} == report["num_examples"]
+    assert reloaded["train"][0]["images"][0].tobytes() == ds["train"][0]["images"][0].tobytes()
     saved = json.loads((tmp_path / "out" / "build_report.json").read_text())
     for key in ("num_reports", "num_projection_rows", "num_examples", "skipped"):
         assert key in saved
