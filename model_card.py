@@ -1,0 +1,134 @@
+"""The model card (`README.md`) that run_captioning.py writes into a saved model folder.
+
+YAML front matter for the Hub (license, tags, pipeline_tag, datasets, metrics), the data and training
+setup, the results table with the grey-image ablation, and the intended use and limits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CARD_METRICS = (
+    "bleu_1",
+    "bleu_4",
+    "meteor",
+    "rouge_l",
+    "cider",
+    "bertscore_f1",
+    "ce_micro_f1",
+    "ce_macro_f1",
+    "ce_example_f1",
+)
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
+
+
+def write_model_card(path: Path, results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> None:
+    """A Hub model card: YAML front matter, data and training setup, the results table with the ablation, limits."""
+    splits = [s for s in ("test", "test_image_ablated", "validation") if s in results]
+    table = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    for key in CARD_METRICS:
+        if any(key in results[s] for s in splits):
+            table.append(f"| {key} | " + " | ".join(format_value(results[s].get(key)) for s in splits) + " |")
+    front_matter = "\n".join(
+        [
+            "---",
+            "license: cc-by-nc-nd-4.0",
+            "library_name: transformers",
+            "pipeline_tag: image-to-text",
+            "tags:",
+            "  - radiology-report-generation",
+            "  - chest-x-ray",
+            "  - image-captioning",
+            "  - medical",
+            "datasets:",
+            f"  - {run_info['dataset_name']}",
+            "metrics:",
+            "  - bleu",
+            "  - meteor",
+            "  - rouge",
+            "  - cider",
+            "  - bertscore",
+            "---",
+        ]
+    )
+    body = f"""
+# {run_info["model_name"]}
+
+A chest X-ray report generator: {run_info["architecture"]}. Built with
+[xraycap](https://pypi.org/project/xraycap/) (`run_captioning.py`).
+
+```python
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("{run_info["model_name"]}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{run_info["model_name"]}", trust_remote_code=True)
+inputs = processor(images=[image], return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, num_beams=3, max_new_tokens=100), skip_special_tokens=True))
+```
+
+## Data
+
+{run_info["data_description"]}
+
+Examples per split: {run_info["num_examples"]}. Target section: `{run_info["section"]}`; views: `{run_info["views"]}`.
+Splits are by study (uid), so no study's second view leaks into training.
+
+## Training
+
+{run_info["training_description"]}
+
+## Results
+
+Test split, beam search ({run_info["num_beams"]} beams). `test_image_ablated` feeds every test study a
+constant mid-grey image: the gap to `test` is what the model reads from the image. Language metrics are
+corpus-level (R2Gen protocol); `ce_*` are clinical efficacy scores from the rule-based CheXpert-style labeler
+(`metrics/radiology_report`), with `ce_macro_f1` averaged over the observations positive in at least one
+reference.
+
+{chr(10).join(table)}
+
+## Intended use and limits
+
+Research on radiology report generation only. **Not for clinical use**: not a medical device, not validated
+on any population, and it will write fluent reports that can be wrong. Indiana University data are
+CC BY-NC-ND 4.0 (non-commercial). A model trained on the synthetic phantom studies describes phantoms only.
+"""
+    path.write_text(front_matter + "\n" + body)
+
+
+def describe_run(model_args, data_args, train_args, model, views, results, build_report) -> dict[str, Any]:
+    synthetic = not (data_args.data_dir or data_args.dataset_dir or data_args.download)
+    config = model.config
+    vision = model_args.vision_model or f"a ResNet built from the `{model_args.preset}` preset (random init)"
+    text = model_args.text_model or f"a GPT-2 built from the `{model_args.preset}` preset (random init)"
+    run = results.get("run", {})
+    return {
+        "model_name": Path(train_args.hub_model_id or train_args.output_dir).name,
+        "dataset_name": "synthetic-phantom-cxr" if synthetic else "raddar/chest-xrays-indiana-university",
+        "architecture": f"{vision} -> {config.projection} projection -> {config.visual_tokens} visual tokens "
+        f"(up to {config.max_views} view(s)) -> {text}",
+        "data_description": (
+            f"{data_args.synthetic_studies} synthetic phantom chest radiograph studies from `python -m dataset_builder "
+            "synthesize` (findings drawn into the image; the report is determined by what is drawn)."
+            if synthetic
+            else "Indiana University chest X-ray collection (Open-i; Kaggle copy raddar/chest-xrays-indiana-university), "
+            f"built with `python -m dataset_builder build`; {len(build_report.get('skipped', []))} input rows skipped "
+            "(reasons in build_report.json)."
+        ),
+        "num_examples": run.get("num_examples"),
+        "section": data_args.section,
+        "views": views,
+        "num_beams": train_args.num_beams,
+        "training_description": (
+            f"AdamW (lr {train_args.learning_rate}, weight decay {train_args.weight_decay}), cosine schedule with "
+            f"{train_args.warmup_ratio:.0%} warmup, batch {train_args.per_device_train_batch_size} x "
+            f"{run.get('num_processes', 1)} process(es) x {train_args.gradient_accumulation_steps} accumulation, "
+            f"{run.get('optimizer_steps')} steps ({run.get('epochs')} epochs), mixed precision "
+            f"{run.get('mixed_precision')}, encoder {'frozen' if config.freeze_vision_encoder else 'trained'}, seed "
+            f"{train_args.seed}, on {run.get('device')} in {run.get('train_time_s')} s of training "
+            f"({run.get('wall_time_s')} s for the whole run)."
+        ),
+    }

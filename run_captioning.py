@@ -1,0 +1,954 @@
+#!/usr/bin/env python
+"""Train, evaluate, save and push an XrayCap radiology report generator with Accelerate.
+
+With no arguments (`accelerate launch run_captioning.py`, or plain `python run_captioning.py`) it
+synthesizes phantom chest X-ray studies, builds them into an Arrow dataset, trains the `tiny` preset on
+the CPU, evaluates it on the test split (also with every image replaced by mid-grey, to show how much
+the model reads the image) and writes a loadable model folder to `outputs/xraycap-demo/`.
+
+The same script trains the real model on the Indiana University data:
+
+    accelerate launch run_captioning.py --data_dir /path/to/kaggle_copy --preset resnet50-gpt2 \
+        --vision_model microsoft/resnet-50 --text_model gpt2 --output_dir outputs/xraycap-iu
+
+Arguments come from the command line or from one YAML / JSON file (`run_captioning.py args.yaml`).
+The loop follows transformers' `*_no_trainer.py` examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+
+from configuration_xraycap import XrayCapConfig
+from model_card import describe_run, format_value, write_model_card
+from modeling_xraycap import XrayCapForConditionalGeneration
+from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+METRIC_PATH = REPO_ROOT / "metrics" / "radiology_report"
+CHECKPOINT_PREFIX = "checkpoint-"
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """What model to build or load."""
+
+    preset: str = field(
+        default="tiny",
+        metadata={
+            "help": f"Architecture preset: one of {XrayCapConfig.PRESETS}.",
+            "choices": XrayCapConfig.PRESETS,
+        },
+    )
+    vision_model: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained vision tower (Hub id such as microsoft/resnet-50, or a local folder)."},
+    )
+    text_model: str | None = field(
+        default=None, metadata={"help": "Pretrained GPT-2 (Hub id such as gpt2, or a local folder)."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer to use. Default: the text tower's own when --text_model is given, otherwise a "
+            "ByteLevel BPE trained on the TRAIN split and saved with the model."
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer."}
+    )
+    freeze_vision_encoder: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze the image encoder. Default: frozen when it is pretrained (--vision_model), trained "
+            "when it starts from random weights."
+        },
+    )
+    visual_tokens: str | None = field(
+        default=None,
+        metadata={"help": "'pooled' (one token per view) or 'grid' (the feature map). Default: preset's."},
+    )
+    projection: str | None = field(
+        default=None, metadata={"help": "'linear' or 'mlp'. Default: the preset's."}
+    )
+    max_views: int | None = field(
+        default=None, metadata={"help": "1 (frontal) or 2 (frontal + lateral). Default: the preset's."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Model input size in px. Default: the preset's."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the studies come from and how they are built."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder in the Kaggle layout (indiana_reports.csv, indiana_projections.csv, images/)."
+        },
+    )
+    dataset_dir: str | None = field(
+        default=None, metadata={"help": "A dataset already built with `python -m dataset_builder build`."}
+    )
+    download: bool = field(default=False, metadata={"help": "Download the Kaggle copy with kagglehub first."})
+    synthetic_studies: int = field(
+        default=2000,
+        metadata={
+            "help": "Size of the embedded default set of synthetic phantom studies (used when no data is given)."
+        },
+    )
+    section: str = field(
+        default="findings", metadata={"help": "Target text: findings | impression | findings+impression."}
+    )
+    views: str | None = field(
+        default=None,
+        metadata={"help": "frontal | pair | all. Default: 'frontal' for one-view models, 'pair' for two."},
+    )
+    min_images: int = field(default=1, metadata={"help": "Keep studies with at least this many images."})
+    build_image_size: int = field(
+        default=512, metadata={"help": "Longest side of the images stored in the built dataset."}
+    )
+    r2gen: bool = field(default=False, metadata={"help": "Reproduce the R2Gen population and split."})
+    split_file: str | None = field(
+        default=None, metadata={"help": "An R2Gen-style annotation.json for the split."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where built datasets are cached. Default: ~/.cache/xraycap."}
+    )
+    max_target_length: int = field(
+        default=128, metadata={"help": "Report tokens kept in training (with bos/eos)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many studies."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+@dataclass
+class TrainingArguments:
+    """How to train, evaluate, save and push."""
+
+    output_dir: str = field(default="outputs/xraycap-demo", metadata={"help": "Where the model folder goes."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
+    num_train_epochs: int = field(default=14, metadata={"help": "Epochs (ignored when --max_steps > 0)."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Evaluation batch size per process."}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)."}
+    )
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps for linear warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables it)."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | no | fp16 | bf16. auto = bf16 where supported (CPU, Ampere+), else fp16 on CUDA. "
+            "fp16 on CPU falls back to bf16 with a warning.",
+            "choices": MIXED_PRECISION_CHOICES,
+        },
+    )
+    do_train: bool = field(default=True, metadata={"help": "Train."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on validation each epoch and on test."})
+    num_beams: int = field(default=3, metadata={"help": "Beams for evaluation generation."})
+    max_new_tokens: int = field(default=100, metadata={"help": "Longest generated report, in tokens."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Save a checkpoint every N steps (0: epoch ends only)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N steps."})
+    report_to: str = field(
+        default="none", metadata={"help": "'tensorboard' (or another Accelerate tracker) or 'none'."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the saved model folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/xraycap-iu."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    cache_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen encoder once per image and train on the stored features (needs a frozen "
+            "encoder and no image augmentation; same losses, far fewer FLOPs)."
+        },
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parses the command line, or a single YAML / JSON file, and checks the values before any work."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        args = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        args = parser.parse_args_into_dataclasses(args=argv)
+    validate_args(*args)
+    return args
+
+
+def validate_args(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments
+) -> None:
+    """Fails fast, with the bad value and the fix, on arguments that would break later."""
+    if model_args.preset not in XrayCapConfig.PRESETS:
+        raise ValueError(f"Unknown --preset {model_args.preset!r}; choose one of {XrayCapConfig.PRESETS}.")
+    if train_args.num_beams < 1:
+        raise ValueError(f"--num_beams must be >= 1, got {train_args.num_beams}.")
+    if train_args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {train_args.max_new_tokens}.")
+    if train_args.per_device_train_batch_size < 1 or train_args.gradient_accumulation_steps < 1:
+        raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1.")
+    if train_args.mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise ValueError(
+            f"--mixed_precision {train_args.mixed_precision!r}: choose one of {MIXED_PRECISION_CHOICES}."
+        )
+    if Path(train_args.output_dir).exists() and not Path(train_args.output_dir).is_dir():
+        raise ValueError(f"--output_dir {train_args.output_dir!r} is a file; give a folder path.")
+    if sum(bool(x) for x in (data_args.data_dir, data_args.dataset_dir, data_args.download)) > 1:
+        raise ValueError("Give only one of --data_dir, --dataset_dir and --download.")
+    if data_args.data_dir is not None:
+        missing = [
+            n
+            for n in ("indiana_reports.csv", "indiana_projections.csv")
+            if not (Path(data_args.data_dir) / n).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"--data_dir {data_args.data_dir!r} lacks {missing}: point it at the Kaggle layout folder, or use "
+                "--download to fetch it."
+            )
+    if data_args.dataset_dir is not None and not Path(data_args.dataset_dir).is_dir():
+        raise FileNotFoundError(
+            f"--dataset_dir {data_args.dataset_dir!r} does not exist: build it with `python -m dataset_builder build`."
+        )
+    if data_args.views not in (None, "frontal", "pair", "all"):
+        raise ValueError(f"--views {data_args.views!r}: choose frontal, pair or all.")
+    if data_args.synthetic_studies < 20:
+        raise ValueError(
+            f"--synthetic_studies {data_args.synthetic_studies} is too few for three splits; use >= 20."
+        )
+    ckpt = train_args.resume_from_checkpoint
+    if ckpt is not None and ckpt != "latest" and not Path(ckpt).is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {ckpt!r} does not exist; give a checkpoint folder or 'latest'."
+        )
+    if train_args.push_to_hub and not train_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/xraycap).")
+    if train_args.cache_features and model_args.freeze_vision_encoder is False:
+        raise ValueError("--cache_features needs a frozen encoder; drop --freeze_vision_encoder false.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir(data_args: DataArguments) -> Path:
+    return Path(data_args.cache_dir or os.environ.get("XRAYCAP_CACHE", Path.home() / ".cache" / "xraycap"))
+
+
+def load_studies(
+    data_args: DataArguments, views: str, seed: int, accelerator: Accelerator
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Returns the train / validation / test studies and the build report.
+
+    Without --data_dir, --dataset_dir or --download this is the embedded default: synthetic phantom
+    studies, generated once (cached by size and seed) and built with dataset_builder like real data.
+    The main process builds first; the others then read its cache.
+    """
+    from dataset_builder import build_dataset, download, synthesize
+
+    if data_args.dataset_dir is not None:
+        dataset = datasets.load_from_disk(data_args.dataset_dir)
+        report_path = Path(data_args.dataset_dir) / "build_report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return dataset, report
+
+    cache = default_cache_dir(data_args)
+    with accelerator.main_process_first():
+        if data_args.download:
+            data_dir = Path(download(cache / "kaggle"))
+        elif data_args.data_dir is not None:
+            data_dir = Path(data_args.data_dir)
+        else:
+            data_dir = cache / f"synthetic-{data_args.synthetic_studies}-seed{seed}"
+            if not (data_dir / "indiana_projections.csv").is_file():
+                logger.info(f"Synthesizing {data_args.synthetic_studies} phantom studies into {data_dir}")
+                synthesize(data_dir, num_studies=data_args.synthetic_studies, seed=seed)
+        dataset, report = build_dataset(
+            data_dir,
+            section=data_args.section,
+            views=views,
+            min_images=data_args.min_images,
+            image_size=data_args.build_image_size,
+            seed=seed,
+            r2gen=data_args.r2gen,
+            split_file=data_args.split_file,
+            cache_dir=str(cache / "datasets"),
+        )
+    return dataset, report
+
+
+class IndexedStudies(Dataset):
+    """A split with each study's row index attached, so predictions can be matched after a gather."""
+
+    def __init__(self, split: datasets.Dataset):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return index, self.split[index]
+
+
+class StudyCollator:
+    """Turns studies into model inputs with the processor.
+
+    Args:
+        processor (`XrayCapProcessor`): images -> pixel_values / view_mask, reports -> input_ids / labels.
+        max_views (`int`): views kept per study (the builder orders frontal first).
+        max_target_length (`int`): report tokens kept, bos and eos included.
+        with_text (`bool`, *optional*, defaults to `True`): tokenize the reports (training).
+        ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
+        feature_cache (`dict[int, torch.Tensor]`, *optional*): precomputed encoder features by row index;
+            when given, images are not decoded at all.
+    """
+
+    def __init__(
+        self,
+        processor: XrayCapProcessor,
+        max_views: int,
+        max_target_length: int,
+        with_text: bool = True,
+        ablate: bool = False,
+        feature_cache: dict[int, torch.Tensor] | None = None,
+    ):
+        self.processor = processor
+        self.max_views = max_views
+        self.max_target_length = max_target_length
+        self.with_text = with_text
+        self.ablate = ablate
+        self.feature_cache = feature_cache
+
+    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        indices = [index for index, _ in items]
+        text = [example["report"] for _, example in items] if self.with_text else None
+        if self.feature_cache is not None:
+            batch = (
+                dict(self.processor(text=text, return_tensors="pt", max_length=self.max_target_length))
+                if text
+                else {}
+            )
+            batch["image_features"] = torch.stack([self.feature_cache[i] for i in indices])
+        else:
+            images = [example["images"][: self.max_views] for _, example in items]
+            if self.ablate:
+                images = [[Image.new("L", view.size, 128) for view in views] for views in images]
+            batch = dict(
+                self.processor(
+                    images=images, text=text, return_tensors="pt", max_length=self.max_target_length
+                )
+            )
+        batch["index"] = torch.tensor(indices)
+        return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+@torch.no_grad()
+def precompute_features(model, dataloader: DataLoader, accelerator: Accelerator) -> dict[int, torch.Tensor]:
+    """Runs the frozen encoder once over a split; returns the features by row index (kept on CPU)."""
+    unwrapped = accelerator.unwrap_model(model)
+    cache: dict[int, torch.Tensor] = {}
+    for batch in tqdm(dataloader, desc="encoding images once", disable=not accelerator.is_local_main_process):
+        features = unwrapped.get_image_features(
+            pixel_values=batch["pixel_values"].to(accelerator.device),
+            view_mask=batch["view_mask"].to(accelerator.device),
+        )
+        for index, feature in zip(batch["index"].tolist(), features.cpu()):
+            cache[index] = feature
+    return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer, processor and model
+# --------------------------------------------------------------------------------------------------
+
+
+def build_processor(
+    model_args: ModelArguments, config: XrayCapConfig, train_reports: list[str]
+) -> XrayCapProcessor:
+    """The text tower's tokenizer when pretrained, else a ByteLevel BPE trained on the TRAIN reports only."""
+    name = model_args.tokenizer_name or model_args.text_model
+    if name is not None:
+        return XrayCapProcessor.from_tokenizer(name, image_size=config.image_size, max_views=config.max_views)
+    logger.info(
+        f"Training a ByteLevel BPE tokenizer (vocab {model_args.tokenizer_vocab_size}) on the "
+        f"{len(train_reports)} train reports"
+    )
+    tokenizer = train_tokenizer(train_reports, vocab_size=model_args.tokenizer_vocab_size)
+    return XrayCapProcessor(
+        XrayCapImageProcessor(size=config.image_size), tokenizer, max_views=config.max_views
+    )
+
+
+def build_config(model_args: ModelArguments) -> XrayCapConfig:
+    """The preset with the command line's overrides; the config is then the single source of truth."""
+    overrides = {
+        key: getattr(model_args, key)
+        for key in ("visual_tokens", "projection", "max_views", "image_size")
+        if getattr(model_args, key) is not None
+    }
+    freeze = model_args.freeze_vision_encoder
+    overrides["freeze_vision_encoder"] = model_args.vision_model is not None if freeze is None else freeze
+    return XrayCapConfig.from_preset(model_args.preset, **overrides)
+
+
+def build_model(model_args: ModelArguments, config: XrayCapConfig, processor: XrayCapProcessor):
+    """The model from the preset, or from pretrained towers where --vision_model / --text_model are given."""
+    tokenizer = processor.tokenizer
+    token_ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None
+        else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if model_args.vision_model or model_args.text_model:
+        keys = ("visual_tokens", "projection", "max_views", "image_size", "freeze_vision_encoder")
+        model = XrayCapForConditionalGeneration.from_pretrained_towers(
+            vision=model_args.vision_model or "microsoft/resnet-50",
+            text=model_args.text_model or "gpt2",
+            **{key: getattr(config, key) for key in keys},
+            **token_ids,
+        )
+        if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    config = XrayCapConfig.from_preset(
+        model_args.preset,
+        vision_config=config.vision_config.to_dict(),
+        text_config={**config.text_config.to_dict(), "vocab_size": len(tokenizer)},
+        **{
+            key: getattr(config, key)
+            for key in ("visual_tokens", "projection", "max_views", "image_size", "freeze_vision_encoder")
+        },
+        **token_ids,
+    )
+    return XrayCapForConditionalGeneration(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, the last K kept, `latest` resolved to the newest complete one
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(train_args: TrainingArguments) -> Path:
+    return Path(train_args.output_dir) / "checkpoints"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder still being written carries a `.tmp` suffix and is ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(
+    accelerator: Accelerator, train_args: TrainingArguments, step: int, state: dict[str, Any]
+) -> None:
+    """`save_state` into `checkpoint-N.tmp`, then one rename: a process killed mid-write leaves no checkpoint-N."""
+    root = checkpoint_root(train_args)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[: -train_args.save_total_limit or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_checkpoint(train_args: TrainingArguments) -> Path | None:
+    if train_args.resume_from_checkpoint is None:
+        return None
+    if train_args.resume_from_checkpoint != "latest":
+        return Path(train_args.resume_from_checkpoint)
+    found = list_checkpoints(checkpoint_root(train_args))
+    if not found:
+        logger.warning(
+            f"--resume_from_checkpoint latest: no checkpoint in {checkpoint_root(train_args)}; starting fresh."
+        )
+        return None
+    return found[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_reports(
+    model,
+    dataloader: DataLoader,
+    processor: XrayCapProcessor,
+    accelerator: Accelerator,
+    train_args: TrainingArguments,
+    desc: str,
+) -> dict[int, str]:
+    """Beam-search reports for every study of a (sharded) split; every study comes back exactly once.
+
+    Generation runs in fp32 so that a reloaded model reproduces these predictions exactly.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    pad_id = processor.tokenizer.pad_token_id
+    reports: dict[int, str] = {}
+    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        inputs = model_inputs(batch)
+        ids = unwrapped.generate(
+            **inputs,
+            num_beams=train_args.num_beams,
+            max_new_tokens=train_args.max_new_tokens,
+            do_sample=False,
+        )
+        ids = accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id)
+        indices, ids = accelerator.gather_for_metrics((batch["index"], ids))
+        for index, text in zip(indices.tolist(), processor.batch_decode(ids, skip_special_tokens=True)):
+            reports[index] = text.strip()
+    unwrapped.train(was_training)
+    return reports
+
+
+def score(metric, split: datasets.Dataset, reports: dict[int, str], **options) -> dict[str, Any]:
+    order = sorted(reports)
+    return metric.compute(
+        predictions=[reports[i] for i in order], references=[split[i]["report"] for i in order], **options
+    )
+
+
+def eval_dataloader(
+    split, collator: StudyCollator, train_args: TrainingArguments, data_args: DataArguments
+) -> DataLoader:
+    if data_args.max_eval_samples is not None:
+        split = split.select(range(min(len(split), data_args.max_eval_samples)))
+    return DataLoader(
+        IndexedStudies(split),
+        batch_size=train_args.per_device_eval_batch_size,
+        shuffle=False,
+        collate_fn=collator,
+        num_workers=data_args.dataloader_num_workers,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: Hub upload
+# --------------------------------------------------------------------------------------------------
+
+UPLOAD_IGNORE = ["checkpoints/*", "runs/*", "*.tmp/*"]
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    """Creates the Hub repo and uploads the saved model folder (checkpoints excluded) with huggingface_hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            ignore_patterns=UPLOAD_IGNORE,
+            commit_message="Upload xraycap model trained with run_captioning.py",
+        )
+    except Exception as err:  # offline, no token, no rights: say what happened and where the model still is
+        raise RuntimeError(
+            f"Could not push {folder} to the Hub repo {repo_id!r} ({type(err).__name__}: {err}). The model folder is "
+            "saved locally; check the network and `hf auth login`, then upload it with "
+            f"`hf upload {repo_id} {folder}`."
+        ) from err
+    return str(repo_url)
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """Maps --mixed_precision to what really runs: never a silent fp32 when half precision was asked for."""
+    on_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+        "1",
+        "true",
+        "yes",
+    )
+    if requested == "auto":
+        return "bf16" if not on_cuda or torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and not on_cuda:
+        logging.getLogger(__name__).warning(
+            "--mixed_precision fp16 has no autocast on CPU (Accelerate would silently run fp32); using bf16 instead."
+        )
+        return "bf16"
+    return requested
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name or "ln_" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    start_time = time.perf_counter()
+    model_args, data_args, train_args = parse_args(argv)
+    output_dir = Path(train_args.output_dir)
+    mixed_precision = resolve_mixed_precision(train_args.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    logger.info(
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {mixed_precision}"
+    )
+
+    set_seed(train_args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"model": asdict(model_args), "data": asdict(data_args), "training": asdict(train_args)}
+        resolved["training"]["mixed_precision_resolved"] = mixed_precision
+        (output_dir / "run_args.json").write_text(json.dumps(resolved, indent=2))
+    accelerator.wait_for_everyone()
+
+    # Data, tokenizer, model.
+    config = build_config(model_args)
+    views = data_args.views or ("frontal" if config.max_views == 1 else "pair")
+    dataset, build_report = load_studies(data_args, views, train_args.seed, accelerator)
+    train_split, val_split, test_split = dataset["train"], dataset["validation"], dataset["test"]
+    processor = build_processor(model_args, config, train_split["report"])
+    set_seed(train_args.seed)
+    model = build_model(model_args, config, processor)
+    model.vision_model.to(
+        memory_format=torch.channels_last
+    )  # faster convolutions (oneDNN / cuDNN), same math
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable"
+    )
+
+    collator = StudyCollator(processor, model.config.max_views, data_args.max_target_length)
+    eval_collator = StudyCollator(
+        processor, model.config.max_views, data_args.max_target_length, with_text=False
+    )
+    train_dataloader = DataLoader(
+        IndexedStudies(train_split),
+        batch_size=train_args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        num_workers=data_args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        drop_last=False,
+    )
+    val_dataloader = eval_dataloader(val_split, eval_collator, train_args, data_args)
+
+    # Optimizer and schedule; the prepared scheduler steps once per process, so its steps are scaled.
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate
+    )
+    steps_per_epoch = math.ceil(
+        math.ceil(len(train_split) / (train_args.per_device_train_batch_size * accelerator.num_processes))
+        / train_args.gradient_accumulation_steps
+    )
+    max_steps = (
+        train_args.max_steps if train_args.max_steps > 0 else train_args.num_train_epochs * steps_per_epoch
+    )
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    warmup_steps = math.ceil(train_args.warmup_ratio * max_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes
+    )
+    model, optimizer, train_dataloader, val_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, val_dataloader, scheduler
+    )
+    if train_args.cache_features:
+        if not accelerator.unwrap_model(model).config.freeze_vision_encoder:
+            raise ValueError("--cache_features needs a frozen encoder (--freeze_vision_encoder true).")
+        encode_loader = accelerator.prepare(
+            eval_dataloader(
+                train_split,
+                eval_collator,
+                train_args,
+                DataArguments(dataloader_num_workers=data_args.dataloader_num_workers),
+            )
+        )
+        with accelerator.autocast():
+            features = precompute_features(model, encode_loader, accelerator)
+        gathered = accelerator.gather_for_metrics(
+            (torch.tensor(list(features)), torch.stack(list(features.values())).to(accelerator.device))
+        )
+        collator.feature_cache = dict(zip(gathered[0].tolist(), gathered[1].cpu()))
+    if train_args.report_to != "none":
+        accelerator.init_trackers(
+            "xraycap",
+            config={k: v for k, v in asdict(train_args).items() if isinstance(v, (int, float, str, bool))},
+        )
+
+    # Resume: restore model / optimizer / scheduler / RNG states, then skip the batches already consumed.
+    history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epoch_metrics": []}
+    completed_steps, starting_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(train_args)
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        completed_steps, history = state["completed_steps"], state["history"]
+        starting_epoch = completed_steps // steps_per_epoch
+        skip_batches = (completed_steps % steps_per_epoch) * train_args.gradient_accumulation_steps
+
+    metric = None
+    if train_args.do_eval:
+        import evaluate
+
+        metric = evaluate.load(str(METRIC_PATH))
+
+    train_start = time.perf_counter()
+    progress = tqdm(
+        total=max_steps,
+        initial=completed_steps,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
+    model.train()
+    for epoch in range(starting_epoch, num_epochs if train_args.do_train else 0):
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == starting_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**model_inputs(batch)).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            step_loss = accelerator.gather(loss.detach()).float().mean().item()
+            lr = scheduler.get_last_lr()[0]
+            history["step"].append(completed_steps)
+            history["loss"].append(step_loss)
+            history["lr"].append(lr)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", epoch=epoch)
+            if completed_steps % train_args.logging_steps == 0 and train_args.report_to != "none":
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=completed_steps)
+            if train_args.save_steps and completed_steps % train_args.save_steps == 0:
+                save_checkpoint(
+                    accelerator,
+                    train_args,
+                    completed_steps,
+                    {"completed_steps": completed_steps, "history": history},
+                )
+            if completed_steps >= max_steps:
+                break
+        if completed_steps % steps_per_epoch == 0 or completed_steps >= max_steps:  # a finished epoch
+            if not (train_args.save_steps and completed_steps % train_args.save_steps == 0):
+                save_checkpoint(
+                    accelerator,
+                    train_args,
+                    completed_steps,
+                    {"completed_steps": completed_steps, "history": history},
+                )
+        if metric is not None and len(val_split):
+            reports = generate_reports(
+                model, val_dataloader, processor, accelerator, train_args, f"validation, epoch {epoch}"
+            )
+            if accelerator.is_main_process:
+                val_metrics = score(metric, val_split, reports, bertscore=False, meteor=False)
+                history["epoch_metrics"].append({"epoch": epoch, "step": completed_steps, **val_metrics})
+                logger.info(
+                    f"epoch {epoch}: validation ce_macro_f1 {val_metrics.get('ce_macro_f1')}, bleu_4 {val_metrics.get('bleu_4')}"
+                )
+                if train_args.report_to != "none":
+                    accelerator.log(
+                        {f"validation/{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))},
+                        step=completed_steps,
+                    )
+        if completed_steps >= max_steps:
+            break
+    progress.close()
+    train_time = time.perf_counter() - train_start
+
+    # Save the model folder: weights (safetensors), config, code files, processor.
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        unwrapped.config.register_for_auto_class()
+        unwrapped.register_for_auto_class("AutoModel")
+        processor.register_for_auto_class("AutoProcessor")
+        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        processor.save_pretrained(output_dir)
+
+    results: dict[str, Any] = {}
+    if metric is not None:
+        test_dataloader = accelerator.prepare(
+            eval_dataloader(test_split, eval_collator, train_args, data_args)
+        )
+        ablated = StudyCollator(
+            processor, unwrapped.config.max_views, data_args.max_target_length, with_text=False, ablate=True
+        )
+        ablated_dataloader = accelerator.prepare(eval_dataloader(test_split, ablated, train_args, data_args))
+        test_reports = generate_reports(model, test_dataloader, processor, accelerator, train_args, "test")
+        ablated_reports = generate_reports(
+            model, ablated_dataloader, processor, accelerator, train_args, "test, grey images"
+        )
+        if accelerator.is_main_process:
+            results["test"] = score(metric, test_split, test_reports)
+            results["test_image_ablated"] = score(metric, test_split, ablated_reports)
+            if history["epoch_metrics"]:
+                results["validation"] = {
+                    k: v for k, v in history["epoch_metrics"][-1].items() if k not in ("epoch", "step")
+                }
+            with open(output_dir / "predictions.jsonl", "w") as f:
+                for index in sorted(test_reports):
+                    row = {
+                        "id": test_split[index]["uid"],
+                        "reference": test_split[index]["report"],
+                        "prediction": test_reports[index],
+                        "prediction_image_ablated": ablated_reports[index],
+                    }
+                    f.write(json.dumps(row) + "\n")
+            write_samples(output_dir, test_split, test_reports)
+
+    if accelerator.is_main_process:
+        results["run"] = {
+            "wall_time_s": round(time.perf_counter() - start_time, 1),
+            "train_time_s": round(train_time, 1),
+            "optimizer_steps": completed_steps,
+            "epochs": num_epochs,
+            "num_processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "mixed_precision": mixed_precision,
+            "num_examples": {name: len(split) for name, split in dataset.items()},
+            "final_train_loss": history["loss"][-1] if history["loss"] else None,
+        }
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "trainer_history.json").write_text(json.dumps(history))
+        from figures import plot_training_curves
+
+        plot_training_curves(history, output_dir / "training_curves.png")
+        write_model_card(
+            output_dir / "README.md",
+            results,
+            describe_run(model_args, data_args, train_args, unwrapped, views, results, build_report),
+        )
+        logger.info(f"Saved the model folder to {output_dir} in {results['run']['wall_time_s']} s")
+        if "test" in results:
+            logger.info(
+                f"test ce_macro_f1 {format_value(results['test'].get('ce_macro_f1'))} (grey images: "
+                f"{format_value(results['test_image_ablated'].get('ce_macro_f1'))}), bleu_4 {format_value(results['test'].get('bleu_4'))}"
+            )
+    if train_args.push_to_hub and accelerator.is_main_process:
+        url = push_to_hub(output_dir, train_args.hub_model_id, train_args.hub_private)
+        logger.info(f"Pushed to {url}")
+    accelerator.wait_for_everyone()
+    if train_args.report_to != "none":
+        accelerator.end_training()
+    return results
+
+
+def write_samples(
+    output_dir: Path, test_split: datasets.Dataset, reports: dict[int, str], count: int = 12
+) -> None:
+    """`samples.png` / `samples.html`: test images with reference, prediction and the findings that differ."""
+    from figures import write_samples_sheet
+    from metrics.radiology_report.labeler import label_reports
+
+    indices = sorted(reports)[:count]
+    references = [test_split[i]["report"] for i in indices]
+    predictions = [reports[i] for i in indices]
+    ref_labels, pred_labels = label_reports(references), label_reports(predictions)
+    records = []
+    for i, ref, pred, ref_l, pred_l in zip(indices, references, predictions, ref_labels, pred_labels):
+        differing = [name for name in ref_l if (ref_l[name] == 1) != (pred_l[name] == 1)]
+        records.append(
+            {
+                "id": test_split[i]["uid"],
+                "image": test_split[i]["images"][0],
+                "reference": ref,
+                "prediction": pred,
+                "differing_findings": differing,
+            }
+        )
+    write_samples_sheet(records, output_dir / "samples.png", output_dir / "samples.html")
+
+
+if __name__ == "__main__":
+    main()
