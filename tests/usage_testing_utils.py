@@ -1,0 +1,83 @@
+"""Helpers for the "using it" tests (caption CLI, pipeline, app): phantom images and a tiny saved model.
+
+The model is the "tiny" preset (random weights) with a tokenizer trained locally on phantom reports.
+Training it, even briefly, costs minutes on the shared 2-core machine, so `make_tiny` instead sets
+generation options that keep an untrained model from answering with an empty string.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+from testing_utils import make_tiny_model_and_processor
+
+from dataset_builder.synthesize import make_study
+from pipeline_xraycap import add_pipeline_to_folder
+
+
+def phantom_studies(num_studies: int = 4, image_size: int = 128, seed: int = 0, start: int = 0):
+    """`[(frontal PIL, lateral PIL, findings text)]` from the phantom generator."""
+    studies = []
+    for index in range(start, start + num_studies):
+        study, images = make_study(index, seed, image_size)
+        frontal, lateral = (Image.open(io.BytesIO(data)).copy() for _, _, data in images)
+        studies.append((frontal, lateral, study.findings))
+    return studies
+
+
+def write_phantom_pngs(
+    folder: Path, num_studies: int = 3, image_size: int = 128, start: int = 100
+) -> list[tuple[Path, Path]]:
+    """Write phantom frontal/lateral PNGs into `folder`; returns the (frontal, lateral) paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (frontal, lateral, _) in enumerate(phantom_studies(num_studies, image_size, start=start)):
+        f, lat = folder / f"study{i:02d}_frontal.png", folder / f"study{i:02d}_lateral.png"
+        frontal.save(f)
+        lateral.save(lat)
+        paths.append((f, lat))
+    return paths
+
+
+def make_tiny(visual_tokens: str = "grid", seed: int = 0, max_new_tokens: int = 24):
+    """
+    `testing_utils.make_tiny_model_and_processor` (random weights, "tiny" preset, local tokenizer), set up so
+    that generation says something.
+
+    An untrained model tends to emit eos (or byte tokens that decode to U+FFFD) at once and to ignore the
+    image, and comparing two empty strings would prove nothing; so the projection is scaled up (the image
+    changes the text) and the generation config suppresses pad and unprintable byte tokens, forbids
+    repeated tokens (`no_repeat_ngram_size=1`), asks for at least 8 new tokens and at most `max_new_tokens`. These are ordinary `generate` settings
+    saved in `generation_config.json`, used alike by `generate`, the pipeline, the CLI and the app.
+    """
+    model, processor = make_tiny_model_and_processor(seed=seed, visual_tokens=visual_tokens)
+    model.eval()
+    tokenizer = processor.tokenizer
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    unprintable = [
+        i
+        for i in range(len(tokenizer))
+        if i not in special and not (tokenizer.decode([i]).isascii() and tokenizer.decode([i]).isprintable())
+    ]
+    with torch.no_grad():  # random init barely lets the image prefix move the text: make the image matter
+        for parameter in model.projection.parameters():
+            parameter.mul_(40.0)
+        model.view_embedding.normal_(0.0, 0.5)
+    model.generation_config.suppress_tokens = sorted({tokenizer.pad_token_id, *unprintable})
+    model.generation_config.min_new_tokens = 8
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.max_new_tokens = max_new_tokens
+    return model, processor
+
+
+def save_model_folder(model, processor, folder: Path) -> Path:
+    """Save like run_captioning does: code files travel, plus the pipeline registration."""
+    type(model.config).register_for_auto_class()
+    model.register_for_auto_class("AutoModel")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    add_pipeline_to_folder(folder)
+    return folder
