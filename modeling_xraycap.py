@@ -146,6 +146,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         self.projection = XrayCapProjection(self.vision_feature_dim, config)
         self.view_embedding = nn.Parameter(torch.zeros(config.max_views, config.text_config.n_embd))
         self.language_model = GPT2LMHeadModel(config.text_config)
+        self.language_model.loss_type = "ForCausalLM"
         self.post_init()
         self.set_vision_encoder_frozen(config.freeze_vision_encoder)
         room = config.text_config.n_positions - self.max_prefix_length - 1
@@ -241,11 +242,17 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         """Image tokens per view at `config.image_size` (1 for "pooled"; the feature-map cells for "grid")."""
         if self.config.visual_tokens == "pooled":
             return 1
-        cells = getattr(self, "_grid_cells", None)
-        if cells is None:
-            side = -(-int(self.config.image_size) // 32)  # ResNets and most timm CNNs downsample by 32
-            cells = side * side
-        return cells
+        cells = getattr(self, "_grid_cells", None)  # measured on the last forward
+        if cells is not None:
+            return cells
+        reduction, extra = 32, 0  # transformers ResNets downsample by 32
+        timm_model = getattr(self.vision_model, "timm_model", None)
+        if timm_model is not None:
+            feature_info = getattr(timm_model, "feature_info", None) or [{}]
+            reduction = int(feature_info[-1].get("reduction", 32))
+            extra = int(getattr(timm_model, "num_prefix_tokens", 0) or 0)  # ViT class tokens
+        side = -(-int(self.config.image_size) // reduction)
+        return side * side + extra
 
     @property
     def max_prefix_length(self) -> int:
@@ -318,9 +325,11 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         batch, views = pixel_values.shape[:2]
         view_mask = self._check_view_mask(view_mask, batch, views, pixel_values.device)
         flat = pixel_values.flatten(0, 1)[view_mask.flatten()]
-        param = next(self.vision_model.parameters())
+        param = next(p for p in self.vision_model.parameters() if p.ndim == 4)  # the stem convolution
         if not torch.is_autocast_enabled(flat.device.type):
             flat = flat.to(param.dtype)
+        if not param.is_contiguous() and param.is_contiguous(memory_format=torch.channels_last):
+            flat = flat.contiguous(memory_format=torch.channels_last)  # model.to(memory_format=channels_last)
         frozen = self.config.freeze_vision_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             outputs = self.vision_model(pixel_values=flat)

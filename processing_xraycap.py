@@ -307,6 +307,8 @@ class XrayCapProcessor(ProcessorMixin):
             for j, view in enumerate(views):
                 pixel_values[i, j] = self.image_processor.process_image(view)
                 view_mask[i, j] = 1
+        if self.max_views == 1:
+            pixel_values = pixel_values[:, 0]  # (batch, 3, size, size): the natural single-view layout
         return {"pixel_values": pixel_values, "view_mask": view_mask}
 
     # ----------------------------------------------------------------------------------------- text
@@ -359,8 +361,8 @@ class XrayCapProcessor(ProcessorMixin):
             max_length (`int`, *optional*): overrides `self.max_length` (truncate with a warning).
 
         Returns:
-            `BatchFeature` with `pixel_values` `(batch, max_views, 3, size, size)` and `view_mask`
-            `(batch, max_views)` (1 = real view) when images are given; `input_ids` (`bos + report + eos`,
+            `BatchFeature` with `pixel_values` `(batch, max_views, 3, size, size)` (`(batch, 3, size, size)`
+            when `max_views=1`) and `view_mask` `(batch, max_views)` (1 = real view) when images are given; `input_ids` (`bos + report + eos`,
             right-padded with the pad id), `attention_mask` and `labels` (-100 on padding and on the bos)
             when text is given.
         """

@@ -58,6 +58,9 @@ def test_images_single_and_multi_view_with_view_mask(processor):
     torch.testing.assert_close(batch["pixel_values"][0, 0], batch["pixel_values"][1, 0])
     single = processor(images=a, return_tensors="pt")
     assert single["pixel_values"].shape == (1, 2, 3, 64, 64)
+    one_view = XrayCapProcessor(processor.image_processor, processor.tokenizer, max_views=1)
+    natural = one_view(images=[a, b], return_tensors="pt")
+    assert natural["pixel_values"].shape == (2, 3, 64, 64) and natural["view_mask"].tolist() == [[1], [1]]
     with pytest.raises(ValueError, match="max_views"):
         processor(images=[[a, b, a]])
     with pytest.raises(ValueError, match="one report per study"):

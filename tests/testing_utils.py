@@ -118,9 +118,9 @@ def make_phantom_image(
     cx, cy = 34 * s + jx, 42 * s + jy
     draw.ellipse([cx - heart * s, cy - heart * 0.8 * s, cx + heart * s, cy + heart * 0.8 * s], fill=230)
     if finding == "left_effusion":
-        draw.rectangle([34 * s + jx, 40 * s + jy, 56 * s + jx, 54 * s + jy], fill=225)
+        draw.rectangle([33 * s + jx, 32 * s + jy, 57 * s + jx, 55 * s + jy], fill=235)
     elif finding == "right_pneumothorax":
-        draw.ellipse([6 * s + jx, 6 * s + jy, 24 * s + jx, 30 * s + jy], fill=0)
+        draw.ellipse([5 * s + jx, 5 * s + jy, 27 * s + jx, 34 * s + jy], fill=0)
     elif finding == "nodule":
         draw.ellipse([15 * s + jx, 18 * s + jy, 23 * s + jx, 26 * s + jy], fill=255)
     array = np.asarray(image, dtype=np.float32) + rng.normal(0, 3, (size, size))
