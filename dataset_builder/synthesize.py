@@ -587,6 +587,15 @@ def _make_chunk(args: tuple[list[int], int, int, str]) -> list[tuple[Study, list
     return out
 
 
+def _write_csv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def synthesize(
     output_dir: str | os.PathLike,
     num_studies: int = 2000,
@@ -639,27 +648,22 @@ def synthesize(
             bar.update(len(part))
     bar.close()
 
-    with open(out / "indiana_reports.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(REPORTS_COLUMNS)
-        for study, _ in results:
-            w.writerow(
-                [
-                    study.uid,
-                    study.mesh,
-                    study.problems,
-                    "Xray Chest PA and Lateral",
-                    study.indication,
-                    "None.",
-                    study.findings,
-                    study.impression,
-                ]
-            )
-    with open(out / "indiana_projections.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(PROJECTIONS_COLUMNS)
-        for study, images in results:
-            for filename, projection in images:
-                w.writerow([study.uid, filename, projection])
+    # CSVs last and atomically (projections last of all): a folder with indiana_projections.csv is complete
+    report_rows = [
+        [
+            s.uid,
+            s.mesh,
+            s.problems,
+            "Xray Chest PA and Lateral",
+            s.indication,
+            "None.",
+            s.findings,
+            s.impression,
+        ]
+        for s, _ in results
+    ]
+    _write_csv_atomic(out / "indiana_reports.csv", REPORTS_COLUMNS, report_rows)
+    projection_rows = [[s.uid, fn, proj] for s, images in results for fn, proj in images]
+    _write_csv_atomic(out / "indiana_projections.csv", PROJECTIONS_COLUMNS, projection_rows)
     logger.info("Wrote %d phantom studies (%d images) to %s", num_studies, 2 * num_studies, out)
     return out

@@ -313,3 +313,44 @@ def test_download_finds_nested_root(monkeypatch, tmp_path):
     (root / "indiana_projections.csv").write_text("uid\n")
     monkeypatch.setattr(kagglehub, "dataset_download", lambda handle, **kw: str(tmp_path / "cache"))
     assert download() == root
+
+
+# ------------------------------------------------------------------ the 409 real reports (text only)
+
+
+def _reports_sample_with(tmp_path: Path, shared_data: Path, placeholders: bool) -> Path:
+    src = shared_data / "iu_xray_reports_sample"
+    data = tmp_path / "data"
+    images = data / "images" / "images_normalized"
+    images.mkdir(parents=True)
+    for name in ("indiana_reports.csv", "indiana_projections.csv"):
+        (data / name).write_bytes((src / name).read_bytes())
+    if placeholders:
+        png = tmp_path / "p.png"
+        Image.new("L", (40, 32), 90).save(png)
+        for row in csv.DictReader(open(src / "indiana_projections.csv")):
+            os.link(png, images / row["filename"])
+    return data
+
+
+def test_real_reports_without_images_all_accounted(shared_data, tmp_path):
+    data = _reports_sample_with(tmp_path, shared_data, placeholders=False)
+    ds, report = build_dataset(data, cache_dir=tmp_path / "c")
+    assert report["num_reports"] == 409 and report["num_projection_rows"] == 807
+    assert report["num_examples"] == {"train": 0, "validation": 0, "test": 0}
+    assert report["skipped_by_reason"] == {
+        "image file missing": 807,
+        "too few usable images": 360,
+        "empty target section": 49,
+    }
+    _assert_adds_up(ds, report)
+
+
+def test_real_reports_r2gen_population_with_placeholders(shared_data, tmp_path):
+    data = _reports_sample_with(tmp_path, shared_data, placeholders=True)
+    ds, report = build_dataset(data, r2gen=True, image_size=32, cache_dir=tmp_path / "c")
+    # 331 of these 409 real studies have findings and >= 2 images
+    assert report["num_examples"] == dict(zip(("train", "validation", "test"), split_sizes(331)))
+    assert "XXXX" in " ".join(ds["train"]["report"])  # the default keeps the anonymisation tokens
+    assert all(r == " ".join(r.split()) and ". ." not in r and ".." not in r for r in ds["train"]["report"])
+    _assert_adds_up(ds, report)
