@@ -147,8 +147,11 @@ class XrayCapConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
             self.vision_config = copy.deepcopy(_PRESETS["resnet50-gpt2"][0])
-        if self.text_config is None:
+        if self.text_config is None:  # GPT-2 small with its pad row, and the matching special ids
             self.text_config = copy.deepcopy(_PRESETS["resnet50-gpt2"][1])
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                if getattr(self, name) is None:
+                    setattr(self, name, _PRESETS["resnet50-gpt2"][2][name])
         super().__post_init__(**kwargs)
         if self.visual_tokens not in VISUAL_TOKEN_MODES:
             raise ValueError(f"visual_tokens={self.visual_tokens!r} is not one of {VISUAL_TOKEN_MODES}.")

@@ -203,6 +203,15 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         model.language_model.tie_weights()
         return model
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then re-applies `config.freeze_vision_encoder` (loading
+        materialises fresh parameters that would otherwise require grad)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_vision_encoder_frozen(model.config.freeze_vision_encoder)
+        return loaded
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 

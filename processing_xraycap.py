@@ -274,6 +274,25 @@ class XrayCapProcessor(ProcessorMixin):
             XrayCapImageProcessor(size=image_size), tokenizer, max_views=max_views, max_length=max_length
         )
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the two parts with their own classes, so `XrayCapProcessor.from_pretrained(dir)` works without
+        `trust_remote_code` (AutoProcessor with `trust_remote_code=True` ends here too)."""
+        kwargs.pop("trust_remote_code", None)
+        subfolder = kwargs.pop("subfolder", "")
+        config = (processor_dict or {}).get("image_processor")
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in ("auto_map", "image_processor_type")}
+            image_processor = XrayCapImageProcessor(**config)
+        else:
+            image_processor = XrayCapImageProcessor.from_pretrained(
+                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+            )
+        tokenizer = GPT2TokenizerFast.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        return [image_processor, tokenizer]
+
     # ----------------------------------------------------------------------------------------- images
     def _studies(self, images: Any) -> list[list[ImageLike]]:
         """Normalise `images` to a list of studies, each a list of views."""

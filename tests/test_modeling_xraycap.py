@@ -128,6 +128,25 @@ def test_image_features_and_layouts_are_interchangeable(tiny):
     torch.testing.assert_close(one_view.logits[:, 4:], ref[:, 8:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "visual_tokens, projection, tokens", [("pooled", "mlp", 1), ("grid", "mlp", 4), ("pooled", "linear", 1)]
+)
+def test_token_modes_and_projections(visual_tokens, projection, tokens):
+    model, processor = make_tiny_model_and_processor(
+        image_size=64, visual_tokens=visual_tokens, projection=projection, max_views=1
+    )
+    model.eval()
+    batch = _batch(processor)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    out = model(**batch)
+    assert out.prefix_length == tokens == model.tokens_per_view and torch.isfinite(out.loss)
+    assert model.get_image_features(batch["pixel_values"]).shape == (2, 1, tokens, 256)
+    assert model.generate(pixel_values=batch["pixel_values"], max_new_tokens=3, eos_token_id=None).shape == (
+        2,
+        3,
+    )
+
+
 def test_view_embedding_distinguishes_slots(tiny):
     model, processor = tiny
     batch = _batch(processor, text=False)
@@ -330,6 +349,10 @@ def test_save_load_in_process_keeps_weights(tiny, tmp_path):
         assert torch.equal(a, b), name
     assert loaded.language_model.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert loaded.generation_config.pad_token_id == model.config.pad_token_id
+    assert not any(p.requires_grad for p in loaded.vision_model.parameters())  # still frozen after loading
+    assert all(p.requires_grad for p in loaded.language_model.parameters())
+    loaded.train()
+    assert not loaded.vision_model.training
 
 
 def test_from_pretrained_towers_accepts_local_folders(tmp_path):

@@ -121,3 +121,5 @@ def test_processor_save_and_auto_load(processor, tmp_path):
     b = loaded(images=[image], text=["Right upper lobe nodule."])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    direct = XrayCapProcessor.from_pretrained(tmp_path)  # no trust_remote_code needed with the class itself
+    assert direct.image_processor.size == 64 and len(direct.tokenizer) == len(processor.tokenizer)
