@@ -354,3 +354,28 @@ def test_real_reports_r2gen_population_with_placeholders(shared_data, tmp_path):
     assert "XXXX" in " ".join(ds["train"]["report"])  # the default keeps the anonymisation tokens
     assert all(r == " ".join(r.split()) and ". ." not in r and ".." not in r for r in ds["train"]["report"])
     _assert_adds_up(ds, report)
+
+
+def test_builder_class_used_directly(phantom_30, tmp_path):
+    """The GeneratorBasedBuilder works on its own, as a `datasets` user would drive it."""
+    from dataset_builder import IndianaXrayBuilder
+
+    builder = IndianaXrayBuilder(
+        data_dir=str(phantom_30), cache_dir=str(tmp_path), image_size=64, views="frontal"
+    )
+    builder.download_and_prepare()
+    ds = builder.as_dataset()
+    assert {k: v.num_rows for k, v in ds.items()} == {"train": 21, "validation": 3, "test": 6}
+    assert ds["train"].features["images"].feature.__class__.__name__ == "Image"
+    assert all(len(p) == 1 for p in ds["train"]["projections"])
+
+
+def test_python_dash_m_entry_point(repo_root):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataset_builder", "--help"], capture_output=True, text=True, cwd=repo_root
+    )
+    assert proc.returncode == 0
+    assert all(cmd in proc.stdout for cmd in ("synthesize", "build", "download"))
