@@ -13,6 +13,9 @@ from usage_testing_utils import make_tiny, save_model_folder, write_phantom_pngs
 import caption
 from metrics.radiology_report.labeler import label_reports
 
+# The tiny model generates with no_repeat_ngram_size=1 (see usage_testing_utils.make_tiny).
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size`:UserWarning")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

@@ -9,6 +9,9 @@ from usage_testing_utils import make_tiny, phantom_studies, save_model_folder
 
 from pipeline_xraycap import CUSTOM_PIPELINES, add_pipeline_to_folder
 
+# The tiny model generates with no_repeat_ngram_size=1 (see usage_testing_utils.make_tiny).
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size`:UserWarning")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

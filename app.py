@@ -1,0 +1,322 @@
+"""XrayCap demo: a Gradio app in the form Hugging Face Spaces runs (`app.py` with a top-level `demo`).
+
+Upload a frontal chest X-ray (and optionally the lateral view), pick the number of beams, and get the
+model's report, the findings a CheXpert-style labeler reads in it, and, for "grid" models, a heat map of
+where the report's tokens attended in the image.
+
+Run it:
+
+    python app.py                                   # model folder outputs/xraycap-demo
+    python app.py --model path/to/folder --port 7860
+    XRAYCAP_MODEL=path/to/folder python app.py      # what a Space sets as a variable
+
+The model folder comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else
+`outputs/xraycap-demo` (written by `python run_captioning.py`). Host and port follow Gradio's
+`GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` unless `--host` / `--port` are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger("xraycap.app")
+
+DEFAULT_MODEL = "outputs/xraycap-demo"
+CHEXPERT_NAMES = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+_FINDING_WORDS = {1: "positive", 0: "negative", -1: "uncertain", None: "not mentioned"}
+OVERLAY_SIDE = 320  # px of each view in the heat-map picture
+# System fonts: the default theme fetches web fonts, which offline machines cannot. Gradio 6 takes the
+# theme in launch().
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"])
+
+
+def resolve_model_dir(argv: list[str] | None = None) -> str:
+    """`--model` in `argv`, else `$XRAYCAP_MODEL`, else `outputs/xraycap-demo`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model")
+    args, _ = parser.parse_known_args(argv or [])
+    return args.model or os.environ.get("XRAYCAP_MODEL") or DEFAULT_MODEL
+
+
+class Captioner:
+    """
+    Loads an XrayCap folder once (thread-safe, on first use) and writes reports with attention maps.
+
+    Args:
+        model_dir (`str`): a saved XrayCap folder (or Hub id).
+        device (`str`, *optional*): torch device; cuda when available, else cpu.
+    """
+
+    def __init__(self, model_dir: str, device: str | None = None):
+        self.model_dir = model_dir
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any, Any] | None = None
+
+    def load(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._loaded is None:
+                from transformers import AutoModel, AutoProcessor
+
+                if not Path(self.model_dir).exists() and self.model_dir == DEFAULT_MODEL:
+                    raise FileNotFoundError(
+                        f"model folder {self.model_dir} not found: train one with `python run_captioning.py`, "
+                        "or start the app with --model DIR / XRAYCAP_MODEL=DIR."
+                    )
+                # Eager attention: the SDPA kernels return no attention weights, which the heat map needs.
+                model = AutoModel.from_pretrained(
+                    self.model_dir, trust_remote_code=True, attn_implementation="eager"
+                )
+                model = model.to(self.device).eval()
+                processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+                self._loaded = (model, processor)
+                logger.info("Loaded %s on %s", self.model_dir, self.device)
+            return self._loaded
+
+    @property
+    def is_grid(self) -> bool:
+        model, _ = self.load()
+        return model.config.visual_tokens == "grid"
+
+    @torch.inference_mode()
+    def generate(
+        self, views: list[Any], num_beams: int = 1, max_new_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """
+        Write the report for one study.
+
+        Args:
+            views (`list`): the frontal image then optionally the lateral (PIL images or paths).
+            num_beams (`int`): beam width (1 = greedy).
+            max_new_tokens (`int`, *optional*): length cap.
+
+        Returns:
+            `dict` with `report` (str), `ids` (the generated token ids, 1-D) and `inputs` (the processor batch).
+        """
+        model, processor = self.load()
+        inputs = processor(images=[views], return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device)
+        view_mask = inputs.get("view_mask")
+        view_mask = None if view_mask is None else view_mask.to(self.device)
+        kwargs: dict[str, Any] = {"num_beams": int(num_beams)}
+        if max_new_tokens:
+            kwargs["max_new_tokens"] = int(max_new_tokens)
+        ids = model.generate(pixel_values=pixel_values, view_mask=view_mask, **kwargs)
+        report = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        return {"report": report, "ids": ids[0].cpu(), "pixel_values": pixel_values, "view_mask": view_mask}
+
+    @torch.inference_mode()
+    def attention_maps(
+        self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None, ids: torch.Tensor
+    ) -> np.ndarray:
+        """
+        Where the report's tokens attended in the image.
+
+        Re-reads `[image prefix; bos; report tokens]` with `output_attentions=True` and averages, over layers,
+        heads and the positions that produced each report token, the attention paid to each image-prefix
+        position; the result is reshaped to each view's feature grid.
+
+        Returns:
+            `np.ndarray` of shape `(views, side, side)`, min-max scaled to [0, 1] over the present views
+            (absent views stay 0).
+        """
+        model, _ = self.load()
+        config = model.config
+        keep = ids
+        if config.pad_token_id is not None:
+            keep = keep[keep != config.pad_token_id]
+        eos = config.eos_token_id
+        if eos is not None and (keep == eos).any():  # stop at (and include) the first eos
+            keep = keep[: int((keep == eos).nonzero()[0]) + 1]
+        bos = torch.tensor([config.bos_token_id], dtype=torch.long)
+        input_ids = torch.cat([bos, keep.cpu()])[None].to(self.device)
+        outputs = model(
+            pixel_values=pixel_values, view_mask=view_mask, input_ids=input_ids, output_attentions=True
+        )
+        if not outputs.attentions or outputs.attentions[0] is None:
+            raise RuntimeError(
+                "the decoder returned no attention weights (load it with attn_implementation='eager')."
+            )
+        prefix = int(outputs.prefix_length)
+        produced = max(1, keep.numel())  # query rows: bos .. last-but-one report token
+        stacked = torch.stack([layer[0] for layer in outputs.attentions])  # (layers, heads, L, L)
+        to_prefix = (
+            stacked[:, :, prefix : prefix + produced, :prefix].float().mean(dim=(0, 1, 2))
+        )  # (prefix,)
+        views = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
+        per_view = to_prefix.reshape(views, -1)
+        side = int(round(per_view.shape[1] ** 0.5))
+        if side * side != per_view.shape[1]:
+            raise RuntimeError(f"{per_view.shape[1]} image tokens per view do not form a square grid.")
+        maps = per_view.reshape(views, side, side).cpu().numpy()
+        present = np.ones(views, dtype=bool) if view_mask is None else view_mask[0].bool().cpu().numpy()
+        low, high = maps[present].min(), maps[present].max()
+        scaled = np.zeros_like(maps)
+        if high > low:  # min-max over the present views: the picture shows where attention was highest
+            scaled[present] = (maps[present] - low) / (high - low)
+        return scaled
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """
+    Blend a [0, 1] heat map (upsampled, jet colours) over a grayscale copy of `image`.
+
+    The image is centre-cropped to a square first, as the processor does, so the map's cells line up with
+    the part of the film the model saw.
+    """
+    from matplotlib import colormaps
+
+    gray = image.convert("L")
+    side = min(gray.size)
+    left, top = (gray.width - side) // 2, (gray.height - side) // 2
+    gray = gray.crop((left, top, left + side, top + side))
+    base = gray.resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.Resampling.BILINEAR).convert("RGB")
+    heat_img = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(
+        (OVERLAY_SIDE, OVERLAY_SIDE), Image.Resampling.BICUBIC
+    )
+    colored = (colormaps["jet"](np.asarray(heat_img) / 255.0)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(base, Image.fromarray(colored), alpha)
+
+
+def findings_rows(report: str) -> list[list[str]]:
+    """The labeler's reading of `report` as table rows [observation, finding]."""
+    from metrics.radiology_report.labeler import label_reports
+
+    labels = label_reports([report])[0]
+    return [[name, _FINDING_WORDS.get(labels.get(name), str(labels.get(name)))] for name in CHEXPERT_NAMES]
+
+
+def _open_image(value: Any) -> Image.Image | None:
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return value
+    from processing_xraycap import load_image
+
+    return load_image(value)
+
+
+def caption_study(
+    captioner: Captioner, frontal: Any, lateral: Any = None, num_beams: int = 1
+) -> tuple[str, list[list[str]], Image.Image | None]:
+    """
+    What the button does: the report, the findings table and (grid models) the attention picture.
+
+    Args:
+        captioner (`Captioner`): the loaded model.
+        frontal: the frontal film (a path as Gradio hands it, or a PIL image); required.
+        lateral (*optional*): the lateral film.
+        num_beams (`int`): beam width.
+
+    Returns:
+        `(report, findings rows, heat-map picture or None)`.
+    """
+    if frontal is None:
+        raise gr.Error("Upload a frontal chest X-ray first.")
+    try:
+        views = [_open_image(frontal)] + ([_open_image(lateral)] if lateral is not None else [])
+        model, _ = captioner.load()
+    except (OSError, ValueError) as error:
+        raise gr.Error(str(error)) from error
+    if len(views) > model.config.max_views:
+        gr.Warning(f"This model reads {model.config.max_views} view(s): the lateral is ignored.")
+        views = views[: model.config.max_views]
+    result = captioner.generate(views, num_beams=int(num_beams))
+    rows = findings_rows(result["report"])
+    heat_picture = None
+    if model.config.visual_tokens == "grid":
+        maps = captioner.attention_maps(result["pixel_values"], result["view_mask"], result["ids"])
+        panels = [overlay(view, heat) for view, heat in zip(views, maps)]
+        heat_picture = Image.new("RGB", (OVERLAY_SIDE * len(panels), OVERLAY_SIDE))
+        for i, panel in enumerate(panels):
+            heat_picture.paste(panel, (i * OVERLAY_SIDE, 0))
+    return result["report"], rows, heat_picture
+
+
+def build_demo(model_dir: str | None = None) -> gr.Blocks:
+    """
+    Build the Gradio Blocks for a model folder (loaded on the first request).
+
+    Args:
+        model_dir (`str`, *optional*): defaults to `resolve_model_dir()` (env `XRAYCAP_MODEL`).
+
+    Returns:
+        `gr.Blocks`
+    """
+    captioner = Captioner(model_dir or resolve_model_dir())
+
+    def run(frontal, lateral, num_beams):
+        return caption_study(captioner, frontal, lateral, num_beams)
+
+    with gr.Blocks(title="XrayCap: chest X-ray report generation") as demo:
+        gr.Markdown(
+            "# XrayCap: chest X-ray → radiology report\n"
+            "ResNet image encoder → projection → image prefix → GPT-2 decoder. Upload a frontal view "
+            "(and the lateral, if you have it) and press **Write report**.\n\n"
+            f"Model: `{captioner.model_dir}`. *A research demo: not for clinical use.*"
+        )
+        with gr.Row():
+            with gr.Column():
+                frontal = gr.Image(type="filepath", label="Frontal view", elem_id="frontal", height=300)
+                lateral = gr.Image(
+                    type="filepath", label="Lateral view (optional)", elem_id="lateral", height=300
+                )
+                num_beams = gr.Slider(
+                    1, 8, value=1, step=1, label="Number of beams (1 = greedy)", elem_id="beams"
+                )
+                button = gr.Button("Write report", variant="primary", elem_id="run")
+            with gr.Column():
+                report = gr.Textbox(label="Report", lines=6, elem_id="report", interactive=False)
+                findings = gr.Dataframe(
+                    headers=["Observation", "Finding"],
+                    label="Findings (CheXpert-style labeler on the report)",
+                    elem_id="findings",
+                    interactive=False,
+                )
+                heat = gr.Image(
+                    label="Where the report's tokens attended (grid models)",
+                    elem_id="heatmap",
+                    interactive=False,
+                )
+        button.click(
+            run, inputs=[frontal, lateral, num_beams], outputs=[report, findings, heat], api_name="caption"
+        )
+    return demo
+
+
+demo = build_demo(resolve_model_dir(sys.argv[1:] if __name__ == "__main__" else None))
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="XrayCap Gradio demo.")
+    cli.add_argument("--model", help=f"model folder (default: $XRAYCAP_MODEL or {DEFAULT_MODEL})")
+    cli.add_argument("--host", default=None, help="server name (default: Gradio's, 127.0.0.1)")
+    cli.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
+    cli_args = cli.parse_args()
+    demo.launch(server_name=cli_args.host, server_port=cli_args.port, theme=THEME)
