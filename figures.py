@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["plot_training_curves", "write_samples_sheet"]
 
+# Counters that may sit in an epoch entry next to the metrics; they are not drawn.
+_NOT_METRICS = ("epoch", "step", "completed_steps", "global_step")
+
 
 def _check_history(history: dict[str, Any]) -> tuple[list[float], list[float], list[float], list[dict]]:
     if not isinstance(history, dict):
@@ -71,7 +74,8 @@ def plot_training_curves(history: dict[str, Any], path: str | Path, title: str |
                     ],
                 }
 
-            Every numeric key of an `epoch_metrics` entry other than `epoch` is drawn as one line; keys
+            Every numeric key of an `epoch_metrics` entry other than the counters `epoch`, `step`,
+            `completed_steps` and `global_step` is drawn as one line; keys
             containing "loss" go on the right-hand axis (their scale differs from scores in [0, 1]).
         path (`str` or `Path`):
             Where to write the PNG (parent folders are created).
@@ -126,7 +130,7 @@ def plot_training_curves(history: dict[str, Any], path: str | Path, title: str |
         for entry in epoch_metrics:
             for key, value in entry.items():
                 if (
-                    key != "epoch"
+                    key not in _NOT_METRICS
                     and key not in keys
                     and isinstance(value, (int, float))
                     and not isinstance(value, bool)

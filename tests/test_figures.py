@@ -16,7 +16,7 @@ def _history(num_steps=40, num_epochs=3):
         "loss": [3.0 * 0.97**s for s in steps],
         "lr": [1e-3 * min(1.0, s / 5) for s in steps],
         "epoch_metrics": [
-            {"epoch": e, "ce_macro_f1": 0.2 * e, "bleu_4": 0.05 * e, "eval_loss": 2.0 / e}
+            {"epoch": e, "step": 10 * e, "ce_macro_f1": 0.2 * e, "bleu_4": 0.05 * e, "eval_loss": 2.0 / e}
             for e in range(1, num_epochs + 1)
         ],
     }
@@ -124,3 +124,19 @@ def test_samples_sheet_rejects_bad_records(tmp_path):
             tmp_path / "s.png",
             tmp_path / "s.html",
         )
+
+
+def test_training_curves_draws_metrics_not_counters(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_training_curves(_history(), tmp_path / "curves.png")
+    assert {"ce_macro_f1", "bleu_4", "eval_loss"} <= set(labels)
+    assert "step" not in labels and "epoch" not in labels
