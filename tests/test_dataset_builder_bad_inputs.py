@@ -211,3 +211,23 @@ def test_missing_column_stops_at_once(bad_data, tmp_path):
     (data / "indiana_projections.csv").unlink()
     with pytest.raises(FileNotFoundError, match="indiana_projections.csv"):
         build_dataset(data, cache_dir=tmp_path / "c")
+
+
+def test_duplicate_rows_accounted(tmp_path):
+    data = tmp_path / "data"
+    images = data / "images" / "images_normalized"
+    images.mkdir(parents=True)
+    Image.new("L", (40, 40), 100).save(images / "a.png")
+    Image.new("L", (40, 40), 100).save(images / "b.png")
+    (data / "indiana_reports.csv").write_text(
+        REPORT_HEADER + "1,normal,normal,x,y,z,Findings one.,Imp.\n1,normal,normal,x,y,z,Again.,Imp.\n"
+        "2,normal,normal,x,y,z,Findings two.,Imp.\n"
+    )
+    (data / "indiana_projections.csv").write_text(
+        "uid,filename,projection\n1,a.png,Frontal\n1,a.png,Frontal\n2,b.png,Lateral\n"
+    )
+    ds, report = build_dataset(data, cache_dir=tmp_path / "c")
+    assert report["skipped_by_reason"] == {"duplicate uid in reports CSV": 1, "duplicate projection row": 1}
+    examples = {e["uid"]: e for split in ds for e in ds[split]}
+    assert examples["1"]["findings"] == "Findings one." and examples["2"]["projections"] == ["Lateral"]
+    assert report["accounting"]["adds_up"]
