@@ -548,7 +548,8 @@ def generate_reports(
 ) -> dict[int, str]:
     """Beam-search reports for every study of a (sharded) split; every study comes back exactly once.
 
-    Generation runs in fp32 so that a reloaded model reproduces these predictions exactly.
+    Validation during training runs under the training autocast; the final test generation runs after the
+    autocast wrapper is removed, in fp32, so a reloaded model reproduces `predictions.jsonl` exactly.
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
@@ -589,6 +590,9 @@ def eval_dataloader(
         shuffle=False,
         collate_fn=collator,
         num_workers=data_args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(
+            0
+        ),  # never draw from the global RNG (dropout stays reproducible)
     )
 
 
@@ -711,7 +715,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         collate_fn=collator,
         num_workers=data_args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
-        drop_last=False,
+        # Its own generator: creating an iterator then never draws from the global RNG, so dropout after a
+        # resume (RNG restored, iterator re-created) matches the uninterrupted run bit for bit.
+        generator=torch.Generator().manual_seed(train_args.seed),
     )
     val_dataloader = eval_dataloader(val_split, eval_collator, train_args, data_args)
 
@@ -846,9 +852,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress.close()
     train_time = time.perf_counter() - train_start
 
-    # Save the model folder: weights (safetensors), config, code files, processor.
+    # Save the model folder: weights (safetensors), config, code files, processor. Training is over, so
+    # the autocast wrapper comes off: test generation runs in fp32, as a reloaded model does.
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if accelerator.is_main_process:
         unwrapped.config.register_for_auto_class()
         unwrapped.register_for_auto_class("AutoModel")

@@ -1,0 +1,273 @@
+"""run_captioning.py end to end on the tiny preset and a few synthetic phantom studies (offline, CPU).
+
+The runs are real subprocesses (`python run_captioning.py ...` / `accelerate launch ...`), sharing one
+dataset cache so the phantoms are synthesized and built once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "run_captioning.py")
+
+# A small run: 40 studies -> 28 / 4 / 8; batch 4 -> 7 optimizer steps per epoch.
+SMALL = [
+    "--synthetic_studies",
+    "40",
+    "--per_device_train_batch_size",
+    "4",
+    "--seed",
+    "3",
+    "--logging_steps",
+    "1",
+]
+FAST_EVAL = ["--num_beams", "2", "--max_new_tokens", "12", "--per_device_eval_batch_size", "8"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xraycap-cache")
+
+
+def run_script(
+    args: list[str],
+    cache: Path,
+    cwd: Path,
+    launcher: list[str] | None = None,
+    env: dict | None = None,
+    timeout: int = 400,
+):
+    command = (launcher or [sys.executable]) + [SCRIPT, *args, "--cache_dir", str(cache)]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{command} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(cache_dir, tmp_path_factory) -> Path:
+    """One short training run with evaluation, shared by the output checks."""
+    out = tmp_path_factory.mktemp("run") / "model"
+    run_script([*SMALL, *FAST_EVAL, "--max_steps", "8", "--output_dir", str(out)], cache_dir, cwd=out.parent)
+    return out
+
+
+def test_outputs_follow_the_contract(trained_run: Path):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "configuration_xraycap.py",
+        "modeling_xraycap.py",
+        "processing_xraycap.py",
+        "tokenizer.json",
+        "eval_results.json",
+        "predictions.jsonl",
+        "README.md",
+        "training_curves.png",
+        "samples.png",
+        "samples.html",
+        "run_args.json",
+    ):
+        assert (trained_run / name).is_file(), name
+    assert not list(trained_run.glob("*.bin")), "weights must be safetensors only"
+    results = json.loads((trained_run / "eval_results.json").read_text())
+    for split in ("test", "test_image_ablated"):
+        for key in (
+            "bleu_1",
+            "bleu_4",
+            "meteor",
+            "rouge_l",
+            "cider",
+            "bertscore_f1",
+            "ce_micro_f1",
+            "ce_macro_f1",
+            "ce_example_f1",
+        ):
+            assert key in results[split], (split, key)
+    rows = [json.loads(line) for line in (trained_run / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == results["run"]["num_examples"]["test"]
+    assert len({row["id"] for row in rows}) == len(rows)
+    assert all(set(row) >= {"id", "reference", "prediction"} for row in rows)
+    card = (trained_run / "README.md").read_text()
+    assert card.startswith("---\nlicense:") and "pipeline_tag: image-to-text" in card
+    assert "test_image_ablated" in card and "not for clinical use" in card.lower()
+    args = json.loads((trained_run / "run_args.json").read_text())
+    assert args["training"]["max_steps"] == 8 and args["training"]["mixed_precision_resolved"] == "bf16"
+    # The locally trained tokenizer saw the TRAIN split only (logged count = train size).
+    assert results["run"]["num_examples"]["train"] == 28
+
+
+def test_saved_folder_regenerates_predictions_outside_the_repo(trained_run: Path, tmp_path: Path):
+    """Done means 5: a fresh process, cwd outside the repo, trust_remote_code, same predictions."""
+    # Regenerate a few test studies from their images and compare with predictions.jsonl.
+    regen = f"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+import torch
+from transformers import AutoModel, AutoProcessor
+from datasets import load_from_disk
+run = {str(trained_run)!r}
+args = json.load(open(run + "/run_args.json"))
+model = AutoModel.from_pretrained(run, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(run, trust_remote_code=True)
+rows = [json.loads(l) for l in open(run + "/predictions.jsonl")][:4]
+test = load_from_disk({str(trained_run / "test_split")!r})
+by_uid = {{test[i]["uid"]: test[i] for i in range(len(test))}}
+images = [by_uid[r["id"]]["images"][: model.config.max_views] for r in rows]
+inputs = processor(images=images, return_tensors="pt")
+with torch.no_grad():
+    ids = model.generate(**inputs, num_beams=args["training"]["num_beams"], max_new_tokens=args["training"]["max_new_tokens"], do_sample=False)
+texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+print(json.dumps({{"regenerated": texts, "saved": [r["prediction"] for r in rows]}}))
+"""
+    # Export the test split next to the run (the test needs the images; the run itself does not save them).
+    from dataset_builder import build_dataset
+
+    args = json.loads((trained_run / "run_args.json").read_text())
+    cache = Path(args["data"]["cache_dir"])
+    dataset, _ = build_dataset(
+        cache / "synthetic-40-seed3",
+        views="frontal" if args["model"]["max_views"] == 1 else "pair",
+        seed=3,
+        image_size=args["data"]["build_image_size"],
+        cache_dir=str(cache / "datasets"),
+    )
+    dataset["test"].save_to_disk(str(trained_run / "test_split"))
+    proc = subprocess.run(
+        [sys.executable, "-c", regen],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["regenerated"] == out["saved"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(cache_dir, tmp_path: Path):
+    """Done means 2: SIGKILL mid-epoch, resume from `latest`, the final weights equal an uninterrupted run."""
+    common = [*SMALL, "--max_steps", "12", "--save_steps", "3", "--do_eval", "false"]
+    straight = tmp_path / "straight"
+    run_script([*common, "--output_dir", str(straight)], cache_dir, cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, SCRIPT, *common, "--output_dir", str(killed), "--cache_dir", str(cache_dir)]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-3").is_dir():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    latest = max(int(n.split("-")[1]) for n in checkpoints if n.split("-")[1].isdigit())
+    assert latest < 12 and latest % 7 != 0, f"not killed mid-epoch: {checkpoints}"
+    assert not (killed / "model.safetensors").exists()
+
+    resumed = run_script(
+        [*common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], cache_dir, cwd=tmp_path
+    )
+    assert f"checkpoint-{latest}" in resumed.stderr + resumed.stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    history = json.loads((killed / "trainer_history.json").read_text())
+    assert history["step"] == list(range(1, 13))
+
+
+def test_interrupted_checkpoint_is_never_picked_up(tmp_path: Path):
+    """A `.tmp` folder (a checkpoint being written when the process died) is not a checkpoint."""
+    import run_captioning
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-4").mkdir(parents=True)
+    (root / "checkpoint-10.tmp").mkdir()
+    (root / "checkpoint-8").mkdir()
+    assert [p.name for p in run_captioning.list_checkpoints(root)] == ["checkpoint-4", "checkpoint-8"]
+    args = run_captioning.TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    assert run_captioning.resolve_checkpoint(args).name == "checkpoint-8"
+
+
+def test_two_cpu_processes_score_every_test_study_once(cache_dir, tmp_path: Path):
+    """Done means 3: `accelerate launch --multi_gpu --num_processes 2` on CPU with gloo."""
+    out = tmp_path / "ddp"
+    proc = run_script(
+        [
+            *SMALL,
+            *FAST_EVAL,
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--per_device_eval_batch_size",
+            "3",
+        ],
+        cache_dir,
+        cwd=tmp_path,
+        launcher=[
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    log = proc.stdout + proc.stderr
+    assert "process 0 of 2" in log and "process 1 of 2" in log, log[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["run"]["num_processes"] == 2
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(set(ids)) == results["run"]["num_examples"]["test"] == 8
+
+
+def test_cache_features_gives_the_same_losses(cache_dir, tmp_path: Path):
+    """Precomputed frozen-encoder features train exactly like running the encoder each step."""
+    losses = {}
+    for cached in (False, True):
+        out = tmp_path / f"cached-{cached}"
+        args = [
+            *SMALL,
+            "--max_steps",
+            "5",
+            "--do_eval",
+            "false",
+            "--freeze_vision_encoder",
+            "true",
+            "--output_dir",
+            str(out),
+        ]
+        run_script(args + (["--cache_features", "true"] if cached else []), cache_dir, cwd=tmp_path)
+        losses[cached] = json.loads((out / "trainer_history.json").read_text())["loss"]
+    assert len(losses[True]) == 5
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)
