@@ -246,9 +246,7 @@ def make_plan(cfg: IndianaXrayConfig, data_dir: Path) -> tuple[list[PlannedStudy
             continue
         by_uid[uid].append((filename, projection))
 
-    all_rows_of: dict[str, int] = Counter(
-        u for u, f in ((u, f.strip()) for u, f in zip(projections["uid"], projections["filename"]))
-    )
+    all_rows_of: dict[str, int] = Counter(projections["uid"])
 
     def skip_study(uid: str, reason: str, detail: str = "", rows: list[tuple[str, str]] = ()) -> None:
         skipped.append(_skip(uid, None, reason, detail))
@@ -263,9 +261,11 @@ def make_plan(cfg: IndianaXrayConfig, data_dir: Path) -> tuple[list[PlannedStudy
             continue
         findings = clean_text(row["findings"], cfg.xxxx)
         impression = clean_text(row["impression"], cfg.xxxx)
-        target = {"findings": findings, "impression": impression}.get(cfg.section) or (
-            join_sections(findings, impression) if cfg.section == "findings+impression" else ""
-        )
+        target = {
+            "findings": findings,
+            "impression": impression,
+            "findings+impression": join_sections(findings, impression),
+        }[cfg.section]
         if not target:
             skip_study(uid, REASON_EMPTY_SECTION, f"section={cfg.section}", rows)
             continue
