@@ -303,6 +303,7 @@ def build_demo(model_dir: str | None = None) -> gr.Blocks:
                     label="Where the report's tokens attended (grid models)",
                     elem_id="heatmap",
                     interactive=False,
+                    height=OVERLAY_SIDE + 40,
                 )
         button.click(
             run, inputs=[frontal, lateral, num_beams], outputs=[report, findings, heat], api_name="caption"
