@@ -321,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lateral", help="Lateral view of the single frontal image given as input.")
     parser.add_argument("--pairs", help="CSV with columns frontal,lateral (optional id): one study per row.")
     parser.add_argument("--batch_size", type=int, default=8, help="Studies per generate call (default: 8).")
-    parser.add_argument("--num_beams", type=int, default=1, help="Beam search width; 1 = greedy (default).")
+    parser.add_argument(
+        "--num_beams",
+        type=int,
+        default=None,
+        help="Beam search width, 1 = greedy (default: the model's generation config).",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Report length cap in tokens.")
     parser.add_argument(
         "--output",
@@ -395,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if output not in (None, "-") and Path(output).suffix.lower() not in (".jsonl", ".csv"):
         print(f"error: --output {output}: use a .jsonl or .csv file name (or '-').", file=sys.stderr)
         return EXIT_USAGE
-    if args.batch_size < 1 or args.num_beams < 1:
+    if args.batch_size < 1 or (args.num_beams is not None and args.num_beams < 1):
         print("error: --batch_size and --num_beams must be >= 1.", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -405,7 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    generate_kwargs: dict[str, Any] = {"num_beams": args.num_beams}
+    generate_kwargs: dict[str, Any] = {}
+    if args.num_beams is not None:
+        generate_kwargs["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
     caption_studies(

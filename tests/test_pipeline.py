@@ -110,3 +110,10 @@ def test_task_inferred_from_the_folder(model_dir, studies):
 def test_add_pipeline_to_folder_needs_a_saved_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         add_pipeline_to_folder(tmp_path)
+
+
+def test_image_text_to_text_task_is_not_this_model(model_dir):
+    # transformers 5's built-in task (where plain "image-to-text" is redirected when a folder declares no
+    # custom pipeline) loads only AutoModelForImageTextToText chat models: documented limit.
+    with pytest.raises(ValueError, match="AutoModelForImageTextToText|Unrecognized configuration"):
+        pipeline("image-text-to-text", model=str(model_dir), trust_remote_code=True)
