@@ -171,7 +171,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
 
         The projection and view embeddings start random. GPT-2 has no pad token, so unless `pad_token_id`
         is given one row is appended to its vocabulary (id = the original vocabulary size); pair the model
-        with `XrayCapProcessor.from_pretrained_tokenizer(text)`, which adds the matching `<|pad|>` token.
+        with `XrayCapProcessor.from_tokenizer(text)`, which adds the matching `<|pad|>` token.
 
         Args:
             vision (`str`, *optional*, defaults to `"microsoft/resnet-50"`):
@@ -189,12 +189,19 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         text_config = text_tower.config.to_dict()
         if config_kwargs.get("pad_token_id") is None:
             config_kwargs["pad_token_id"] = text_tower.config.vocab_size
-            text_config["vocab_size"] = text_tower.config.vocab_size + 1
         for key in ("bos_token_id", "eos_token_id"):
-            config_kwargs.setdefault(key, text_config.get(key))
-        config = XrayCapConfig(
-            vision_config=vision_tower.config.to_dict(), text_config=text_config, **config_kwargs
-        )
+            if config_kwargs.get(key) is None:
+                config_kwargs[key] = text_config.get(key)
+        ids = [
+            config_kwargs[k]
+            for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+            if config_kwargs[k] is not None
+        ]
+        text_config["vocab_size"] = max([text_tower.config.vocab_size, *(i + 1 for i in ids)])
+        vision_config = vision_tower.config.to_dict()
+        for key in ("id2label", "label2id", "architectures"):  # ImageNet head metadata: not used here
+            vision_config.pop(key, None)
+        config = XrayCapConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
         model = cls(config)
         model.vision_model.load_state_dict(vision_tower.state_dict())
         if text_tower.config.vocab_size != config.text_config.vocab_size:
@@ -292,11 +299,13 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             )
         return pixel_values
 
-    def _check_view_mask(
-        self, view_mask: torch.Tensor | None, batch: int, views: int, device
-    ) -> torch.Tensor:
+    def _check_view_mask(self, view_mask: torch.Tensor | None, data: torch.Tensor) -> torch.Tensor:
+        """Validate `view_mask` against `data` (B, V, ...); without one, all-zero views (the padding that
+        XrayCapProcessor and get_image_features produce) are absent and every other view is present."""
+        batch, views, device = data.shape[0], data.shape[1], data.device
         if view_mask is None:
-            return torch.ones(batch, views, dtype=torch.bool, device=device)
+            view_mask = data.detach().flatten(2).ne(0).any(dim=-1)
+            return view_mask | ~view_mask.any(dim=1, keepdim=True)  # an all-zero study keeps its views
         view_mask = torch.as_tensor(view_mask, device=device)
         if view_mask.ndim == 1 and views == 1:
             view_mask = view_mask.unsqueeze(1)
@@ -323,7 +332,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 Normalised images from `XrayCapProcessor`.
             view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
                 1 for a real view, 0 for padding. Absent views are not encoded (zeros are returned), so they
-                never touch the encoder's BatchNorm statistics.
+                never touch the encoder's BatchNorm statistics. Default: all-zero views (the processor's
+                padding) are absent, all others present.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the
@@ -332,7 +342,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         """
         pixel_values = self._check_pixel_values(pixel_values)
         batch, views = pixel_values.shape[:2]
-        view_mask = self._check_view_mask(view_mask, batch, views, pixel_values.device)
+        view_mask = self._check_view_mask(view_mask, pixel_values)
         flat = pixel_values.flatten(0, 1)[view_mask.flatten()]
         param = next(p for p in self.vision_model.parameters() if p.ndim == 4)  # the stem convolution
         if not torch.is_autocast_enabled(flat.device.type):
@@ -390,7 +400,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"image_features has {views} views but this model takes at most max_views={self.config.max_views}."
             )
-        view_mask = self._check_view_mask(view_mask, batch, views, image_features.device)
+        view_mask = self._check_view_mask(view_mask, image_features)
         prefix = self.projection(image_features.to(self.projection.proj_dtype))
         prefix = prefix + self.view_embedding[:views].to(prefix.dtype)[None, :, None, :]
         prefix_mask = view_mask[:, :, None].expand(batch, views, tokens).reshape(batch, views * tokens)
@@ -425,7 +435,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 Targets aligned with `input_ids`, -100 where no loss is wanted (padding, the leading bos).
                 The loss never covers the image prefix.
             view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
-                1 = real view, 0 = absent (its tokens are masked out of attention).
+                1 = real view, 0 = absent (its tokens are masked out of attention). Default: views whose
+                pixels / features are all zero (the processor's and `get_image_features`' padding) are absent.
             image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`, *optional*):
                 Precomputed `get_image_features` output used instead of `pixel_values`.
             inputs_embeds, position_ids, cache, use_cache, logits_to_keep:

@@ -123,6 +123,9 @@ def test_image_features_and_layouts_are_interchangeable(tiny):
     ref = model(pixel_values=batch["pixel_values"], view_mask=batch["view_mask"], **text).logits
     via_features = model(image_features=features, view_mask=batch["view_mask"], **text).logits
     torch.testing.assert_close(via_features, ref)
+    # Without view_mask the zero padding (processor / get_image_features) is recognised as absent views.
+    torch.testing.assert_close(model(pixel_values=batch["pixel_values"], **text).logits, ref)
+    torch.testing.assert_close(model(image_features=features, **text).logits, ref)
     # A study with its second view masked reads exactly like the same study given as one view, (B, 3, H, W).
     one_view = model(pixel_values=batch["pixel_values"][:, 0], **text)
     torch.testing.assert_close(one_view.logits[:, 4:], ref[:, 8:], atol=1e-5, rtol=1e-4)
@@ -381,6 +384,11 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     assert torch.equal(model.get_input_embeddings().weight[:old_vocab], text.transformer.wte.weight)
     ids = model.eval().generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=3, eos_token_id=None)
     assert ids.shape == (1, 3)
+    # A pad id given explicitly (the tokenizer's, from XrayCapProcessor.from_tokenizer) also grows the vocabulary.
+    again = XrayCapForConditionalGeneration.from_pretrained_towers(
+        str(tmp_path / "resnet"), str(tmp_path / "gpt2"), image_size=64, pad_token_id=old_vocab
+    )
+    assert again.config.vocab_size == old_vocab + 1
 
 
 @pytest.mark.parametrize("architecture", ["test_resnet", "test_vit"])
