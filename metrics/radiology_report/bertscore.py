@@ -18,6 +18,13 @@ import logging
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_LAYERS = 6
+BERTSCORE_KEYS = (
+    "bertscore_precision",
+    "bertscore_recall",
+    "bertscore_f1",
+    "bertscore_model",
+    "bertscore_num_layers",
+)
 
 _SCORERS: dict = {}
 

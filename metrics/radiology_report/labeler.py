@@ -85,11 +85,12 @@ _COPULA = (
 )
 # "Heart size and mediastinal contours are ...": a second subject joined by "and" / ",".
 _AND_SUBJECT = r"(?:(?: ?,| and| ?, and)(?: the)? [a-z]+(?: (?:contours?|silhouettes?|size|width|vascularity|vasculature))?){0,3}"
-_ENLARGED = (
-    r"(?:enlarged|enlargement|large|increased|prominent|prominence|widened|widening|"
-    r"(?:at |near )?(?:the )?(?:top|upper)(?:[ -](?:limits?|range|normal))?(?: (?:of|limits?))* normal)"
+_ENLARGED = r"(?:enlarged|enlargement|large|increased|prominent|prominence|widened|widening)"
+# "Upper limits of normal" / "top normal" is read as normal (Indiana's coders do not code it as cardiomegaly).
+_NORMAL = (
+    r"(?:normal(?:ly)?|within normal limits|within (?:the )?limits of normal|unremarkable|not enlarged|negative|preserved|"
+    r"(?:at |near )?(?:the )?(?:top|upper|high)(?:[ -](?:limits?|range|end|normal))?(?: (?:of|limits?))* normal)"
 )
-_NORMAL = r"(?:normal(?:ly)?|within normal limits|unremarkable|not enlarged|negative|preserved)"
 
 _SEV = r"(?:(?:mild|mildly|moderate|moderately|severe|severely|marked|markedly|minimal|slight|borderline|stable|massive|significant|gross) )"
 
@@ -100,11 +101,11 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
             None,
         ),
         (
-            rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent) {_MEDIASTINUM}\b",
+            rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent|prominence of(?: the)?)"
+            rf" {_MEDIASTINUM}\b",
             None,
         ),
-        (r"\bmediastinal (?:widening|enlargement|prominence|mass|lymphadenopathy|adenopathy)\b", None),
-        (r"\b(?:hilar|mediastinal) (?:lymphadenopathy|adenopathy)\b", None),
+        (r"\bmediastinal (?:widening|enlargement|prominence)\b", None),
         (rf"\b{_MEDIASTINUM}{_AND_SUBJECT}{_COPULA} {_NORMAL}\b", NEGATIVE),
         (rf"\b(?:normal|unremarkable)(?:[ -]sized)?(?: [a-z]+)?{_AND_SUBJECT} {_MEDIASTINUM}\b", NEGATIVE),
         (rf"\b{_MEDIASTINUM}(?: is| are)? of normal (?:size|contour|width)", NEGATIVE),
@@ -167,6 +168,12 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         (r"\bcongestion\b", None),
         (r"\b(?:heart failure|chf|fluid overload|volume overload|kerley b lines?|cephalization)\b", None),
         (r"\bvenous (?:engorgement|hypertension)\b", None),
+        (r"\b(?:central )?(?:pulmonary )?vascular (?:prominence|engorgement|redistribution)\b", None),
+        (
+            r"\bprominen(?:ce|t) (?:of )?(?:the )?(?:central )?(?:pulmonary )?"
+            r"(?:vasculature|vascularity|vascular markings|vessels|xxxx)\b",
+            None,
+        ),
     ],
     "Consolidation": [
         (r"\bconsolidat(?:ion|ions|ive|ed)\b", None),
@@ -200,7 +207,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         (r"\bapical (?:pleural )?(?:cap|capping|thickening)\b", None),
     ],
     "Fracture": [
-        (r"\bfractur(?:e|es|ed)\b", None),
+        (r"\b(?<!catheter )(?<!line )(?<!lead )(?<!wire )fractur(?:e|es|ed)\b", None),
         (r"\bfx\b", None),
     ],
     "Support Devices": [
@@ -223,7 +230,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
             None,
         ),
         (
-            r"\b(?:hardware|fixation|rods?|screws?|bone anchor|implants?|implanted|prosthes[ie]s|arthroplasty|device|devices|leads|wires|coils?|ivc filter|drains?|shunt|tips?)\b",
+            r"\b(?:hardware|fixation|rods?|screws?|bone anchor|implanted|prosthes[ie]s|arthroplasty|device|devices|leads|wires|coils?|ivc filter|drains?|shunt|tips?)\b",
             None,
         ),
     ],
@@ -246,24 +253,26 @@ _DOUBLE_NEGATIVE_UNCERTAIN = re.compile(
 )
 _PRE_NEGATION = re.compile(
     r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
-    r"removal of|removed|rather than|no evidence of|no signs? of|nor|neither|never|"
+    r"removal of|removed|clearing of|cleared|(?:rather|xxxx) than|no evidence of|no signs? of|nor|neither|never|"
     r"no (?:radiographic |definite |convincing |acute |focal |visible |large |significant )*evidence (?:of|for)|"
-    r"(?:is|are) negative|negative)\b"
+    r"no (?:\w+ )?findings? (?:to suggest|suggest(?:ive|ing) of|of|for)|(?:is|are) negative|negative)\b"
 )
 _PRE_UNCERTAIN = re.compile(
     r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|question(?:ed)? (?:of|for)|"
-    r"questionably|suspicious(?: for| of)?|suspect(?:ed)?|suggest(?:s|ed|ive|ing)?(?: of)?|"
+    r"questionably|suspicious (?:for|of)|suspect(?:ed)?|(?<!to )suggest(?:s|ed|ive|ing)?(?: of)?|"
     r"concern(?:ing)? (?:for|of)|concern|likely|presumabl[ey]|presumed|equivocal|indeterminate|"
     r"uncertain|versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
     r"borderline(?= pneumo| effusion| edema)|cannot exclude|can not exclude|cannot rule out|"
     r"may represent|may reflect|could represent|could reflect|correlate for|rule out|r/o|"
+    r"evaluat(?:e|ion) (?:for|of)|"
     r"or(?= (?:less likely|early|developing)? ?(?:pneumonia|atelectasis|consolidation|infiltrate|edema|infection|scarring|effusion)))\b"
 )
 _POST_NEGATION = re.compile(
     r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:is |are |was |were |has |have |has been |have been )?"
     r"(?:(?:not|no longer) (?:\w+ )?(?:seen|identified|present|visualized|visible|demonstrated|evident|"
     r"appreciated|noted|detected|apparent|definitely seen|clearly seen)|resolved|cleared|removed|absent|"
-    r"not enlarged|negative|now resolved|been removed)\b"
+    r"not enlarged|negative|now resolved|been removed|"
+    r"(?:appears? |is |are |remains? )(?:within normal limits|within (?:the )?limits of normal|normal))\b"
 )
 _POST_UNCERTAIN = re.compile(
     r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:"

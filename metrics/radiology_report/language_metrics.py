@@ -32,6 +32,7 @@ from collections import deque
 logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("r2gen", "none")
+LANGUAGE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 
 # R2Gen's `clean_report_iu_xray` (modules/tokenizers.py of cuhksz-nlp/R2Gen), reproduced verbatim,
 # except that empty sentences are dropped (R2Gen's `!= []` test compares a str with a list and never

@@ -62,6 +62,7 @@ MESH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
     "Infiltrate": ("Lung Opacity",),
     "Airspace Disease": ("Lung Opacity",),
     "Pleura": ("Pleural Other",),
+    "Lung Diseases, Interstitial": ("Lung Opacity",),
 }
 """MeSH heading -> CheXpert observations it implies."""
 
@@ -93,8 +94,15 @@ def mesh_to_observations(mesh: str) -> set[str]:
     """
     found: set[str] = set()
     for term in (mesh or "").split(";"):
+        parts = [p.strip().lower() for p in term.split("/")]
         heading = term.split("/")[0].strip()
         found.update(MESH_TO_CHEXPERT.get(heading, ()))
+        # Qualified headings: interstitial markings are a Lung Opacity in CheXpert, a prominent or
+        # widened mediastinum an Enlarged Cardiomediastinum.
+        if heading in ("Markings", "Lung") and "interstitial" in parts:
+            found.add("Lung Opacity")
+        if heading == "Mediastinum" and {"prominent", "widened", "enlarged"} & set(parts):
+            found.add("Enlarged Cardiomediastinum")
     if not found.intersection(PATHOLOGY_OBSERVATIONS):
         found.add("No Finding")
     return found

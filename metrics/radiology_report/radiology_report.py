@@ -10,10 +10,16 @@ import logging
 import datasets
 import evaluate
 
-from .bertscore import compute_bertscore
+from .bertscore import BERTSCORE_KEYS, compute_bertscore
 from .clinical_efficacy import UNCERTAIN_POLICIES, clinical_efficacy_scores
 from .labeler import CHEXPERT_OBSERVATIONS, label_reports
-from .language_metrics import NORMALIZATIONS, compute_language_scores, normalize_report
+from .language_metrics import (
+    LANGUAGE_KEYS,
+    NORMALIZATIONS,
+    compute_language_scores,
+    get_meteor,
+    normalize_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +228,10 @@ def compute_radiology_report_scores(
     tokenized_predictions = [normalize_report(p, normalization) for p in predictions]
     tokenized_references = [[normalize_report(r, normalization) for r in refs] for refs in references]
 
-    results: dict = compute_language_scores(
-        tokenized_predictions,
-        tokenized_references,
-        meteor=meteor,
-        meteor_timeout=meteor_timeout,
-        meteor_max_tokens=meteor_max_tokens,
-    )
-
+    if meteor:
+        # Start Java now (non-blocking): it loads METEOR's paraphrase table while BERTScore runs.
+        get_meteor(timeout=meteor_timeout, max_tokens=meteor_max_tokens)
+    results: dict = {}
     if bertscore:
         results.update(
             compute_bertscore(
@@ -241,22 +243,24 @@ def compute_radiology_report_scores(
             )
         )
     else:
-        results.update(
-            {
-                "bertscore_precision": None,
-                "bertscore_recall": None,
-                "bertscore_f1": None,
-                "bertscore_model": None,
-                "bertscore_num_layers": None,
-            }
+        results.update(dict.fromkeys(BERTSCORE_KEYS))
+    results.update(
+        compute_language_scores(
+            tokenized_predictions,
+            tokenized_references,
+            meteor=meteor,
+            meteor_timeout=meteor_timeout,
+            meteor_max_tokens=meteor_max_tokens,
         )
+    )
 
     prediction_labels = label_reports(predictions)
     reference_labels = label_reports([refs[0] for refs in references])
     results.update(clinical_efficacy_scores(prediction_labels, reference_labels, uncertain=ce_uncertain))
     results["num_examples"] = len(predictions)
     results["num_empty_predictions"] = sum(not p.strip() for p in tokenized_predictions)
-    return results
+    first = [*LANGUAGE_KEYS, *BERTSCORE_KEYS]
+    return {**{k: results[k] for k in first}, **{k: v for k, v in results.items() if k not in first}}
 
 
 __all__ = ["RadiologyReport", "compute_radiology_report_scores", "CHEXPERT_OBSERVATIONS"]
