@@ -278,7 +278,7 @@ _POST_UNCERTAIN = re.compile(
     r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:"
     r"(?:is |are )?(?:not |cannot be |can not be |could not be )?(?:excluded|ruled out)|"
     r"(?:is |are )?(?:possible|suspected|questioned|likely|probable|in question|not excluded|suggested|"
-    r"considered|a consideration|favored|less likely)|(?:\w+ )?\?"
+    r"considered|a consideration|favored|less likely)|versus|vs|(?:\w+ )?\?"
     r")"
 )
 # Clause boundaries: the negation/uncertainty of one clause does not reach the next.

@@ -9,7 +9,9 @@ to CheXpert observations gives an independent reference for the labeler. The map
 - "No Finding" is positive when no MeSH term of the report maps to one of the 12 pathology
   observations (the CheXpert definition, so devices, spine degeneration or hyperinflation do not
   break it); the stricter reading "MeSH says exactly `normal`" is reported as an extra row;
-- the labeler's uncertain labels count as positive (U-Ones), as MeSH coders code hedged findings.
+- the labeler's uncertain labels count as positive (U-Ones, the metric's CE default) or as negative
+  (U-Zeros), `agreement_table(..., uncertain=...)`; Indiana's coders mostly leave hedged findings
+  ("may represent atelectasis") uncoded, so U-Zeros agrees better with MeSH.
 
 Usage:
 
@@ -115,7 +117,7 @@ class AgreementRow:
     Args:
         observation (`str`): the observation (or an extra row's name).
         mesh_positive (`int`): reports MeSH codes positive.
-        labeler_positive (`int`): reports the labeler calls positive or uncertain.
+        labeler_positive (`int`): reports the labeler calls positive (or uncertain, under U-Ones).
         both (`int`): reports positive for both.
         n (`int`): reports compared.
     """
@@ -180,23 +182,28 @@ def report_text(row: dict[str, str]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def agreement_table(reports_csv: str | Path) -> list[AgreementRow]:
+def agreement_table(reports_csv: str | Path, uncertain: str = "positive") -> list[AgreementRow]:
     """Labels every report of an Indiana CSV and compares with its MeSH column.
 
     Args:
         reports_csv (`str` or `Path`): an `indiana_reports.csv`.
+        uncertain (`str`, *optional*, defaults to `"positive"`): whether the labeler's uncertain (-1) labels
+            count as `"positive"` or `"negative"`.
 
     Returns:
         `list[AgreementRow]`: one row per observation of `MACRO_OBSERVATIONS`, then
         `EXTRA_OBSERVATIONS`, then "No Finding (MeSH 'normal')".
     """
+    if uncertain not in ("positive", "negative"):
+        raise ValueError(f"uncertain={uncertain!r} is not supported: use 'positive' or 'negative'.")
+    positive = (1, -1) if uncertain == "positive" else (1,)
     rows = [r for r in read_reports(reports_csv) if report_text(r)]
     labels = label_reports([report_text(r) for r in rows])
     mesh = [mesh_to_observations(r.get("MeSH", "")) for r in rows]
     table = []
     for observation in MACRO_OBSERVATIONS + EXTRA_OBSERVATIONS:
         gold = [observation in m for m in mesh]
-        pred = [lab[observation] in (1, -1) for lab in labels]
+        pred = [lab[observation] in positive for lab in labels]
         table.append(_row(observation, gold, pred))
     gold = [(r.get("MeSH") or "").strip().lower() == "normal" for r in rows]
     pred = [lab["No Finding"] == 1 for lab in labels]
