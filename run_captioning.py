@@ -350,7 +350,8 @@ class StudyCollator:
         max_target_length (`int`): report tokens kept, bos and eos included.
         with_text (`bool`, *optional*, defaults to `True`): tokenize the reports (training).
         ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
-        feature_cache (`dict[int, torch.Tensor]`, *optional*): precomputed encoder features by row index;
+        feature_cache (`dict[int, tuple[torch.Tensor, torch.Tensor]]`, *optional*): precomputed encoder
+            features and view masks by row index;
             when given, images are not decoded at all.
     """
 
@@ -361,7 +362,7 @@ class StudyCollator:
         max_target_length: int,
         with_text: bool = True,
         ablate: bool = False,
-        feature_cache: dict[int, torch.Tensor] | None = None,
+        feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.processor = processor
         self.max_views = max_views
@@ -379,7 +380,8 @@ class StudyCollator:
                 if text
                 else {}
             )
-            batch["image_features"] = torch.stack([self.feature_cache[i] for i in indices])
+            batch["image_features"] = torch.stack([self.feature_cache[i][0] for i in indices])
+            batch["view_mask"] = torch.stack([self.feature_cache[i][1] for i in indices])
         else:
             images = [example["images"][: self.max_views] for _, example in items]
             if self.ablate:
@@ -398,18 +400,23 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def precompute_features(model, dataloader: DataLoader, accelerator: Accelerator) -> dict[int, torch.Tensor]:
-    """Runs the frozen encoder once over a split; returns the features by row index (kept on CPU)."""
+def precompute_features(
+    model, dataloader: DataLoader, accelerator: Accelerator
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Runs the frozen encoder once over a split; returns `(features, view_mask)` by row index, on CPU.
+
+    All processes get the whole split's features (gathered), whichever shard each one encoded.
+    """
     unwrapped = accelerator.unwrap_model(model)
-    cache: dict[int, torch.Tensor] = {}
+    indices, features, view_masks = [], [], []
     for batch in tqdm(dataloader, desc="encoding images once", disable=not accelerator.is_local_main_process):
-        features = unwrapped.get_image_features(
-            pixel_values=batch["pixel_values"].to(accelerator.device),
-            view_mask=batch["view_mask"].to(accelerator.device),
+        encoded = unwrapped.get_image_features(
+            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
         )
-        for index, feature in zip(batch["index"].tolist(), features.cpu()):
-            cache[index] = feature
-    return cache
+        gathered = accelerator.gather_for_metrics((batch["index"], encoded, batch["view_mask"]))
+        for store, values in zip((indices, features, view_masks), gathered):
+            store.extend(values.cpu())
+    return {int(i): (f, m) for i, f, m in zip(indices, features, view_masks)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,7 +684,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     logger.info(
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {mixed_precision}"
+        f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}, "
+        f"mixed precision {mixed_precision}",
+        main_process_only=False,
     )
 
     set_seed(train_args.seed)
@@ -690,6 +699,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data, tokenizer, model.
     config = build_config(model_args)
+    if train_args.cache_features and not config.freeze_vision_encoder:
+        raise ValueError(
+            "--cache_features needs a frozen encoder: add --freeze_vision_encoder true (or use --vision_model)."
+        )
     views = data_args.views or ("frontal" if config.max_views == 1 else "pair")
     dataset, build_report = load_studies(data_args, views, train_args.seed, accelerator)
     train_split, val_split, test_split = dataset["train"], dataset["validation"], dataset["test"]
@@ -741,8 +754,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_dataloader, val_dataloader, scheduler
     )
     if train_args.cache_features:
-        if not accelerator.unwrap_model(model).config.freeze_vision_encoder:
-            raise ValueError("--cache_features needs a frozen encoder (--freeze_vision_encoder true).")
         encode_loader = accelerator.prepare(
             eval_dataloader(
                 train_split,
@@ -752,11 +763,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
         with accelerator.autocast():
-            features = precompute_features(model, encode_loader, accelerator)
-        gathered = accelerator.gather_for_metrics(
-            (torch.tensor(list(features)), torch.stack(list(features.values())).to(accelerator.device))
-        )
-        collator.feature_cache = dict(zip(gathered[0].tolist(), gathered[1].cpu()))
+            collator.feature_cache = precompute_features(model, encode_loader, accelerator)
     if train_args.report_to != "none":
         accelerator.init_trackers(
             "xraycap",
