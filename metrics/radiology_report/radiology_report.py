@@ -99,8 +99,9 @@ Args:
 Returns:
     `dict` (flat):
     bleu_1, bleu_2, bleu_3, bleu_4, meteor (None without Java), rouge_l, cider: corpus-level scores.
-    bertscore_precision, bertscore_recall, bertscore_f1: means over examples; bertscore_model (str) and
-        bertscore_num_layers (int) name the model and layer used.
+    bertscore_precision, bertscore_recall, bertscore_f1: means over examples; bertscore_model (str, the
+        model's name), bertscore_model_path (str, what was loaded) and bertscore_num_layers (int) name the
+        model and layer used.
     ce_micro_{precision,recall,f1}, ce_macro_{precision,recall,f1} (over observations positive in at
         least one reference), ce_macro_{precision,recall,f1}_14 (over all 14, 0 where undefined),
         ce_example_{precision,recall,f1}, ce_num_observations, and per observation
