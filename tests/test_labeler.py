@@ -229,3 +229,18 @@ def test_phantom_reports_match_their_mesh(tmp_path):
                 wrong.append((row["uid"], section, NF, labels[NF], row[section]))
     assert {"Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Nodule", "Consolidation"} <= seen
     assert not wrong, wrong[:5]
+
+
+def test_long_repetitive_text_is_fast():
+    """Generated reports can loop: labelling stays linear in the text length."""
+    import time
+
+    texts = [
+        "possible " * 2000 + "effusion " * 2000,
+        "small left pleural effusion . " * 1000,
+        "heart " + "is " * 3000,
+    ]
+    start = time.process_time()
+    labels = label_reports(texts)
+    assert time.process_time() - start < 5
+    assert labels[0][PE] == -1 and labels[1][PE] == 1 and labels[2][NF] == 1

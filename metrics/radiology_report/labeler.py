@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from collections.abc import Iterable
@@ -264,8 +265,7 @@ _PRE_UNCERTAIN = re.compile(
     r"uncertain|versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
     r"borderline(?= pneumo| effusion| edema)|cannot exclude|can not exclude|cannot rule out|"
     r"may represent|may reflect|could represent|could reflect|correlate for|rule out|r/o|"
-    r"evaluat(?:e|ion) (?:for|of)|"
-    r"or(?= (?:less likely|early|developing)? ?(?:pneumonia|atelectasis|consolidation|infiltrate|edema|infection|scarring|effusion)))\b"
+    r"evaluat(?:e|ion) (?:for|of))\b"
 )
 _POST_NEGATION = re.compile(
     r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:is |are |was |were |has |have |has been |have been )?"
@@ -358,31 +358,39 @@ def _mask(pattern: re.Pattern, text: str) -> str:
     return pattern.sub(lambda m: "_" * len(m.group(0)), text)
 
 
-def _classify(clause: str, start: int, end: int) -> int:
-    """Classifies the mention `clause[start:end]` as positive, negative or uncertain."""
-    # Double negatives that mean uncertainty ("cannot be excluded") and pseudo-negations
-    # ("no change in") are found first and masked so their "not"/"no" is not read as negation.
-    double = [m.span() for m in _DOUBLE_NEGATIVE_UNCERTAIN.finditer(clause)]
-    masked = _mask(_DOUBLE_NEGATIVE_UNCERTAIN, _mask(_PSEUDO, clause))
-    after = masked[end:]
-    if any(s >= end and s - end <= 60 for s, _ in double):
-        return UNCERTAIN
-    # The nearest cue before the mention decides.
-    before = masked[:start]
-    cues = [(m.end(), NEGATIVE) for m in _PRE_NEGATION.finditer(before)]
-    cues += [(m.end(), UNCERTAIN) for m in _PRE_UNCERTAIN.finditer(before)]
-    cues += [(e, UNCERTAIN) for s, e in double if e <= start]
-    # Negations inside the mention ("heart is not enlarged").
-    inside = masked[start:end]
-    if re.search(r"\b(?:not|no)\b", inside):
-        return NEGATIVE
-    if cues:
-        return max(cues)[1]
-    if _POST_NEGATION.match(after):
-        return NEGATIVE
-    if _POST_UNCERTAIN.match(after):
-        return UNCERTAIN
-    return POSITIVE
+class _Clause:
+    """A clause with its cues found once (so long, repetitive texts stay linear in their length)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        # Double negatives that mean uncertainty ("cannot be excluded") and pseudo-negations
+        # ("no change in") are found first and masked so their "not"/"no" is not read as negation.
+        self.double = [m.span() for m in _DOUBLE_NEGATIVE_UNCERTAIN.finditer(text)]
+        self.masked = _mask(_DOUBLE_NEGATIVE_UNCERTAIN, _mask(_PSEUDO, text))
+        cues = [(m.end(), NEGATIVE) for m in _PRE_NEGATION.finditer(self.masked)]
+        cues += [(m.end(), UNCERTAIN) for m in _PRE_UNCERTAIN.finditer(self.masked)]
+        cues += [(e, UNCERTAIN) for _, e in self.double]
+        self.cues = sorted(cues)
+        self.cue_ends = [e for e, _ in self.cues]
+
+    def classify(self, start: int, end: int) -> int:
+        """Classifies the mention `text[start:end]` as positive, negative or uncertain."""
+        if any(end <= s <= end + 60 for s, _ in self.double):
+            return UNCERTAIN
+        # Negations inside the mention ("heart is not enlarged").
+        if re.search(r"\b(?:not|no)\b", self.masked[start:end]):
+            return NEGATIVE
+        # The nearest cue before the mention decides (a negation wins a tie).
+        index = bisect.bisect_right(self.cue_ends, start)
+        if index:
+            nearest = self.cue_ends[index - 1]
+            return max(label for e, label in self.cues[:index] if e == nearest)
+        after = self.masked[end : end + 120]
+        if _POST_NEGATION.match(after):
+            return NEGATIVE
+        if _POST_UNCERTAIN.match(after):
+            return UNCERTAIN
+        return POSITIVE
 
 
 def find_mentions(text: str) -> list[Mention]:
@@ -396,15 +404,13 @@ def find_mentions(text: str) -> list[Mention]:
     """
     mentions: list[Mention] = []
     for sentence in split_sentences(text or ""):
-        for clause in split_clauses(sentence):
+        for clause_text in split_clauses(sentence):
+            clause = _Clause(clause_text)
             for observation, patterns in _COMPILED.items():
                 for pattern, fixed in patterns:
-                    for m in pattern.finditer(clause):
-                        if fixed is not None:
-                            label = fixed
-                        else:
-                            label = _classify(clause, m.start(), m.end())
-                        mentions.append(Mention(observation, label, m.group(0), clause))
+                    for m in pattern.finditer(clause_text):
+                        label = fixed if fixed is not None else clause.classify(m.start(), m.end())
+                        mentions.append(Mention(observation, label, m.group(0), clause_text))
     return mentions
 
 
