@@ -48,6 +48,7 @@ SENTENCES: list[tuple[str, dict]] = [
     ("Endotracheal tube 4 cm above the carina.", {DEV: 1}),
     ("Widened mediastinum.", {ECM: 1}),
     ("Right apical pleural thickening.", {PO: 1}),
+    ("Widening may be secondary to prominent mediastinal fat.", {ECM: None}),
     # --- negation
     ("No pneumothorax.", {PTX: 0, NF: 1}),
     ("There is no pneumothorax or pleural effusion.", {PTX: 0, PE: 0}),
@@ -76,6 +77,7 @@ SENTENCES: list[tuple[str, dict]] = [
     ("There are no airspace opacities to suggest pneumonia.", {PNA: 0, OPAC: 0}),
     ("No suspicious pulmonary nodules or masses.", {LES: 0}),
     ("Interval removal of the right chest tube.", {DEV: 0}),
+    ("Evidence of previous granulomatous infection.", {PNA: None, LES: 1}),
     ("No acute cardiopulmonary abnormality.", {NF: 1, CM: None, PE: None}),
     # --- uncertainty
     ("Possible left lower lobe pneumonia.", {PNA: -1, NF: 0}),

@@ -103,7 +103,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         ),
         (
             rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent|prominence of(?: the)?)"
-            rf" {_MEDIASTINUM}\b",
+            rf" {_MEDIASTINUM}\b(?! (?:fat|lipomatosis|lymph|nodes?|adenopathy|lymphadenopathy|mass))",
             None,
         ),
         (r"\bmediastinal (?:widening|enlargement|prominence)\b", None),
@@ -182,7 +182,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
     "Pneumonia": [
         (r"\b(?:broncho)?pneumonias?\b", None),
         (r"\b(?:infection|infectious|infective) (?:process|etiology|disease|infiltrate)\b", None),
-        (r"\b(?:acute |active )?infection\b", None),
+        (r"\b(?<!granulomatous )(?:acute |active )?infection\b", None),
     ],
     "Atelectasis": [
         (r"\batelecta(?:sis|ses|tic)\b", None),
