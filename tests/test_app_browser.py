@@ -152,8 +152,10 @@ def test_demo_in_headless_chromium(server, model_dir, phantom_pair, tmp_path):
     expected_frontal = _generate(model_dir, [frontal], num_beams=1)
     expected_pair = _generate(model_dir, [frontal, lateral], num_beams=2)
     assert expected_frontal and expected_pair
-    # Only then does the second step show that both the lateral and the beams reached the model.
-    assert expected_pair not in (expected_frontal, _generate(model_dir, [frontal, lateral], num_beams=1))
+    if not os.environ.get("XRAYCAP_BROWSER_TEST_MODEL"):
+        # On the tiny model the texts differ, so the second step shows the lateral and the beams reach it
+        # (a trained model may well write the same report either way).
+        assert expected_pair not in (expected_frontal, _generate(model_dir, [frontal, lateral], num_beams=1))
 
     screenshot = tmp_path / "demo.png"
     with sync_playwright() as playwright:
