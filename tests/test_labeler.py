@@ -72,6 +72,10 @@ SENTENCES: list[tuple[str, dict]] = [
     ("Heart size and mediastinal contours are within normal limits.", {CM: 0, ECM: 0}),
     ("The cardiomediastinal silhouette is within normal limits.", {CM: 0, ECM: 0}),
     ("Heart size upper limits of normal.", {CM: 0}),
+    (
+        "cardiac size mediastinal contour and pulmonary vascularity are within normal limits .",
+        {CM: 0, ECM: 0},
+    ),
     ("No acute bony abnormality. No displaced rib fracture.", {FX: 0}),
     ("No findings to suggest pulmonary edema.", {EDEMA: 0}),
     ("There are no airspace opacities to suggest pneumonia.", {PNA: 0, OPAC: 0}),
@@ -181,6 +185,22 @@ def test_real_indiana_phrasing(shared_data):
         labels = label_report(text)
         wrong += [(uid, o, labels[o], v) for o, v in expected.items() if labels[o] != v]
     assert not wrong, f"(uid, observation, got, expected): {wrong}"
+
+
+def test_r2gen_cleaned_text_labels_like_the_raw_text(shared_data):
+    """References cleaned the R2Gen way (lower-case, no punctuation, " . " between sentences) label the same."""
+    from metrics.radiology_report.language_metrics import normalize_report
+    from metrics.radiology_report.mesh_agreement import read_reports, report_text
+
+    texts = [
+        report_text(r) for r in read_reports(shared_data / "iu_xray_reports_sample" / "indiana_reports.csv")
+    ]
+    texts = [t for t in texts if t]
+    raw, cleaned = label_reports(texts), label_reports([normalize_report(t) for t in texts])
+    pairs = [(a[o], b[o]) for a, b in zip(raw, cleaned) for o in CHEXPERT_OBSERVATIONS]
+    agreement = sum(a == b for a, b in pairs) / len(pairs)
+    print(f"\nraw vs R2Gen-cleaned labels: {agreement:.4f} of {len(pairs)} (report, observation) pairs agree")
+    assert agreement >= 0.995
 
 
 def test_mesh_mapping():

@@ -85,7 +85,11 @@ _COPULA = (
     r"stable|unchanged|xxxx|(?:moderate|mild|moderately|mildly) to (?:moderate|marked|severe|severely|markedly)))*"
 )
 # "Heart size and mediastinal contours are ...": a second subject joined by "and" / ",".
-_AND_SUBJECT = r"(?:(?: ?,| and| ?, and)(?: the)? [a-z]+(?: (?:contours?|silhouettes?|size|width|vascularity|vasculature))?){0,3}"
+# Without punctuation (R2Gen-cleaned text) the joiner may be a bare space before "<word> contour(s)" etc.
+_SUBJECT_NOUN = r"(?:contours?|silhouettes?|size|width|vascularity|vasculature)"
+_AND_SUBJECT = (
+    rf"(?:(?: ?,| and| ?, and)(?: the)? [a-z]+(?: {_SUBJECT_NOUN})?|(?: the)? [a-z]+ {_SUBJECT_NOUN}){{0,3}}"
+)
 _ENLARGED = r"(?:enlarged|enlargement|large|increased|prominent|prominence|widened|widening)"
 # "Upper limits of normal" / "top normal" is read as normal (Indiana's coders do not code it as cardiomegaly).
 _NORMAL = (
