@@ -407,3 +407,17 @@ def test_500_pairs_under_60_seconds(repo_root, tmp_path):
     )
     assert out["n"] == 500 and out["meteor"] is not None and out["bertscore_f1"] is not None
     assert out["cpu_seconds"] < 60, out
+
+
+def test_docstring_examples_run(repo_root, monkeypatch):
+    """The `_KWARGS_DESCRIPTION` examples are runnable as written (from the repository root)."""
+    import doctest
+
+    from metrics.radiology_report import radiology_report
+
+    monkeypatch.chdir(repo_root)
+    parser = doctest.DocTestParser()
+    test = parser.get_doctest(radiology_report._KWARGS_DESCRIPTION, {}, "_KWARGS_DESCRIPTION", None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 6
