@@ -266,3 +266,12 @@ def test_long_repetitive_text_is_fast():
     labels = label_reports(texts)
     assert time.process_time() - start < 5
     assert labels[0][PE] == -1 and labels[1][PE] == 1 and labels[2][NF] == 1
+
+
+def test_module_docstring_example():
+    import doctest
+
+    from metrics.radiology_report import labeler
+
+    results = doctest.testmod(labeler)
+    assert results.failed == 0 and results.attempted >= 2
