@@ -5,7 +5,7 @@ It reads a free-text report and assigns each of the 14 CheXpert observations one
 the CheXpert labeler (Irvin et al., 2019):
 
 1. **Mention extraction.** Each observation has a list of mention phrases (regular expressions, e.g.
-   "pleural effusion", "blunting of the costophrenic angle" for Pleural Effusion; "the heart is enlarged",
+   "pleural effusion", "pleural fluid", "hydrothorax" for Pleural Effusion; "the heart is enlarged",
    "cardiomegaly" for Cardiomegaly). Organ statements such as "heart size is normal" or "normal cardiac
    silhouette" are negative mentions of the matching observation.
 2. **Classification of each mention** inside its *sentence* and its *clause* (a sentence is cut into
