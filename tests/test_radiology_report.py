@@ -200,6 +200,11 @@ def test_several_references_and_input_checks():
     )
     assert several["bleu_1"] == pytest.approx(1.0, abs=1e-6) and several["bleu_1"] > single["bleu_1"]
     assert several["bertscore_f1"] is None and several["meteor"] is None
+    # Degenerate but legal: every reference empty (CIDEr's document frequencies are undefined).
+    empty_refs = compute_radiology_report_scores(
+        ["heart normal", ""], ["", ""], bertscore=False, meteor=False
+    )
+    assert empty_refs["cider"] == 0.0 and empty_refs["num_empty_predictions"] == 1
     with pytest.raises(ValueError, match="predictions but"):
         compute_radiology_report_scores(["a", "b"], ["a"], bertscore=False, meteor=False)
     with pytest.raises(ValueError, match="ce_uncertain"):

@@ -327,7 +327,11 @@ def compute_language_scores(
     gts, res = coco_inputs(predictions, references)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
+    if any(r.strip() for refs in references for r in refs):
+        cider, _ = Cider().compute_score(gts, res)
+    else:  # CIDEr's document frequencies are undefined without a single reference n-gram
+        logger.warning("Every reference is empty: CIDEr is reported as 0.")
+        cider = 0.0
     scores: dict[str, float | None] = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
     scores["meteor"] = None
     if meteor:
