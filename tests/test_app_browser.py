@@ -30,8 +30,8 @@ from usage_testing_utils import make_tiny, phantom_studies, save_model_folder, w
 
 import app
 
-# The tiny model generates with no_repeat_ngram_size=1 (see usage_testing_utils.make_tiny).
-pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size`:UserWarning")
+# The tiny test model generates with repetition_penalty (see usage_testing_utils.make_tiny).
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("XRAYCAP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

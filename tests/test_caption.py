@@ -13,8 +13,8 @@ from usage_testing_utils import make_tiny, save_model_folder, write_phantom_pngs
 import caption
 from metrics.radiology_report.labeler import label_reports
 
-# The tiny model generates with no_repeat_ngram_size=1 (see usage_testing_utils.make_tiny).
-pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size`:UserWarning")
+# The tiny test model generates with repetition_penalty (see usage_testing_utils.make_tiny).
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from usage_testing_utils import make_tiny, phantom_studies, save_model_folder
 
 from pipeline_xraycap import CUSTOM_PIPELINES, add_pipeline_to_folder
 
-# The tiny model generates with no_repeat_ngram_size=1 (see usage_testing_utils.make_tiny).
-pytestmark = pytest.mark.filterwarnings("ignore:Passing `no_repeat_ngram_size`:UserWarning")
+# The tiny test model generates with repetition_penalty (see usage_testing_utils.make_tiny).
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
 
 
 @pytest.fixture(scope="module")
