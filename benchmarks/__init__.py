@@ -1,0 +1,1 @@
+"""xraycap performance harness: `python benchmarks/run.py [--quick]` (see run.py)."""

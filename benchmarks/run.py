@@ -1,0 +1,287 @@
+"""xraycap's side-by-side performance harness.
+
+    python benchmarks/run.py --quick      # the README figures (real sizes, few repeats; minutes on a CPU)
+    python benchmarks/run.py              # more repeats
+    python benchmarks/run.py --sections train,beam --output /tmp/bench.json
+
+Prints a markdown table and writes `benchmarks/results/latest.json` (machine, versions, every figure with its
+median and spread over repeats). Each ratio pairs measurements taken back to back in this one process; no
+figure is compared with a figure from another run. The GPU section runs when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.sections import (  # noqa: E402
+    FULL,
+    QUICK,
+    SMOKE,
+    BenchSettings,
+    beam_section,
+    build_model,
+    build_section,
+    data_section,
+    gpu_section,
+    peak_rss_mb,
+    temporary_workdir,
+    train_section,
+)
+from benchmarks.timing import REPO_ROOT, load_average, machine_info  # noqa: E402
+
+logger = logging.getLogger("benchmarks")
+
+SECTIONS = ("train", "beam", "data", "build", "gpu")
+DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "latest.json"
+
+# (top-level key, comparison, target) from the performance issue.
+TARGETS: dict[str, tuple[str, float]] = {
+    "train_speedup_vs_seed": (">=", 1.5),
+    "beam_speedup_vs_nocache": (">=", 3.0),
+    "data_speedup_vs_png": (">=", 5.0),
+    "build_rss_growth": ("<", 0.25),
+    "train_compute_fraction": (">=", 0.35),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (the README figures)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model and sizes: checks the harness itself in seconds"
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where the JSON results go")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 when a target of the issue is missed"
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
+    return args
+
+
+def _fmt_ratio(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "-"
+    if summary["n"] == 1:
+        return f"{summary['median']:.2f}x"
+    return f"{summary['median']:.2f}x ({summary['min']:.2f}-{summary['max']:.2f})"
+
+
+def _met(key: str, value: float | None) -> bool | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    op, target = TARGETS[key]
+    return value >= target if op == ">=" else value < target
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's top-level numbers, from the sections that ran (None where a section did not run)."""
+    sections = results["sections"]
+    train, beam = sections.get("train"), sections.get("beam")
+    data, build = sections.get("data"), sections.get("build")
+    return {
+        "train_speedup_vs_seed": train["speedup_vs_seed"]["median"] if train else None,
+        "beam_speedup_vs_nocache": beam["speedup"]["median"] if beam else None,
+        "data_speedup_vs_png": data["speedup"]["median"] if data else None,
+        "build_rss_growth": build["rss_growth"] if build else None,
+        "train_compute_fraction": train["compute_fraction"]["median"] if train else None,
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README table: one row per figure, xraycap vs its baseline, the ratio, the target."""
+    s = results["sections"]
+    rows = [
+        "| Figure | xraycap | Baseline | Ratio (median, min-max) | Target | Met |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def mark(key):
+        met = results["targets"][key]["met"]
+        return "-" if met is None else ("yes" if met else "**no**")
+
+    if "train" in s:
+        t = s["train"]
+        st = t["setup"]
+        rows.append(
+            f"| Training throughput, {st['preset']}, batch {st['batch_size']}, {st['text_tokens']} tokens, "
+            f"frozen encoder | {t['samples_per_second']['xraycap']:.2f} samples/s | "
+            f"{t['samples_per_second']['seed']:.2f} samples/s (a) seed loop, fp32 | "
+            f"{_fmt_ratio(t['speedup_vs_seed'])} | >= 1.5x | {mark('train_speedup_vs_seed')} |"
+        )
+        rows.append(
+            f"| ... same, without the feature cache (bf16 + channels_last only) | "
+            f"{t['samples_per_second']['xraycap_no_cache']:.2f} samples/s | (a) | "
+            f"{_fmt_ratio(t['speedup_vs_seed_no_feature_cache'])} | - | - |"
+        )
+    if "beam" in s:
+        b = s["beam"]
+        st = b["setup"]
+        rows.append(
+            f"| Beam search, {st['num_beams']} beams, {st['new_tokens']} new tokens, batch {st['batch_size']} "
+            f"({st['precision']}), outputs equal: {b.get('outputs_equal')} | "
+            f"{b['reports_per_second']['kv_cache']:.2f} reports/s | "
+            f"{b['reports_per_second']['no_cache']:.3f} reports/s (b) no KV cache | {_fmt_ratio(b['speedup'])} "
+            f"| >= 3x | {mark('beam_speedup_vs_nocache')} |"
+        )
+    if "data" in s:
+        d = s["data"]
+        st = d["setup"]
+        rows.append(
+            f"| Epoch data loading, {st['studies']} studies x 2 views, {st['full_size_images']['mean_side_px']:.0f} px "
+            f"originals | {d['studies_per_second']['built_dataset']:.1f} studies/s | "
+            f"{d['studies_per_second']['full_size_png']:.2f} studies/s (c) full-size PNGs | "
+            f"{_fmt_ratio(d['speedup'])} | >= 5x | {mark('data_speedup_vs_png')} |"
+        )
+    if "build" in s:
+        b = s["build"]
+        series = b["series"]
+        rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in series)
+        secs = " / ".join(f"{r['build_seconds']:.1f}" for r in series)
+        sizes = " / ".join(f"{r['images']:,}" for r in series)
+        rows.append(
+            f"| Dataset build peak RSS (MB) at {sizes} images | {rss} | - | "
+            f"{b['rss_growth'] * 100:+.1f}% first to last | < +25% | {mark('build_rss_growth')} |"
+        )
+        fit = b["time_fit"]
+        rows.append(
+            f"| Dataset build time (s) at {sizes} images | {secs} | - | "
+            f"{fit['seconds_per_1000_images']:.1f} s / 1,000 images, R^2 {fit['r2']:.3f}, marginal cost "
+            f"last/first {b['marginal_cost_ratio_last_vs_first']:.2f} | linear | - |"
+        )
+    if "train" in s:
+        t = s["train"]
+        rates = t["matmul_flops_per_second"]
+        amp_name = next(k for k in rates if k not in ("fp32", "matrix_side"))
+        achieved = (
+            t["flops_per_step"]["xraycap_cached_features"]
+            / t["seconds_per_step"]["xraycap_cached_features"]["median"]
+        )
+        rows.append(
+            f"| Compute efficiency of the training step ({t['flops_per_step']['xraycap_cached_features'] / 1e9:.0f} "
+            f"GFLOP) | {achieved / 1e9:.0f} GFLOP/s | {rates[amp_name]['median'] / 1e9:.0f} GFLOP/s {amp_name} "
+            f"matmul ({rates['fp32']['median'] / 1e9:.0f} fp32) | {t['compute_fraction']['median']:.2f} "
+            f"({t['compute_fraction']['min']:.2f}-{t['compute_fraction']['max']:.2f}) | >= 0.35 | "
+            f"{mark('train_compute_fraction')} |"
+        )
+    gpu = s.get("gpu")
+    if gpu and "skipped" not in gpu:
+        for name, t in gpu["train"].items():
+            rows.append(
+                f"| GPU {gpu['device']} training, {name} ({gpu['amp_dtype']}) | "
+                f"{t['samples_per_second']['xraycap']:.1f} samples/s | {t['samples_per_second']['seed']:.1f} "
+                f"samples/s (a) | {_fmt_ratio(t['speedup_vs_seed'])} (compute fraction "
+                f"{t['compute_fraction']['median']:.2f}) | - | - |"
+            )
+        b = gpu["beam_fp32"]
+        rows.append(
+            f"| GPU beam search, fp32, outputs equal: {b['outputs_equal']} | "
+            f"{b['reports_per_second']['kv_cache']:.1f} reports/s | {b['reports_per_second']['no_cache']:.2f} "
+            f"reports/s (b) | {_fmt_ratio(b['speedup'])} | - | - |"
+        )
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the chosen sections and returns the results dict (also written to `args.output`)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings: BenchSettings = SMOKE if args.smoke else (QUICK if args.quick else FULL)
+    chosen = args.sections.split(",")
+    mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "mode": mode,
+        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "settings": asdict(settings),
+        "sections": {},
+        "section_seconds": {},
+    }
+    start = time.perf_counter()
+    model = None
+    with temporary_workdir() as workdir:
+        for name in chosen:
+            section_start = time.perf_counter()
+            logger.info("section %s", name)
+            if name in ("train", "beam") and model is None:
+                model = build_model(settings)
+            if name == "train":
+                results["sections"]["train"] = train_section(settings, "cpu", torch.bfloat16, model=model)
+                model = build_model(settings)  # fresh weights for generation (training moved them)
+            elif name == "beam":
+                results["sections"]["beam"] = beam_section(
+                    settings, "cpu", None, model=model, check_equal=False
+                )
+            elif name == "data":
+                results["sections"]["data"] = data_section(settings, Path(workdir) / "data")
+            elif name == "build":
+                results["sections"]["build"] = build_section(settings, Path(workdir) / "build")
+            elif name == "gpu":
+                model = None
+                results["sections"]["gpu"] = gpu_section(replace(settings))
+            results["section_seconds"][name] = round(time.perf_counter() - section_start, 1)
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    results["machine"]["load_average_at_end"] = load_average()
+    results["machine"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    top = headline(results)
+    results.update(top)
+    results["targets"] = {
+        key: {"value": top[key], "target": f"{op} {target}", "met": _met(key, top[key])}
+        for key, (op, target) in TARGETS.items()
+    }
+    results["table_markdown"] = markdown_table(results)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Put the issue's numbers first so the file reads top-down.
+    ordered = {**{k: results[k] for k in TARGETS}, **{k: v for k, v in results.items() if k not in TARGETS}}
+    output.write_text(json.dumps(ordered, indent=1, default=str) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    results = run(args)
+    print(results["table_markdown"])
+    print(f"\nwritten to {args.output} in {results['total_seconds']:.0f} s ({results['mode']} mode)")
+    failures = []
+    beam = results["sections"].get("beam")
+    if beam is not None and not beam["outputs_equal"]:
+        failures.append("beam search outputs differ with and without the KV cache")
+    if args.check:
+        failures += [
+            f"{k} = {v['value']} misses {v['target']}"
+            for k, v in results["targets"].items()
+            if v["met"] is False
+        ]
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,656 @@
+"""The benchmark sections. Each returns a JSON-ready dict; every ratio pairs repeats measured back to back in
+this process (A, B, A, B, ...), so both sides see the same machine load.
+
+- `train_section`: xraycap's training step vs the seed loop (a), plus the compute-efficiency figure.
+- `beam_section`: beam search with the KV cache vs without (b), outputs asserted equal.
+- `data_section`: an epoch of loading from the built dataset vs decoding the full-size PNGs (c).
+- `build_section`: dataset build time and peak RSS at several sizes (one subprocess per size).
+- `gpu_section`: the train / beam / matmul figures on CUDA with fp16/bf16 and larger batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .baselines import (
+    FullSizePngStudies,
+    SeedStyleCaptioner,
+    generate_without_cache,
+    make_seed_optimizer,
+    seed_train_step,
+)
+from .flops import count_flops, gpt2_training_flops, matmul_rate, warm_matmul
+from .inputs import make_full_size_studies, make_placeholder_layout, random_training_batch, read_studies
+from .timing import REPO_ROOT, ratio_summary, summarize, timed
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import run_captioning  # noqa: E402
+from configuration_xraycap import XrayCapConfig  # noqa: E402
+from modeling_xraycap import XrayCapForConditionalGeneration  # noqa: E402
+from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchSettings:
+    """
+    Sizes and repeat counts of one benchmark run.
+
+    Args:
+        preset (`str`): `XrayCapConfig` preset of the model ("resnet50-gpt2" = the real sizes).
+        batch_size (`int`): studies per training / generation batch.
+        text_tokens (`int`): report tokens per study (bos included) in the training batch.
+        repeats (`int`): timed repeats of each training variant (after one untimed warm-up).
+        num_beams (`int`), new_tokens (`int`): beam search settings.
+        beam_repeats (`int`), nocache_repeats (`int`): timed generations with / without the KV cache.
+        data_studies (`int`): studies (2 full-size views each) in the data-loading benchmark.
+        data_repeats (`int`): epochs timed per data path.
+        full_size_range (`tuple[int, int]`): side range (px) of the generated full-size PNGs.
+        build_sizes (`tuple[int, ...]`): image counts of the dataset builds.
+        build_image_px (`int`): side of the placeholder PNGs in the build benchmark.
+        matmul_size (`int`): side of the square matrices of the matmul-rate measurement.
+        amortize_epochs (`int`): epochs the one-off feature-encoding pass is spread over
+            (run_captioning's default `--num_train_epochs`).
+        learning_rate (`float`): learning rate of both optimizers (it does not change the timing).
+        gpu_batch_sizes (`tuple[int, ...]`): batch sizes of the GPU training figures.
+    """
+
+    preset: str = "resnet50-gpt2"
+    batch_size: int = 8
+    text_tokens: int = 60
+    repeats: int = 3
+    num_beams: int = 3
+    new_tokens: int = 60
+    beam_repeats: int = 3
+    nocache_repeats: int = 1
+    data_studies: int = 8
+    data_repeats: int = 3
+    full_size_range: tuple[int, int] = (2048, 2900)
+    build_sizes: tuple[int, ...] = (1000, 2000, 4000, 8000)
+    build_image_px: int = 64
+    matmul_size: int = 4096
+    amortize_epochs: int = 14
+    learning_rate: float = 1e-4
+    gpu_batch_sizes: tuple[int, ...] = (8, 32)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+QUICK = BenchSettings()
+FULL = BenchSettings(repeats=5, beam_repeats=5, nocache_repeats=2, data_studies=16, data_repeats=5)
+# Tiny sizes for the harness's own test: every code path, in seconds.
+SMOKE = BenchSettings(
+    preset="tiny",
+    batch_size=2,
+    text_tokens=8,
+    repeats=2,
+    num_beams=2,
+    new_tokens=5,
+    beam_repeats=1,
+    nocache_repeats=1,
+    data_studies=2,
+    data_repeats=1,
+    full_size_range=(300, 360),
+    build_sizes=(40, 80),
+    build_image_px=16,
+    matmul_size=256,
+    gpu_batch_sizes=(2,),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and steps
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(settings: BenchSettings, seed: int = 0) -> XrayCapForConditionalGeneration:
+    """The preset's model with random weights (no Hub access), frozen encoder."""
+    torch.manual_seed(seed)
+    config = XrayCapConfig.from_preset(settings.preset, freeze_vision_encoder=True)
+    return XrayCapForConditionalGeneration(config)
+
+
+def make_xraycap_optimizer(model, learning_rate: float) -> torch.optim.Optimizer:
+    """The optimizer exactly as run_captioning builds it (its `build_optimizer` when it has one)."""
+    build = getattr(run_captioning, "build_optimizer", None)
+    if build is not None:
+        return build(model, learning_rate, 0.01)
+    return torch.optim.AdamW(run_captioning.optimizer_groups(model, 0.01), lr=learning_rate)
+
+
+def xraycap_train_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    inputs: dict[str, torch.Tensor],
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float = 1.0,
+) -> float:
+    """One optimizer step as run_captioning takes it: autocast forward (its `training_loss` when it has
+    one), backward, gradient clipping, AdamW (fp16: with a GradScaler)."""
+    device_type = next(model.parameters()).device.type
+    training_loss = getattr(
+        run_captioning, "training_loss", None
+    )  # run_captioning's own forward, if factored out
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = training_loss(model, inputs) if training_loss is not None else model(**inputs).loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The one-off `--cache_features` pass for one batch: frozen encoder, autocast, no grad."""
+    device_type = batch["pixel_values"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return model.get_image_features(batch["pixel_values"], batch["view_mask"])
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) training + compute efficiency
+# --------------------------------------------------------------------------------------------------
+
+
+def train_section(
+    settings: BenchSettings,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = torch.bfloat16,
+    batch_size: int | None = None,
+    model: XrayCapForConditionalGeneration | None = None,
+) -> dict[str, Any]:
+    """
+    xraycap's training step against the seed loop (a), at the preset's sizes, and the compute-efficiency
+    figure. xraycap's side is what `run_captioning.py --cache_features --mixed_precision auto` runs:
+    the frozen encoder's features are computed once (autocast, channels_last) and each step trains the
+    projection + GPT-2 under autocast; the one-off encoding is charged to each step, spread over
+    `amortize_epochs` epochs. Also timed: the same step without the feature cache (encoder run every step,
+    autocast + channels_last), which is what runs when image augmentation is on.
+
+    Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, and one
+    large matmul in `amp_dtype` and in fp32. Ratios and fractions are per repeat, then the median.
+    """
+    device = torch.device(device)
+    batch_size = batch_size or settings.batch_size
+    model = model or build_model(settings)
+    config = model.config
+    batch = random_training_batch(
+        batch_size,
+        settings.text_tokens,
+        config.max_views,
+        config.image_size,
+        config.vocab_size,
+        config.bos_token_id,
+    )
+    batch = _to(batch, device)
+    model.to(device)
+    model.vision_model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    # The seed loop: its own fp32 ResNet (same weights, default memory format), GPT-2 shared with xraycap
+    # (each side's optimizer keeps its own state; sharing only saves memory).
+    seed_vision = copy.deepcopy(model.vision_model).to(memory_format=torch.contiguous_format)
+    seed_model = SeedStyleCaptioner(seed_vision, model.language_model, model.vision_feature_dim).to(device)
+    seed_model.train()
+    seed_optimizer = make_seed_optimizer(seed_model, settings.learning_rate)
+    optimizer = make_xraycap_optimizer(model, settings.learning_rate)
+    model.train()
+
+    features = encode_features(model, batch, amp_dtype)
+    cached_inputs = {
+        "image_features": features,
+        "view_mask": batch["view_mask"],
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["labels"],
+    }
+    uncached_inputs = {k: v for k, v in batch.items()}
+
+    def step_cached():
+        return xraycap_train_step(model, optimizer, cached_inputs, amp_dtype, scaler)
+
+    def step_uncached():
+        return xraycap_train_step(model, optimizer, uncached_inputs, amp_dtype, scaler)
+
+    def step_seed():
+        return seed_train_step(seed_model, seed_optimizer, batch)
+
+    # Warm-up (first-call allocations, oneDNN kernel selection), and the FLOP counts.
+    mm_dtype = amp_dtype or torch.float32
+    for fn in (step_seed, step_cached, step_uncached):
+        fn()
+    warm_matmul(mm_dtype, settings.matmul_size, device)
+    warm_matmul(torch.float32, settings.matmul_size, device)
+    flops_cached, flops_cached_by_op = count_flops(step_cached)
+    flops_seed, _ = count_flops(step_seed)
+    flops_uncached, _ = count_flops(step_uncached)
+
+    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode")}
+    rates: dict[str, list[float]] = {"amp": [], "fp32": []}
+    for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
+        times["seed"].append(timed(step_seed, device)[0])
+        times["cached"].append(timed(step_cached, device)[0])
+        times["uncached"].append(timed(step_uncached, device)[0])
+        times["encode"].append(timed(lambda: encode_features(model, batch, amp_dtype), device)[0])
+        rates["amp"].append(matmul_rate(mm_dtype, settings.matmul_size, device)[0])
+        rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
+
+    epochs = settings.amortize_epochs
+    amortized = [c + e / epochs for c, e in zip(times["cached"], times["encode"])]
+    speedup = ratio_summary(times["seed"], amortized)
+    fraction = summarize(
+        [flops_cached / t / r for t, r in zip(times["cached"], rates["amp"])], unit="fraction"
+    )
+    text = config.text_config
+    prefix = model.max_prefix_length
+    analytic = gpt2_training_flops(
+        text.n_layer, text.n_embd, text.vocab_size, batch_size * (prefix + settings.text_tokens),
+        prefix + settings.text_tokens,
+    )  # fmt: skip
+    optimizer_name = (
+        f"run_captioning's {type(optimizer).__name__} (fused={bool(optimizer.defaults.get('fused'))}, "
+        f"foreach={optimizer.defaults.get('foreach')})"
+    )
+    return {
+        "setup": {
+            "preset": settings.preset,
+            "device": device.type,
+            "batch_size": batch_size,
+            "text_tokens": settings.text_tokens,
+            "views": config.max_views,
+            "image_size": config.image_size,
+            "image_prefix_tokens": prefix,
+            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "trainable_parameters_m": round(
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1
+            ),
+            "xraycap_side": (
+                f"run_captioning --cache_features: features encoded once ({_dtype_name(amp_dtype)} autocast, "
+                f"channels_last), one-off cost spread over {epochs} epochs; step under "
+                f"{_dtype_name(amp_dtype)} autocast, grad clipping 1.0; optimizer: {optimizer_name}; forward: "
+                f"{'run_captioning.training_loss' if hasattr(run_captioning, 'training_loss') else 'model(**batch).loss'}"
+            ),
+            "seed_side": (
+                "fp32, no autocast, frozen ResNet-50 run every step on every view (pooled vectors averaged), "
+                "image vector added to every token embedding, labels = input_ids, default AdamW"
+            ),
+        },
+        "seconds_per_step": {
+            "seed": summarize(times["seed"]),
+            "xraycap_cached_features": summarize(times["cached"]),
+            "xraycap_cached_amortized": summarize(amortized),
+            "xraycap_no_cache": summarize(times["uncached"]),
+            "feature_encoding_per_batch": summarize(times["encode"]),
+        },
+        "samples_per_second": {
+            "seed": batch_size / summarize(times["seed"])["median"],
+            "xraycap": batch_size / summarize(amortized)["median"],
+            "xraycap_no_cache": batch_size / summarize(times["uncached"])["median"],
+        },
+        "speedup_vs_seed": speedup,
+        "speedup_vs_seed_steady_state": ratio_summary(times["seed"], times["cached"]),
+        "speedup_vs_seed_no_feature_cache": ratio_summary(times["seed"], times["uncached"]),
+        "flops_per_step": {
+            "xraycap_cached_features": flops_cached,
+            "xraycap_no_cache": flops_uncached,
+            "seed": flops_seed,
+            "xraycap_by_op": flops_cached_by_op,
+            "xraycap_decoder_analytic": analytic,
+        },
+        "matmul_flops_per_second": {
+            _dtype_name(mm_dtype): summarize(rates["amp"], unit="FLOP/s"),
+            "fp32": summarize(rates["fp32"], unit="FLOP/s"),
+            "matrix_side": settings.matmul_size,
+        },
+        "compute_fraction": fraction,
+        "compute_fraction_vs_fp32_rate": summarize(
+            [flops_cached / t / r for t, r in zip(times["cached"], rates["fp32"])], unit="fraction"
+        ),
+        "seed_compute_fraction_vs_fp32_rate": summarize(
+            [flops_seed / t / r for t, r in zip(times["seed"], rates["fp32"])], unit="fraction"
+        ),
+    }
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) beam search
+# --------------------------------------------------------------------------------------------------
+
+
+def beam_section(
+    settings: BenchSettings,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    model: XrayCapForConditionalGeneration | None = None,
+    check_equal: bool = True,
+    with_nocache: bool = True,
+) -> dict[str, Any]:
+    """
+    Beam search with the KV cache (xraycap's `generate`) against the same call with `use_cache=False` (b):
+    `num_beams` beams, exactly `new_tokens` new tokens, a batch of `batch_size` studies, precomputed image
+    features (the encoder runs once either way and is not timed). Both outputs must be identical.
+    """
+    device = torch.device(device)
+    batch_size = batch_size or settings.batch_size
+    model = (model or build_model(settings)).to(device).eval()
+    config = model.config
+    batch = _to(
+        random_training_batch(
+            batch_size, 2, config.max_views, config.image_size, config.vocab_size, config.bos_token_id, seed=1
+        ),
+        device,
+    )
+    features = encode_features(model, batch, amp_dtype).float()
+    kwargs = {
+        "image_features": features,
+        "view_mask": batch["view_mask"],
+        "num_beams": settings.num_beams,
+        "max_new_tokens": settings.new_tokens,
+        "min_new_tokens": settings.new_tokens,  # same amount of work on both sides, whatever the weights
+        "do_sample": False,
+    }
+
+    def cached():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model.generate(**kwargs)
+
+    def nocache():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return generate_without_cache(model, **kwargs)
+
+    out_cached = cached()  # warm-up
+    cached_times, nocache_times = [], []
+    out_nocache = None
+    nocache_repeats = settings.nocache_repeats if with_nocache else 0
+    for i in tqdm(range(max(settings.beam_repeats, nocache_repeats)), desc="beam repeats", leave=False):
+        if i < nocache_repeats:
+            seconds, out_nocache = timed(nocache, device)
+            nocache_times.append(seconds)
+        if i < settings.beam_repeats:
+            seconds, out_cached = timed(cached, device)
+            cached_times.append(seconds)
+    equal = bool(out_nocache is not None and torch.equal(out_cached.cpu(), out_nocache.cpu()))
+    cached_summary = summarize(cached_times)
+    result = {
+        "setup": {
+            "device": device.type,
+            "precision": _dtype_name(amp_dtype),
+            "batch_size": batch_size,
+            "num_beams": settings.num_beams,
+            "new_tokens": int(out_cached.shape[1]),
+            "image_prefix_tokens": model.max_prefix_length,
+        },
+        "seconds_per_batch": {"kv_cache": cached_summary},
+        "reports_per_second": {"kv_cache": batch_size / cached_summary["median"]},
+    }
+    if not with_nocache:
+        return result
+    if check_equal and not equal:
+        raise AssertionError("beam search with and without the KV cache gave different outputs")
+    nocache_summary = summarize(nocache_times)
+    result["seconds_per_batch"]["no_cache"] = nocache_summary
+    result["reports_per_second"]["no_cache"] = batch_size / nocache_summary["median"]
+    if len(nocache_times) == len(cached_times):  # paired repeats
+        result["speedup"] = ratio_summary(nocache_times, cached_times)
+    else:  # fewer no-cache repeats (they are long): ratio of the medians, both timed in this process
+        result["speedup"] = summarize([nocache_summary["median"] / cached_summary["median"]], unit="x")
+    result["outputs_equal"] = equal
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) data loading
+# --------------------------------------------------------------------------------------------------
+
+
+def data_section(settings: BenchSettings, workdir: str | Path) -> dict[str, Any]:
+    """
+    One epoch of training batches from the built dataset (run_captioning's `IndexedStudies` +
+    `StudyCollator`: stored 512-px PNGs decoded and processed to 224 px) against the same collator fed the
+    ORIGINAL full-size PNG files (c). Same studies, same reports, same batch size, `num_workers=0` on both.
+    """
+    from torch.utils.data import DataLoader
+
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    layout = make_full_size_studies(workdir / "full_size", settings.data_studies, *settings.full_size_range)
+    make_seconds = time.perf_counter() - start
+    import datasets
+
+    from dataset_builder import build_dataset
+
+    build_start = time.perf_counter()
+    dataset, report = build_dataset(
+        workdir / "full_size", image_size=512, cache_dir=workdir / "cache", min_images=1
+    )
+    build_seconds = time.perf_counter() - build_start
+    built = datasets.concatenate_datasets([dataset[s] for s in dataset if len(dataset[s])])
+    originals = read_studies(workdir / "full_size")
+    studies = [
+        (originals[str(uid)][0][:2], report_text) for uid, report_text in zip(built["uid"], built["report"])
+    ]
+
+    config = XrayCapConfig.from_preset(settings.preset)
+    tokenizer = train_tokenizer(list(built["report"]) * 4, vocab_size=300)
+    processor = XrayCapProcessor(XrayCapImageProcessor(size=config.image_size), tokenizer, max_views=2)
+    collator = run_captioning.StudyCollator(processor, max_views=2, max_target_length=128)
+    loaders = {
+        "built_dataset": DataLoader(
+            run_captioning.IndexedStudies(built), batch_size=settings.batch_size, collate_fn=collator
+        ),
+        "full_size_png": DataLoader(
+            FullSizePngStudies(studies), batch_size=settings.batch_size, collate_fn=collator
+        ),
+    }
+
+    def epoch(loader):
+        shapes = None
+        for batch in loader:
+            shapes = tuple(batch["pixel_values"].shape[1:])
+        return shapes
+
+    shapes = {name: epoch(loader) for name, loader in loaders.items()}  # warm-up (page cache, imports)
+    if shapes["built_dataset"] != shapes["full_size_png"]:
+        raise AssertionError(f"the two data paths give different batch shapes: {shapes}")
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in tqdm(range(settings.data_repeats), desc="data epochs", leave=False):
+        for name, loader in loaders.items():
+            times[name].append(timed(lambda loader=loader: epoch(loader))[0])
+    n = len(built)
+    return {
+        "setup": {
+            "studies": n,
+            "images": sum(len(p) for p, _ in studies),
+            "full_size_images": layout,
+            "stored_image_size": 512,
+            "model_image_size": config.image_size,
+            "batch_size": settings.batch_size,
+            "num_workers": 0,
+            "seconds_to_make_full_size_pngs": round(make_seconds, 2),
+            "seconds_to_build_dataset": round(build_seconds, 2),
+            "num_examples": report["num_examples"],
+        },
+        "seconds_per_epoch": {name: summarize(values) for name, values in times.items()},
+        "studies_per_second": {name: n / summarize(values)["median"] for name, values in times.items()},
+        "speedup": ratio_summary(times["full_size_png"], times["built_dataset"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset build scaling
+# --------------------------------------------------------------------------------------------------
+
+_BUILD_RUNNER = """
+import json, resource, sys, time
+start = time.perf_counter()
+from dataset_builder.__main__ import main
+rc = main(sys.argv[1:])
+print("BENCH_RESULT " + json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                    "seconds": time.perf_counter() - start}))
+sys.exit(rc)
+"""
+
+
+def run_build(data_dir: Path, output_dir: Path, cache_dir: Path) -> dict[str, float]:
+    """One `python -m dataset_builder build` in a fresh subprocess: its wall time and peak RSS."""
+    cmd = [sys.executable, "-c", _BUILD_RUNNER, "build", "--data_dir", str(data_dir)]
+    cmd += ["--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--writer_batch_size", "64"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dataset build failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT "))
+    result = json.loads(line.split(" ", 1)[1])
+    report = json.loads((output_dir / "build_report.json").read_text())
+    return {
+        "peak_rss_mb": result["peak_rss_kb"] / 1024,
+        "build_seconds": float(report["seconds"]),
+        "process_seconds": wall,
+        "examples": sum(report["num_examples"].values()),
+    }
+
+
+def _linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {
+        "seconds_per_1000_images": slope * 1000,
+        "intercept_seconds": intercept,
+        "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
+    }
+
+
+def build_section(settings: BenchSettings, workdir: str | Path) -> dict[str, Any]:
+    """
+    Builds placeholder datasets of `build_sizes` images (two small PNGs per study), each in a fresh
+    subprocess, and reports time and peak RSS per size. Linear time: the marginal cost per image between the
+    two largest sizes over that between the two smallest (1 = linear) and the R^2 of a straight-line fit.
+    """
+    workdir = Path(workdir)
+    rows = []
+    for n in tqdm(settings.build_sizes, desc="dataset builds", leave=False):
+        root = workdir / f"layout_{n}"
+        images = make_placeholder_layout(root, n, settings.build_image_px)
+        result = run_build(root, workdir / f"built_{n}", workdir / f"cache_{n}")
+        rows.append({"images": images, **result})
+        logger.info(
+            "built %d images in %.1f s, peak RSS %.0f MB",
+            images,
+            result["build_seconds"],
+            result["peak_rss_mb"],
+        )
+    xs = [r["images"] for r in rows]
+    ys = [r["build_seconds"] for r in rows]
+    first, last = rows[0], rows[-1]
+    marginal_first = (rows[1]["build_seconds"] - first["build_seconds"]) / (
+        rows[1]["images"] - first["images"]
+    )
+    marginal_last = (last["build_seconds"] - rows[-2]["build_seconds"]) / (
+        last["images"] - rows[-2]["images"]
+    )
+    return {
+        "setup": {"image_px": settings.build_image_px, "views": "pair", "writer_batch_size": 64},
+        "series": rows,
+        "rss_growth": last["peak_rss_mb"] / first["peak_rss_mb"] - 1,
+        "time_fit": _linear_fit(xs, ys),
+        "marginal_cost_ratio_last_vs_first": marginal_last / marginal_first
+        if marginal_first > 0
+        else math.nan,
+        "sizes": xs,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------------
+
+
+def gpu_section(settings: BenchSettings) -> dict[str, Any]:
+    """
+    The same figures on CUDA: matmul rates (fp32 without TF32, tf32, bf16, fp16), training at each of
+    `gpu_batch_sizes` (seed loop in fp32 vs xraycap under bf16 autocast, or fp16 + GradScaler where bf16 is
+    unsupported), beam search with / without the cache (fp32, outputs equal) and with the cache in half
+    precision at the largest batch.
+    """
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    device = torch.device("cuda")
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "amp_dtype": _dtype_name(half)}
+    size = 8192
+    rates = {}
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for name, dtype, tf32 in (
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+        ("fp16", torch.float16, False),
+    ):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        warm_matmul(dtype, size, device)
+        rates[name] = summarize([matmul_rate(dtype, size, device)[0] for _ in range(5)], unit="FLOP/s")
+    torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    result["matmul_flops_per_second"] = rates
+    model = build_model(settings)
+    result["train"] = {}
+    for batch_size in settings.gpu_batch_sizes:
+        result["train"][f"batch_{batch_size}"] = train_section(
+            settings, device, half, batch_size=batch_size, model=model
+        )
+        torch.cuda.empty_cache()
+    result["beam_fp32"] = beam_section(settings, device, None, model=model)
+    result["beam_half_cached_only"] = beam_section(
+        settings, device, half, batch_size=max(settings.gpu_batch_sizes), model=model, with_nocache=False
+    )
+    result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def temporary_workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="xraycap-bench-")

@@ -1,0 +1,103 @@
+"""The performance harness (benchmarks/run.py) on tiny sizes: every section runs, the JSON has the issue's
+keys with medians and spreads, the table is printed, and the baselines compute what they stand for."""
+
+import json
+import sys
+
+import pytest
+import torch
+from testing_utils import REPO_ROOT, make_tiny_model_and_processor
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import run  # noqa: E402
+from benchmarks.baselines import SeedStyleCaptioner, generate_without_cache  # noqa: E402
+from benchmarks.timing import ratio_summary, summarize  # noqa: E402
+
+TOP_LEVEL = (
+    "train_speedup_vs_seed",
+    "beam_speedup_vs_nocache",
+    "data_speedup_vs_png",
+    "build_rss_growth",
+    "train_compute_fraction",
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops on shared cores: one thread avoids OpenMP barrier stalls; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_json_and_table(tmp_path, capsys):
+    output = tmp_path / "latest.json"
+    status = run.main(["--smoke", "--sections", "train,beam,data,build,gpu", "--output", str(output)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| Figure | xraycap | Baseline |")
+    results = json.loads(output.read_text())
+    for key in TOP_LEVEL:
+        assert isinstance(results[key], float) and results[key] == results[key], key  # a number, not NaN
+        assert results["targets"][key]["met"] in (True, False)
+    assert list(results)[:5] == list(TOP_LEVEL)
+    assert results["machine"]["versions"]["torch"] == torch.__version__
+    train = results["sections"]["train"]
+    for name in ("seed", "xraycap_cached_features", "xraycap_no_cache", "feature_encoding_per_batch"):
+        figure = train["seconds_per_step"][name]
+        assert figure["n"] == 2 and figure["min"] <= figure["median"] <= figure["max"], name
+    assert train["flops_per_step"]["xraycap_cached_features"] > 0
+    # The cached step skips the encoder: fewer FLOPs than the step that runs it.
+    assert train["flops_per_step"]["xraycap_cached_features"] < train["flops_per_step"]["xraycap_no_cache"]
+    assert 0 < results["train_compute_fraction"] < 1.5
+    beam = results["sections"]["beam"]
+    assert beam["outputs_equal"] is True and beam["setup"]["new_tokens"] == 5
+    build = results["sections"]["build"]
+    assert [row["images"] for row in build["series"]] == [40, 80]
+    assert all(row["peak_rss_mb"] > 10 and row["examples"] > 0 for row in build["series"])
+    data = results["sections"]["data"]
+    assert data["setup"]["images"] == 4 and data["speedup"]["n"] == 1
+    if not torch.cuda.is_available():
+        assert results["sections"]["gpu"] == {"skipped": "no CUDA device"}
+
+
+def test_seed_baseline_adds_image_vector_to_every_token():
+    model, _ = make_tiny_model_and_processor(max_views=1, visual_tokens="pooled")
+    seed = SeedStyleCaptioner(model.vision_model, model.language_model, model.vision_feature_dim).eval()
+    pixel_values = torch.randn(2, 1, 3, 64, 64)
+    input_ids = torch.randint(2, 50, (2, 6))
+    mask = torch.ones_like(input_ids)
+    captured = {}
+    hook = model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = seed(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask)
+    hook.remove()
+    # Same sequence length as the text (no prefix), and the same image vector on every position.
+    assert out.logits.shape[1] == input_ids.shape[1]
+    offset = captured["embeds"] - model.get_input_embeddings()(input_ids)
+    assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-6)
+    assert not any(p.requires_grad for p in seed.encoder.parameters())
+
+
+def test_no_cache_baseline_matches_cached_generation():
+    model, _ = make_tiny_model_and_processor(max_views=1)
+    model.eval()
+    pixel_values = torch.randn(2, 1, 3, 128, 128)
+    kwargs = {"pixel_values": pixel_values, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6}
+    assert torch.equal(model.generate(**kwargs), generate_without_cache(model, **kwargs))
+
+
+def test_summaries():
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert s["spread"] == pytest.approx(1.0)
+    assert ratio_summary([4.0, 9.0], [2.0, 3.0])["values"] == [2.0, 3.0]
+    with pytest.raises(ValueError, match="pair"):
+        ratio_summary([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        summarize([])
