@@ -307,6 +307,15 @@ def test_bertscore_names_model_and_layer():
     )
     assert three["bertscore_model"] == default_model_type() and three["bertscore_num_layers"] == 3
     assert not math.isclose(three["bertscore_f1"], default["bertscore_f1"])
+    import torch
+
+    before = torch.get_num_threads()
+    one = compute_bertscore(
+        ["heart is normal", "no effusion"], [["heart size normal"], ["no effusion"]], num_threads=1
+    )
+    assert torch.get_num_threads() == before and one["bertscore_f1"] == pytest.approx(
+        default["bertscore_f1"], abs=1e-6
+    )
     with pytest.raises(ValueError, match="bertscore_num_layers"):
         compute_bertscore(["a"], [["a"]], model_type="/some/unknown/model")
 

@@ -14,6 +14,7 @@ sent to the model; empty references among several are dropped.
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def compute_bertscore(
     num_layers: int | None = None,
     batch_size: int = 64,
     device: str | None = None,
+    num_threads: int | None = None,
 ) -> dict[str, float | int | str]:
     """Mean BERTScore precision / recall / F1 over the pairs (the best reference per prediction).
 
@@ -79,6 +81,10 @@ def compute_bertscore(
             model and to bert_score's recommended layer for a known Hub model.
         batch_size (`int`, *optional*, defaults to 64): texts per forward pass.
         device (`str`, *optional*): "cpu" or "cuda"; defaults to cuda when available.
+        num_threads (`int`, *optional*): torch CPU threads while scoring (restored afterwards); defaults to
+            half the CPU cores (at least 1), leaving the rest to METEOR's Java, which runs at the same time.
+            On the shared 2-core machine one thread took 17-19 CPU-s where two took 27-32 for the same
+            500 pairs (the scores are identical).
 
     Returns:
         `dict`: `bertscore_precision`, `bertscore_recall`, `bertscore_f1` (floats), `bertscore_model`
@@ -111,7 +117,20 @@ def compute_bertscore(
         refs = [k[2] for k in keep]
         if all(len(r) == 1 for r in refs):
             refs = [r[0] for r in refs]
-        p, r, f = scorer.score(cands, refs, batch_size=batch_size)
+        import torch
+
+        if num_threads is None:
+            num_threads = max(1, (os.cpu_count() or 2) // 2)
+        if num_threads < 1:
+            raise ValueError(
+                f"bertscore_num_threads={num_threads} must be at least 1 (or None for the default)."
+            )
+        previous = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            p, r, f = scorer.score(cands, refs, batch_size=batch_size)
+        finally:
+            torch.set_num_threads(previous)
         for (i, _, _), pi, ri, fi in zip(keep, p.tolist(), r.tolist(), f.tolist()):
             precision[i], recall[i], f1[i] = pi, ri, fi
     return {

@@ -89,6 +89,8 @@ Args:
     bertscore_num_layers (`int`, *optional*): the layer used; 6 for the default model, bert_score's
         recommended layer for known Hub ids.
     bertscore_batch_size (`int`, *optional*, defaults to 64): texts per BERTScore forward pass.
+    bertscore_num_threads (`int`, *optional*): torch CPU threads for BERTScore (restored afterwards);
+        defaults to half the CPU cores, the other half being left to METEOR's Java running alongside.
     meteor (`bool`, *optional*, defaults to True): compute METEOR (needs Java).
     meteor_timeout (`float`, *optional*, defaults to 120): seconds to wait for each answer from METEOR's
         Java process before it is stopped and METEOR reported as None.
@@ -180,6 +182,7 @@ class RadiologyReport(evaluate.Metric):
         bertscore_model_type: str | None = None,
         bertscore_num_layers: int | None = None,
         bertscore_batch_size: int = 64,
+        bertscore_num_threads: int | None = None,
         meteor: bool = True,
         meteor_timeout: float = 120.0,
         meteor_max_tokens: int | None = 256,
@@ -193,6 +196,7 @@ class RadiologyReport(evaluate.Metric):
             bertscore_model_type=bertscore_model_type,
             bertscore_num_layers=bertscore_num_layers,
             bertscore_batch_size=bertscore_batch_size,
+            bertscore_num_threads=bertscore_num_threads,
             meteor=meteor,
             meteor_timeout=meteor_timeout,
             meteor_max_tokens=meteor_max_tokens,
@@ -208,6 +212,7 @@ def compute_radiology_report_scores(
     bertscore_model_type: str | None = None,
     bertscore_num_layers: int | None = None,
     bertscore_batch_size: int = 64,
+    bertscore_num_threads: int | None = None,
     meteor: bool = True,
     meteor_timeout: float = 120.0,
     meteor_max_tokens: int | None = 256,
@@ -244,6 +249,7 @@ def compute_radiology_report_scores(
                 model_type=bertscore_model_type,
                 num_layers=bertscore_num_layers,
                 batch_size=bertscore_batch_size,
+                num_threads=bertscore_num_threads,
             )
         )
     else:
