@@ -394,8 +394,8 @@ def _speed_pairs(n: int = 500) -> tuple[list[str], list[str]]:
 def test_500_pairs_under_60_seconds(repo_root, tmp_path):
     """Done means 5: 500 pairs, BERTScore and METEOR included, in a fresh process (metric load, BERTScore
     model load and Java start counted). The machine is shared, so the wall time depends on the other
-    jobs: the test asserts the CPU time of the scoring process and its Java child (what an idle 2-core
-    machine needs at most, as wall time) is under 60 s, and prints the wall time and the load."""
+    jobs: the test asserts the CPU time of the scoring process and its Java child is under 60 s, and the
+    wall time too unless the load average is over twice the core count; it prints both and the load."""
     predictions, references = _speed_pairs(500)
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps({"predictions": predictions, "references": references}))
@@ -421,6 +421,8 @@ def test_500_pairs_under_60_seconds(repo_root, tmp_path):
     )
     assert out["n"] == 500 and out["meteor"] is not None and out["bertscore_f1"] is not None
     assert out["cpu_seconds"] < 60, out
+    if load < 2 * (os.cpu_count() or 2):  # not swamped by other jobs: the wall time itself must be under 60 s
+        assert out["seconds"] < 60, out
 
 
 def test_docstring_examples_run(repo_root, monkeypatch):
