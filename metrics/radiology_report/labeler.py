@@ -279,11 +279,14 @@ _POST_NEGATION = re.compile(
     r"(?:appears? |is |are |remains? )(?:within normal limits|within (?:the )?limits of normal|normal))\b"
 )
 _POST_UNCERTAIN = re.compile(
-    r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:"
-    r"(?:is |are )?(?:not |cannot be |can not be |could not be )?(?:excluded|ruled out)|"
-    r"(?:is |are )?(?:possible|suspected|questioned|likely|probable|in question|not excluded|suggested|"
-    r"considered|a consideration|favored|less likely)|versus|vs|(?:\w+ )?\?"
-    r")"
+    # "... (on the left) is suspected / cannot be excluded": a few words, no comma, then the cue.
+    r"^(?: (?:\w+ ){0,3}?)?(?:"
+    r"(?:is |are |was |were )?(?:not |cannot be |can not be |could not be )?(?:excluded|ruled out)|"
+    r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|likely|probable|"
+    r"in question|suggested|considered|a consideration|favou?red|less likely)"
+    r")\b"
+    # "A versus B" / "A?": only right after the mention.
+    r"|^ (?:versus|vs)\b|^ ?\?"
 )
 # Clause boundaries: the negation/uncertainty of one clause does not reach the next.
 _CLAUSE_BOUNDARY = re.compile(
