@@ -3,14 +3,16 @@
 (a) `SeedStyleCaptioner` + `seed_train_step`: the seed notebook's training loop. A frozen ResNet-50 runs on
     every step in fp32, its pooled image vector is added to EVERY token embedding of GPT-2 (no prefix),
     labels are the input ids themselves, no autocast, the default (for-loop) AdamW.
-(b) `generate_without_cache`: generation that re-runs the whole sequence (image prefix + bos + the tokens so
-    far) at every step, i.e. transformers' `generate(use_cache=False)`.
+(b) `generate_without_cache`: the same `generate` call re-running the whole sequence (image prefix + bos +
+    the tokens so far) at every step, without the KV cache.
 (c) `FullSizePngStudies`: an epoch that decodes the original full-size PNGs of every study, instead of the
     images the dataset builder stored.
 """
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,11 +89,41 @@ def make_seed_optimizer(model: SeedStyleCaptioner, learning_rate: float = 1e-4) 
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
 
 
+@contextmanager
+def kv_cache_disabled(model):
+    """
+    While active, `model.generate` re-runs the whole sequence at every step, without a KV cache.
+
+    `generate(use_cache=False)` cannot do this for a model prompted with `inputs_embeds` (the image prefix):
+    transformers 5 silently turns the cache back on for decoder-only models given `inputs_embeds`. So the
+    cache is dropped where the decoding loop hands it to the model: `prepare_inputs_for_generation` gets
+    `cache=None, use_cache=False` (XrayCap's then feeds prompt embeddings + every generated token), and the
+    beam reordering of the (never filled) cache is a no-op. The decoding loop, logits processors and beam
+    bookkeeping stay transformers' own, so the outputs must equal the cached run's.
+    """
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)  # generate() inspects its signature for `inputs_embeds`
+    def prepare_without_cache(input_ids, *args, **kwargs):
+        kwargs["cache"] = None
+        kwargs["use_cache"] = False
+        return original(input_ids, *args, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare_without_cache
+    model._reorder_cache = lambda cache, beam_idx: cache
+    try:
+        yield model
+    finally:
+        del model.prepare_inputs_for_generation
+        del model._reorder_cache
+
+
 @torch.no_grad()
 def generate_without_cache(model, **generate_kwargs: Any) -> torch.LongTensor:
-    """Baseline (b): the same `generate` call with the KV cache off, so every step re-reads the whole
-    sequence (image prefix + bos + tokens so far)."""
-    return model.generate(use_cache=False, **generate_kwargs)
+    """Baseline (b): `model.generate(**generate_kwargs)` with every step re-reading the whole sequence
+    (image prefix + bos + the tokens so far): see `kv_cache_disabled`."""
+    with kv_cache_disabled(model):
+        return model.generate(**generate_kwargs)
 
 
 class FullSizePngStudies(Dataset):

@@ -84,12 +84,29 @@ def test_seed_baseline_adds_image_vector_to_every_token():
     assert not any(p.requires_grad for p in seed.encoder.parameters())
 
 
-def test_no_cache_baseline_matches_cached_generation():
+def test_no_cache_baseline_rereads_the_whole_sequence_and_matches():
     model, _ = make_tiny_model_and_processor(max_views=1)
     model.eval()
-    pixel_values = torch.randn(2, 1, 3, 128, 128)
-    kwargs = {"pixel_values": pixel_values, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6}
-    assert torch.equal(model.generate(**kwargs), generate_without_cache(model, **kwargs))
+    lengths = []
+    hook = model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: lengths.append(
+            (kwargs["inputs_embeds"].shape[1], kwargs.get("cache") is None)
+        ),
+        with_kwargs=True,
+    )
+    kwargs = {"pixel_values": torch.randn(2, 1, 3, 128, 128), "num_beams": 2, "max_new_tokens": 6}
+    cached = model.generate(min_new_tokens=6, **kwargs)
+    prefix = model.max_prefix_length + 1  # image tokens + bos
+    assert lengths == [(prefix, False)] + [(1, False)] * 5
+    lengths.clear()
+    uncached = generate_without_cache(model, min_new_tokens=6, **kwargs)
+    assert lengths == [(prefix + step, True) for step in range(6)]  # the whole sequence, every step
+    assert torch.equal(cached, uncached)
+    # The model is left as it was: the cache is used again afterwards.
+    lengths.clear()
+    model.generate(min_new_tokens=2, **kwargs)
+    assert lengths[1] == (1, False)
+    hook.remove()
 
 
 def test_summaries():
