@@ -101,7 +101,11 @@ class ModelArguments:
         default=None, metadata={"help": "'linear' or 'mlp'. Default: the preset's."}
     )
     max_views: int | None = field(
-        default=None, metadata={"help": "1 (frontal) or 2 (frontal + lateral). Default: the preset's."}
+        default=None,
+        metadata={
+            "help": "1 (frontal) or 2 (frontal + lateral). Default: the preset's, except for the embedded synthetic "
+            "demo, which uses 1 to fit in 10 CPU minutes."
+        },
     )
     image_size: int | None = field(
         default=None, metadata={"help": "Model input size in px. Default: the preset's."}
@@ -161,7 +165,7 @@ class TrainingArguments:
 
     output_dir: str = field(default="outputs/xraycap-demo", metadata={"help": "Where the model folder goes."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
-    num_train_epochs: int = field(default=14, metadata={"help": "Epochs (ignored when --max_steps > 0)."})
+    num_train_epochs: int = field(default=10, metadata={"help": "Epochs (ignored when --max_steps > 0)."})
     max_steps: int = field(
         default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs."}
     )
@@ -280,6 +284,11 @@ def validate_args(
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
+
+
+def uses_synthetic_default(data_args: DataArguments) -> bool:
+    """True when no data was given: the embedded synthetic phantom studies are used."""
+    return not (data_args.data_dir or data_args.dataset_dir or data_args.download)
 
 
 def default_cache_dir(data_args: DataArguments) -> Path:
@@ -441,13 +450,15 @@ def build_processor(
     )
 
 
-def build_config(model_args: ModelArguments) -> XrayCapConfig:
+def build_config(model_args: ModelArguments, data_args: DataArguments) -> XrayCapConfig:
     """The preset with the command line's overrides; the config is then the single source of truth."""
     overrides = {
         key: getattr(model_args, key)
         for key in ("visual_tokens", "projection", "max_views", "image_size")
         if getattr(model_args, key) is not None
     }
+    if uses_synthetic_default(data_args) and model_args.max_views is None and data_args.views is None:
+        overrides["max_views"] = 1  # the CPU demo: frontal views only
     freeze = model_args.freeze_vision_encoder
     overrides["freeze_vision_encoder"] = model_args.vision_model is not None if freeze is None else freeze
     return XrayCapConfig.from_preset(model_args.preset, **overrides)
@@ -677,6 +688,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -698,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     # Data, tokenizer, model.
-    config = build_config(model_args)
+    config = build_config(model_args, data_args)
     if train_args.cache_features and not config.freeze_vision_encoder:
         raise ValueError(
             "--cache_features needs a frozen encoder: add --freeze_vision_encoder true (or use --vision_model)."

@@ -139,7 +139,9 @@ print(json.dumps({{"regenerated": texts, "saved": [r["prediction"] for r in rows
     cache = Path(args["data"]["cache_dir"])
     dataset, _ = build_dataset(
         cache / "synthetic-40-seed3",
-        views="frontal" if args["model"]["max_views"] == 1 else "pair",
+        views="frontal"
+        if json.loads((trained_run / "config.json").read_text())["max_views"] == 1
+        else "pair",
         seed=3,
         image_size=args["data"]["build_image_size"],
         cache_dir=str(cache / "datasets"),
@@ -271,3 +273,228 @@ def test_cache_features_gives_the_same_losses(cache_dir, tmp_path: Path):
         losses[cached] = json.loads((out / "trainer_history.json").read_text())["loss"]
     assert len(losses[True]) == 5
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process checks (argument validation, autocast, Hub upload)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
+        (["--num_beams", "0"], ValueError, "--num_beams must be >= 1, got 0"),
+        (
+            ["--resume_from_checkpoint", "/nonexistent/checkpoint-9"],
+            FileNotFoundError,
+            "/nonexistent/checkpoint-9",
+        ),
+        (["--mixed_precision", "fp8"], SystemExit, None),
+        (["--data_dir", "{tmp}"], FileNotFoundError, "indiana_reports.csv"),
+        (["--output_dir", "{tmp}/a_file"], ValueError, "is a file"),
+        (["--push_to_hub", "true"], ValueError, "--hub_model_id"),
+        (["--cache_features", "true", "--freeze_vision_encoder", "false"], ValueError, "frozen encoder"),
+    ],
+)
+def test_bad_arguments_fail_fast(argv, error, message, tmp_path: Path, monkeypatch):
+    """Done means 7: each bad argument stops before any work, naming the value and the fix."""
+    import run_captioning
+
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(error) as info:
+        run_captioning.parse_args(argv)
+    if message:
+        assert message in str(info.value)
+
+
+def test_unknown_preset_is_refused(capsys):
+    import run_captioning
+
+    with pytest.raises(SystemExit):
+        run_captioning.parse_args(["--preset", "gigantic"])
+    assert "invalid choice: 'gigantic'" in capsys.readouterr().err
+
+
+def test_bf16_on_cpu_really_autocasts(cache_dir, tmp_path: Path, monkeypatch, fresh_accelerate_state):
+    """Done means 4: the training forward runs under bf16 autocast (observed inside the model)."""
+    import run_captioning
+    from modeling_xraycap import XrayCapForConditionalGeneration
+
+    seen = []
+    original = XrayCapForConditionalGeneration.forward
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.logits.dtype))
+        return out
+
+    monkeypatch.setattr(XrayCapForConditionalGeneration, "forward", spy)
+    monkeypatch.chdir(tmp_path)
+    run_captioning.main(
+        [
+            *SMALL,
+            "--max_steps",
+            "2",
+            "--do_eval",
+            "false",
+            "--mixed_precision",
+            "bf16",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--cache_dir",
+            str(cache_dir),
+        ]
+    )
+    assert len(seen) == 2
+    assert all(enabled and dtype == torch.bfloat16 for enabled, dtype, _ in seen), seen
+    assert seen[0][2] == torch.bfloat16  # the logits really were computed in bf16
+
+
+def test_fp16_on_cpu_falls_back_with_a_warning(caplog):
+    import run_captioning
+
+    with caplog.at_level("WARNING"):
+        assert run_captioning.resolve_mixed_precision("fp16") == "bf16"
+    assert "fp16 has no autocast on CPU" in caplog.text
+    assert run_captioning.resolve_mixed_precision("no") == "no"
+
+
+def test_push_to_hub_uploads_exactly_the_saved_folder(
+    cache_dir, tmp_path: Path, monkeypatch, fresh_accelerate_state
+):
+    """Done means 6: huggingface_hub is replaced at the HfApi boundary; the uploaded folder then loads."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    import run_captioning
+
+    hub = tmp_path / "hub"
+    calls = {}
+
+    def create_repo(self, repo_id, *, private=False, exist_ok=False, repo_type=None, **kwargs):
+        calls["create_repo"] = {"repo_id": repo_id, "private": private, "exist_ok": exist_ok}
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(
+        self, *, folder_path, repo_id, repo_type=None, ignore_patterns=None, allow_patterns=None, **kwargs
+    ):
+        calls["upload_folder"] = {"folder_path": folder_path, "repo_id": repo_id}
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (hub / rel).parent.mkdir(parents=True, exist_ok=True)
+            (hub / rel).write_bytes((Path(folder_path) / rel).read_bytes())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "model"
+    run_captioning.main(
+        [
+            *SMALL,
+            "--max_steps",
+            "2",
+            "--do_eval",
+            "false",
+            "--output_dir",
+            str(out),
+            "--cache_dir",
+            str(cache_dir),
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "someone/xraycap-test",
+            "--hub_private",
+            "true",
+        ]
+    )
+    assert calls["create_repo"] == {"repo_id": "someone/xraycap-test", "private": True, "exist_ok": True}
+    assert Path(calls["upload_folder"]["folder_path"]) == out
+    saved = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+    uploaded = {str(p.relative_to(hub)) for p in hub.rglob("*") if p.is_file()}
+    assert uploaded == saved and "model.safetensors" in uploaded and "modeling_xraycap.py" in uploaded
+    code = (
+        f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        f"m = AutoModel.from_pretrained({str(hub)!r}, trust_remote_code=True)\n"
+        f"AutoProcessor.from_pretrained({str(hub)!r}, trust_remote_code=True)\n"
+        "print(type(m).__name__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+    )
+    assert proc.returncode == 0 and "XrayCapForConditionalGeneration" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_push_to_hub_offline_gives_a_clear_error(tmp_path: Path, monkeypatch):
+    import huggingface_hub
+
+    import run_captioning
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    with pytest.raises(RuntimeError, match="Could not push .* 'someone/x' .*saved locally"):
+        run_captioning.push_to_hub(tmp_path, "someone/x", private=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The full default run (slow): the README's main job, as a user runs it
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_run_reads_the_images(tmp_path: Path):
+    """Done means 1: `accelerate launch run_captioning.py` with no arguments (only a fresh output and cache
+    folder), synthesis included: test ce_macro_f1 >= 0.80 and >= 0.30 above the grey-image ablation, within
+    10 minutes of wall time."""
+    out, cache = tmp_path / "outputs" / "xraycap-demo", tmp_path / "cache"
+    start = time.perf_counter()
+    run_script(
+        ["--output_dir", str(out)],
+        cache,
+        cwd=tmp_path,
+        launcher=[
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+        timeout=1200,
+    )
+    wall = time.perf_counter() - start
+    results = json.loads((out / "eval_results.json").read_text())
+    test_f1, grey_f1 = results["test"]["ce_macro_f1"], results["test_image_ablated"]["ce_macro_f1"]
+    print(f"default run: {wall:.0f} s wall, test ce_macro_f1 {test_f1:.3f}, grey images {grey_f1:.3f}")
+    assert test_f1 >= 0.80
+    assert test_f1 - grey_f1 >= 0.30
+    assert wall <= 600, f"the default run took {wall:.0f} s (> 10 minutes)"
