@@ -43,6 +43,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 from configuration_xraycap import XrayCapConfig
 from model_card import describe_run, format_value, write_model_card
 from modeling_xraycap import XrayCapForConditionalGeneration
+from pipeline_xraycap import add_pipeline_to_folder
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
 
 logger = get_logger(__name__)
@@ -882,6 +883,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         processor.register_for_auto_class("AutoProcessor")
         unwrapped.save_pretrained(output_dir, safe_serialization=True)
         processor.save_pretrained(output_dir)
+        add_pipeline_to_folder(
+            output_dir
+        )  # pipeline("image-to-text", model=output_dir, trust_remote_code=True)
 
     results: dict[str, Any] = {}
     if metric is not None:

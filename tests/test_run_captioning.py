@@ -71,6 +71,7 @@ def test_outputs_follow_the_contract(trained_run: Path):
         "configuration_xraycap.py",
         "modeling_xraycap.py",
         "processing_xraycap.py",
+        "pipeline_xraycap.py",
         "tokenizer.json",
         "eval_results.json",
         "predictions.jsonl",
