@@ -18,6 +18,7 @@ The model folder comes from `--model`, else the `XRAYCAP_MODEL` environment vari
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -52,8 +53,9 @@ CHEXPERT_NAMES = (
 _FINDING_WORDS = {1: "positive", 0: "negative", -1: "uncertain", None: "not mentioned"}
 OVERLAY_SIDE = 320  # px of each view in the heat-map picture
 # System fonts: the default theme fetches web fonts, which offline machines cannot. Gradio 6 takes the
-# theme in launch().
+# theme in launch(), Gradio 5 in Blocks().
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"])
+_THEME_AT_LAUNCH = "theme" in inspect.signature(gr.Blocks.launch).parameters
 
 
 def resolve_model_dir(argv: list[str] | None = None) -> str:
@@ -274,7 +276,8 @@ def build_demo(model_dir: str | None = None) -> gr.Blocks:
     def run(frontal, lateral, num_beams):
         return caption_study(captioner, frontal, lateral, num_beams)
 
-    with gr.Blocks(title="XrayCap: chest X-ray report generation") as demo:
+    blocks_kwargs = {} if _THEME_AT_LAUNCH else {"theme": THEME}
+    with gr.Blocks(title="XrayCap: chest X-ray report generation", **blocks_kwargs) as demo:
         gr.Markdown(
             "# XrayCap: chest X-ray → radiology report\n"
             "ResNet image encoder → projection → image prefix → GPT-2 decoder. Upload a frontal view "
@@ -320,4 +323,5 @@ if __name__ == "__main__":
     cli.add_argument("--host", default=None, help="server name (default: Gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
     cli_args = cli.parse_args()
-    demo.launch(server_name=cli_args.host, server_port=cli_args.port, theme=THEME)
+    launch_kwargs = {"theme": THEME} if _THEME_AT_LAUNCH else {}
+    demo.launch(server_name=cli_args.host, server_port=cli_args.port, **launch_kwargs)
