@@ -169,8 +169,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         fit = b["time_fit"]
         rows.append(
             f"| Dataset build time (s) at {sizes} images | {secs} | - | "
-            f"{fit['seconds_per_1000_images']:.1f} s / 1,000 images, R^2 {fit['r2']:.3f}, marginal cost "
-            f"last/first {b['marginal_cost_ratio_last_vs_first']:.2f} | linear | - |"
+            f"fit {fit['seconds_per_1000_images']:.2f} s / 1,000 images + {fit['intercept_seconds']:.1f} s, "
+            f"R^2 {fit['r2']:.3f}; marginal cost last/first {b['marginal_cost_ratio_last_vs_first']:.2f} | "
+            f"linear | {'yes' if fit['r2'] >= 0.98 else '**no**'} |"
         )
     if "train" in s:
         t = s["train"]
@@ -244,6 +245,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model = None
                 results["sections"]["gpu"] = gpu_section(replace(settings))
             results["section_seconds"][name] = round(time.perf_counter() - section_start, 1)
+            _finish(results, args.output, start, complete=False)  # partial results survive an interruption
+            logger.info("section %s done in %.0f s: %s", name, results["section_seconds"][name],
+                        {k: v for k, v in headline(results).items() if v is not None})  # fmt: skip
+    return _finish(results, args.output, start, complete=True)
+
+
+def _finish(results: dict[str, Any], output: str, start: float, complete: bool) -> dict[str, Any]:
+    """Adds the headline numbers, targets and table, and writes the JSON (issue's numbers first)."""
+    results["complete"] = complete
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     results["machine"]["load_average_at_end"] = load_average()
     results["machine"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -254,11 +264,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key, (op, target) in TARGETS.items()
     }
     results["table_markdown"] = markdown_table(results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Put the issue's numbers first so the file reads top-down.
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ordered = {**{k: results[k] for k in TARGETS}, **{k: v for k, v in results.items() if k not in TARGETS}}
-    output.write_text(json.dumps(ordered, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(ordered, indent=1, default=str) + "\n")
     return results
 
 
