@@ -26,11 +26,9 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     with FlopCounterMode(display=False) as counter:
         fn()
     by_op: dict[str, int] = {}
-    for ops in counter.get_flop_counts().values():
-        for op, flops in ops.items():
-            name = str(op).split(".")[1] if str(op).startswith("aten.") else str(op)  # "aten.mm" -> "mm"
-            by_op[name] = by_op.get(name, 0) + int(flops)
-        break  # the "Global" entry holds everything; the per-module entries repeat it
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if str(op).startswith("aten.") else str(op)  # "aten.mm" -> "mm"
+        by_op[name] = by_op.get(name, 0) + int(flops)
     return int(counter.get_total_flops()), by_op
 
 

@@ -137,6 +137,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{t['samples_per_second']['xraycap_no_cache']:.2f} samples/s | (a) | "
             f"{_fmt_ratio(t['speedup_vs_seed_no_feature_cache'])} | - | - |"
         )
+        preview = t.get("proposed_changes_preview")
+        if preview:
+            rows.append(
+                f"| ... preview, NOT yet in run_captioning: fused AdamW + LM head on report positions only | "
+                f"{st['batch_size'] / preview['seconds_per_step']['median']:.2f} samples/s (steady state) | (a) | "
+                f"{_fmt_ratio(preview['speedup_vs_seed'])} (compute fraction "
+                f"{preview['compute_fraction']['median']:.2f}) | - | - |"
+            )
     if "beam" in s:
         b = s["beam"]
         st = b["setup"]

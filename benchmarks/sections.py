@@ -71,6 +71,7 @@ class BenchSettings:
             (run_captioning's default `--num_train_epochs`).
         learning_rate (`float`): learning rate of both optimizers (it does not change the timing).
         gpu_batch_sizes (`tuple[int, ...]`): batch sizes of the GPU training figures.
+        preview_proposed (`bool`): also time the proposed (not yet applied) training-step changes, labelled.
     """
 
     preset: str = "resnet50-gpt2"
@@ -91,6 +92,7 @@ class BenchSettings:
     amortize_epochs: int = 14
     learning_rate: float = 1e-4
     gpu_batch_sizes: tuple[int, ...] = (8, 32)
+    preview_proposed: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,6 +178,28 @@ def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtyp
         return model.get_image_features(batch["pixel_values"], batch["view_mask"])
 
 
+def proposed_text_only_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """
+    PREVIEW of a proposed model change (see the performance notes), not what run_captioning runs yet: the
+    same loss as `model(**inputs).loss`, with the LM head and the softmax computed only on the report
+    positions (the loss never covers the image prefix). Only for cached-feature inputs.
+    """
+    prefix, prefix_mask = model.get_prefix_embeds(inputs["image_features"], inputs["view_mask"])
+    text = model.get_input_embeddings()(inputs["input_ids"])
+    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
+    mask = torch.cat([prefix_mask.to(inputs["attention_mask"].dtype), inputs["attention_mask"]], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.language_model.transformer(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    logits = model.language_model.lm_head(hidden[:, prefix.shape[1] :])
+    return model.language_model.loss_function(logits, inputs["labels"], vocab_size=model.config.vocab_size)
+
+
+def _proposal_pending() -> bool:
+    return not (hasattr(run_captioning, "training_loss") and hasattr(run_captioning, "build_optimizer"))
+
+
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -248,22 +272,40 @@ def train_section(
     def step_seed():
         return seed_train_step(seed_model, seed_optimizer, batch)
 
+    # Preview of the proposed run_captioning/model changes (fused AdamW + text-only LM head), while pending.
+    preview = settings.preview_proposed and _proposal_pending() and amp_dtype != torch.float16
+    if preview:
+        fused_optimizer = torch.optim.AdamW(
+            run_captioning.optimizer_groups(model, 0.01), lr=settings.learning_rate, fused=True
+        )
+
+    def step_preview():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = proposed_text_only_loss(model, cached_inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        fused_optimizer.step()
+        fused_optimizer.zero_grad(set_to_none=True)
+
     # Warm-up (first-call allocations, oneDNN kernel selection), and the FLOP counts.
     mm_dtype = amp_dtype or torch.float32
-    for fn in (step_seed, step_cached, step_uncached):
+    for fn in (step_seed, step_cached, step_uncached, *((step_preview,) if preview else ())):
         fn()
     warm_matmul(mm_dtype, settings.matmul_size, device)
     warm_matmul(torch.float32, settings.matmul_size, device)
     flops_cached, flops_cached_by_op = count_flops(step_cached)
     flops_seed, _ = count_flops(step_seed)
     flops_uncached, _ = count_flops(step_uncached)
+    flops_preview = count_flops(step_preview)[0] if preview else None
 
-    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode")}
+    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode", "preview")}
     rates: dict[str, list[float]] = {"amp": [], "fp32": []}
     for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
         times["seed"].append(timed(step_seed, device)[0])
         times["cached"].append(timed(step_cached, device)[0])
         times["uncached"].append(timed(step_uncached, device)[0])
+        if preview:
+            times["preview"].append(timed(step_preview, device)[0])
         times["encode"].append(timed(lambda: encode_features(model, batch, amp_dtype), device)[0])
         rates["amp"].append(matmul_rate(mm_dtype, settings.matmul_size, device)[0])
         rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
@@ -284,7 +326,7 @@ def train_section(
         f"run_captioning's {type(optimizer).__name__} (fused={bool(optimizer.defaults.get('fused'))}, "
         f"foreach={optimizer.defaults.get('foreach')})"
     )
-    return {
+    result = {
         "setup": {
             "preset": settings.preset,
             "device": device.type,
@@ -343,6 +385,19 @@ def train_section(
             [flops_seed / t / r for t, r in zip(times["seed"], rates["fp32"])], unit="fraction"
         ),
     }
+    if preview:
+        preview_amortized = [p + e / epochs for p, e in zip(times["preview"], times["encode"])]
+        result["proposed_changes_preview"] = {
+            "what": "NOT in run_captioning yet: fused AdamW + LM head/softmax on the report positions only "
+            "(same loss); timed in the same repeats as the figures above",
+            "seconds_per_step": summarize(times["preview"]),
+            "speedup_vs_seed": ratio_summary(times["seed"], preview_amortized),
+            "flops_per_step": flops_preview,
+            "compute_fraction": summarize(
+                [flops_preview / t / r for t, r in zip(times["preview"], rates["amp"])], unit="fraction"
+            ),
+        }
+    return result
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
