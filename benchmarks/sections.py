@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,6 @@ class BenchSettings:
     learning_rate: float = 1e-4
     gpu_batch_sizes: tuple[int, ...] = (8, 32)
     preview_proposed: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 QUICK = BenchSettings()

@@ -74,14 +74,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _dirty_python_files() -> list[str]:
+    """Tracked .py files with uncommitted changes (the measured code may differ from `git_commit`)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "*.py") or ""
+    return [line[3:] for line in status.splitlines() if line.strip()]
 
 
 def load_average() -> list[float] | None:
@@ -109,7 +113,9 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_at_start": load_average(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        # Uncommitted changes to the code that was measured (model files, run_captioning, benchmarks).
+        "git_dirty_files": _dirty_python_files(),
     }
     try:
         import psutil
