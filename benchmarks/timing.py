@@ -85,7 +85,7 @@ def _git(*args: str) -> str | None:
 def _dirty_python_files() -> list[str]:
     """Tracked .py files with uncommitted changes (the measured code may differ from `git_commit`)."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", "*.py") or ""
-    return [line[3:] for line in status.splitlines() if line.strip()]
+    return [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()]
 
 
 def load_average() -> list[float] | None:
