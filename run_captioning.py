@@ -52,6 +52,8 @@ REPO_ROOT = Path(__file__).resolve().parent
 METRIC_PATH = REPO_ROOT / "metrics" / "radiology_report"
 CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+# Validation scores kept per epoch (for training_curves.png); METEOR and BERTScore are left to the test split.
+CURVE_METRICS = ("bleu_1", "bleu_4", "rouge_l", "cider", "ce_micro_f1", "ce_macro_f1", "ce_example_f1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,7 +861,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             if accelerator.is_main_process:
                 val_metrics = score(metric, val_split, reports, bertscore=False, meteor=False)
-                history["epoch_metrics"].append({"epoch": epoch, "step": completed_steps, **val_metrics})
+                curves = {key: val_metrics[key] for key in CURVE_METRICS if val_metrics.get(key) is not None}
+                history["epoch_metrics"].append({"epoch": epoch, "step": completed_steps, **curves})
                 logger.info(
                     f"epoch {epoch}: validation ce_macro_f1 {val_metrics.get('ce_macro_f1')}, bleu_4 {val_metrics.get('bleu_4')}"
                 )
