@@ -29,12 +29,14 @@ def phantom_studies(num_studies: int = 4, image_size: int = 128, seed: int = 0, 
 
 
 def write_phantom_pngs(
-    folder: Path, num_studies: int = 3, image_size: int = 128, start: int = 100
+    folder: Path, num_studies: int = 3, image_size: int = 128, start: int = 100, seed: int = 0
 ) -> list[tuple[Path, Path]]:
     """Write phantom frontal/lateral PNGs into `folder`; returns the (frontal, lateral) paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (frontal, lateral, _) in enumerate(phantom_studies(num_studies, image_size, start=start)):
+    for i, (frontal, lateral, _) in enumerate(
+        phantom_studies(num_studies, image_size, seed=seed, start=start)
+    ):
         f, lat = folder / f"study{i:02d}_frontal.png", folder / f"study{i:02d}_lateral.png"
         frontal.save(f)
         lateral.save(lat)
