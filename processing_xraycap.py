@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import GPT2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -121,6 +121,7 @@ class XrayCapImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = ImagesKwargs  # read by AutoProcessor / pipeline() when they pass loading options (dtype=...)
     _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
     def __init__(
