@@ -21,8 +21,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
+from checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from configuration_xraycap import XrayCapConfig
 from model_card import describe_run, format_value, write_model_card
 from modeling_xraycap import XrayCapForConditionalGeneration
@@ -50,7 +49,6 @@ logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
 METRIC_PATH = REPO_ROOT / "metrics" / "radiology_report"
-CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 # Validation scores kept per epoch (for training_curves.png); METEOR and BERTScore are left to the test split.
 CURVE_METRICS = ("bleu_1", "bleu_4", "rouge_l", "cider", "ce_micro_f1", "ce_macro_f1", "ce_example_f1")
@@ -502,58 +500,6 @@ def build_model(model_args: ModelArguments, config: XrayCapConfig, processor: Xr
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, the last K kept, `latest` resolved to the newest complete one
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_root(train_args: TrainingArguments) -> Path:
-    return Path(train_args.output_dir) / "checkpoints"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder still being written carries a `.tmp` suffix and is ignored."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(
-    accelerator: Accelerator, train_args: TrainingArguments, step: int, state: dict[str, Any]
-) -> None:
-    """`save_state` into `checkpoint-N.tmp`, then one rename: a process killed mid-write leaves no checkpoint-N."""
-    root = checkpoint_root(train_args)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[: -train_args.save_total_limit or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resolve_checkpoint(train_args: TrainingArguments) -> Path | None:
-    if train_args.resume_from_checkpoint is None:
-        return None
-    if train_args.resume_from_checkpoint != "latest":
-        return Path(train_args.resume_from_checkpoint)
-    found = list_checkpoints(checkpoint_root(train_args))
-    if not found:
-        logger.warning(
-            f"--resume_from_checkpoint latest: no checkpoint in {checkpoint_root(train_args)}; starting fresh."
-        )
-        return None
-    return found[-1]
-
-
-# --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -725,9 +671,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = build_processor(model_args, config, train_split["report"])
     set_seed(train_args.seed)
     model = build_model(model_args, config, processor)
-    model.vision_model.to(
-        memory_format=torch.channels_last
-    )  # faster convolutions (oneDNN / cuDNN), same math
+    # channels_last: faster convolutions (oneDNN / cuDNN), same math.
+    model.vision_model.to(memory_format=torch.channels_last)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable"
@@ -789,14 +734,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Resume: restore model / optimizer / scheduler / RNG states, then skip the batches already consumed.
     history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epoch_metrics": []}
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(train_args)
+    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir / "checkpoints")
     if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = load_checkpoint(accelerator, checkpoint)
         completed_steps, history = state["completed_steps"], state["history"]
         starting_epoch = completed_steps // steps_per_epoch
         skip_batches = (completed_steps % steps_per_epoch) * train_args.gradient_accumulation_steps
+
+    def checkpoint_now() -> None:
+        state = {"completed_steps": completed_steps, "history": history}
+        save_checkpoint(
+            accelerator, output_dir / "checkpoints", completed_steps, state, train_args.save_total_limit
+        )
 
     metric = None
     if train_args.do_eval:
@@ -839,22 +788,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if completed_steps % train_args.logging_steps == 0 and train_args.report_to != "none":
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=completed_steps)
             if train_args.save_steps and completed_steps % train_args.save_steps == 0:
-                save_checkpoint(
-                    accelerator,
-                    train_args,
-                    completed_steps,
-                    {"completed_steps": completed_steps, "history": history},
-                )
+                checkpoint_now()
             if completed_steps >= max_steps:
                 break
         if completed_steps % steps_per_epoch == 0 or completed_steps >= max_steps:  # a finished epoch
             if not (train_args.save_steps and completed_steps % train_args.save_steps == 0):
-                save_checkpoint(
-                    accelerator,
-                    train_args,
-                    completed_steps,
-                    {"completed_steps": completed_steps, "history": history},
-                )
+                checkpoint_now()
         if metric is not None and len(val_split):
             reports = generate_reports(
                 model, val_dataloader, processor, accelerator, train_args, f"validation, epoch {epoch}"
@@ -886,9 +825,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         processor.register_for_auto_class("AutoProcessor")
         unwrapped.save_pretrained(output_dir, safe_serialization=True)
         processor.save_pretrained(output_dir)
-        add_pipeline_to_folder(
-            output_dir
-        )  # pipeline("image-to-text", model=output_dir, trust_remote_code=True)
+        # pipeline("image-to-text", model=output_dir, trust_remote_code=True)
+        add_pipeline_to_folder(output_dir)
 
     results: dict[str, Any] = {}
     if metric is not None:

@@ -202,15 +202,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cache_dir, tmp_path: Pat
 
 def test_interrupted_checkpoint_is_never_picked_up(tmp_path: Path):
     """A `.tmp` folder (a checkpoint being written when the process died) is not a checkpoint."""
-    import run_captioning
+    from checkpointing import list_checkpoints, resolve_checkpoint
 
     root = tmp_path / "checkpoints"
     (root / "checkpoint-4").mkdir(parents=True)
     (root / "checkpoint-10.tmp").mkdir()
     (root / "checkpoint-8").mkdir()
-    assert [p.name for p in run_captioning.list_checkpoints(root)] == ["checkpoint-4", "checkpoint-8"]
-    args = run_captioning.TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    assert run_captioning.resolve_checkpoint(args).name == "checkpoint-8"
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-4", "checkpoint-8"]
+    assert resolve_checkpoint("latest", root).name == "checkpoint-8"
+    assert resolve_checkpoint("latest", tmp_path / "none") is None
+    assert resolve_checkpoint(None, root) is None
 
 
 def test_two_cpu_processes_score_every_test_study_once(cache_dir, tmp_path: Path):
