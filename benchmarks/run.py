@@ -103,7 +103,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     train, beam = sections.get("train"), sections.get("beam")
     data, build = sections.get("data"), sections.get("build")
     return {
-        "train_speedup_vs_seed": train["speedup_vs_seed"]["median"] if train else None,
+        # the lower of the median paired ratio and the best-times ratio (load bursts cannot inflate it)
+        "train_speedup_vs_seed": train["speedup_vs_seed_headline"] if train else None,
         "beam_speedup_vs_nocache": beam["speedup"]["median"] if beam else None,
         "data_speedup_vs_png": data["speedup"]["median"] if data else None,
         "build_rss_growth": build["rss_growth"] if build else None,
@@ -130,7 +131,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| Training throughput, {st['preset']}, batch {st['batch_size']}, {st['text_tokens']} tokens, "
             f"frozen encoder | {t['samples_per_second']['xraycap']:.2f} samples/s | "
             f"{t['samples_per_second']['seed']:.2f} samples/s (a) seed loop, fp32 | "
-            f"{_fmt_ratio(t['speedup_vs_seed'])} | >= 1.5x | {mark('train_speedup_vs_seed')} |"
+            f"**{t['speedup_vs_seed_headline']:.2f}x** (paired {_fmt_ratio(t['speedup_vs_seed'])}; best times "
+            f"{t['speedup_vs_seed_best_times']:.2f}x) | >= 1.5x | {mark('train_speedup_vs_seed')} |"
         )
         rows.append(
             f"| ... same, without the feature cache (bf16 + channels_last only) | "
@@ -142,7 +144,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| ... preview, NOT yet in run_captioning: fused AdamW + LM head on report positions only | "
                 f"{st['batch_size'] / preview['seconds_per_step']['median']:.2f} samples/s (steady state) | (a) | "
-                f"{_fmt_ratio(preview['speedup_vs_seed'])} (compute fraction "
+                f"paired {_fmt_ratio(preview['speedup_vs_seed'])}; best times "
+                f"{preview['speedup_vs_seed_best_times']:.2f}x (compute fraction "
                 f"{preview['compute_fraction']['median']:.2f}) | - | - |"
             )
     if "beam" in s:

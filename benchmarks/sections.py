@@ -312,6 +312,9 @@ def train_section(
     epochs = settings.amortize_epochs
     amortized = [c + e / epochs for c, e in zip(times["cached"], times["encode"])]
     speedup = ratio_summary(times["seed"], amortized)
+    # Best-of-N estimate: each side's least-disturbed repeat. On a shared machine a load burst that hits one
+    # side of a pair inflates or deflates that pair's ratio; the headline takes the lower of the two.
+    speedup_best = min(times["seed"]) / min(amortized)
     fraction = summarize(
         [flops_cached / t / r for t, r in zip(times["cached"], rates["amp"])], unit="fraction"
     )
@@ -362,6 +365,8 @@ def train_section(
             "xraycap_no_cache": batch_size / summarize(times["uncached"])["median"],
         },
         "speedup_vs_seed": speedup,
+        "speedup_vs_seed_best_times": speedup_best,
+        "speedup_vs_seed_headline": min(speedup["median"], speedup_best),
         "speedup_vs_seed_steady_state": ratio_summary(times["seed"], times["cached"]),
         "speedup_vs_seed_no_feature_cache": ratio_summary(times["seed"], times["uncached"]),
         "flops_per_step": {
@@ -391,6 +396,7 @@ def train_section(
             "(same loss); timed in the same repeats as the figures above",
             "seconds_per_step": summarize(times["preview"]),
             "speedup_vs_seed": ratio_summary(times["seed"], preview_amortized),
+            "speedup_vs_seed_best_times": min(times["seed"]) / min(preview_amortized),
             "flops_per_step": flops_preview,
             "compute_fraction": summarize(
                 [flops_preview / t / r for t, r in zip(times["preview"], rates["amp"])], unit="fraction"
