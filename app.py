@@ -31,25 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+
 logger = logging.getLogger("xraycap.app")
 
 DEFAULT_MODEL = "outputs/xraycap-demo"
-CHEXPERT_NAMES = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
 _FINDING_WORDS = {1: "positive", 0: "negative", -1: "uncertain", None: "not mentioned"}
 OVERLAY_SIDE = 320  # px of each view in the heat-map picture
 # System fonts: the default theme fetches web fonts, which offline machines cannot. Gradio 6 takes the
@@ -211,7 +197,9 @@ def findings_rows(report: str) -> list[list[str]]:
     from metrics.radiology_report.labeler import label_reports
 
     labels = label_reports([report])[0]
-    return [[name, _FINDING_WORDS.get(labels.get(name), str(labels.get(name)))] for name in CHEXPERT_NAMES]
+    return [
+        [name, _FINDING_WORDS.get(labels.get(name), str(labels.get(name)))] for name in CHEXPERT_OBSERVATIONS
+    ]
 
 
 def _open_image(value: Any) -> Image.Image | None:

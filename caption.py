@@ -35,26 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+
 logger = logging.getLogger("xraycap.caption")
 
 DEFAULT_MODEL = "outputs/xraycap-demo"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-CHEXPERT_NAMES = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -270,7 +256,7 @@ def add_findings(studies: list[Study]) -> None:
     if not done:
         return
     for study, labels in zip(done, label_reports([s.report for s in done])):
-        study.findings = {name: labels.get(name) for name in CHEXPERT_NAMES}
+        study.findings = {name: labels.get(name) for name in CHEXPERT_OBSERVATIONS}
 
 
 def write_jsonl(studies: list[Study], handle) -> None:
@@ -280,7 +266,7 @@ def write_jsonl(studies: list[Study], handle) -> None:
 
 def write_csv(studies: list[Study], handle) -> None:
     writer = csv.writer(handle)
-    writer.writerow(["id", "frontal", "lateral", "report", "error", *CHEXPERT_NAMES])
+    writer.writerow(["id", "frontal", "lateral", "report", "error", *CHEXPERT_OBSERVATIONS])
     for study in studies:
         findings = study.findings or {}
         writer.writerow(
@@ -290,7 +276,7 @@ def write_csv(studies: list[Study], handle) -> None:
                 study.lateral or "",
                 study.report or "",
                 study.error or "",
-                *["" if findings.get(name) is None else findings[name] for name in CHEXPERT_NAMES],
+                *["" if findings.get(name) is None else findings[name] for name in CHEXPERT_OBSERVATIONS],
             ]
         )
 

@@ -157,6 +157,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             )
         self.generation_config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
         self.generation_config.max_length = None
+        self._generate_without_cache = False  # set by generate(use_cache=False)
 
     # ----------------------------------------------------------------------------------------- towers
     @classmethod
@@ -529,6 +530,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     ):
         # Without a KV cache every step re-reads the whole sequence: image prefix + bos (the prompt
         # embeddings) followed by the tokens generated so far.
+        if self._generate_without_cache:
+            cache, kwargs["use_cache"] = None, False
         no_cache = cache is None or not kwargs.get("use_cache", True)
         if inputs_embeds is not None and not is_first_iteration and no_cache:
             inputs_embeds = torch.cat([inputs_embeds, self.get_input_embeddings()(input_ids)], dim=1)
@@ -614,7 +617,25 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
         generate_kwargs.setdefault("bos_token_id", bos_id)
-        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        if generate_kwargs.get("use_cache", True):
+            return super().generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
+        # transformers turns the cache back on for prompts given as inputs_embeds, so `use_cache=False` is
+        # honoured here: the cache is dropped where the decoding loop hands it to the model.
+        self._generate_without_cache = True
+        try:
+            return super().generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
+        finally:
+            self._generate_without_cache = False
+
+    def _reorder_cache(self, cache, beam_idx):
+        # Beam search reorders the cache with this hook when it exists (the cache's own method otherwise).
+        if cache is not None and not self._generate_without_cache:
+            cache.reorder_cache(beam_idx)
+        return cache
 
 
 # Saved folders carry the code and load with AutoModel.from_pretrained(dir, trust_remote_code=True).

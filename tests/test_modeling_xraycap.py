@@ -226,9 +226,29 @@ def test_beam_search_with_cache_equals_without(overfit):
     """Done 2a."""
     model, _, batch = overfit
     kwargs = {"pixel_values": batch["pixel_values"], "num_beams": 3, "max_new_tokens": 30}
-    cached = model.generate(**kwargs, use_cache=True)
-    uncached = model.generate(**kwargs, use_cache=False)
+    lengths = {True: [], False: []}
+    for use_cache in (True, False):
+        hook = model.language_model.register_forward_pre_hook(
+            lambda module, args, kw, use_cache=use_cache: lengths[use_cache].append(
+                kw["inputs_embeds"].shape[1]
+                if kw.get("inputs_embeds") is not None
+                else kw["input_ids"].shape[1]
+            ),
+            with_kwargs=True,
+        )
+        try:
+            out = model.generate(**kwargs, use_cache=use_cache)
+        finally:
+            hook.remove()
+        if use_cache:
+            cached = out
+        else:
+            uncached = out
     assert torch.equal(cached, uncached)
+    # The cached run feeds one new token per step; the uncached one re-reads a sequence one token longer each step.
+    assert set(lengths[True][1:]) == {1}
+    assert lengths[False] == list(range(lengths[False][0], lengths[False][0] + len(lengths[False])))
+    assert len(lengths[False]) > 5
     kwargs.update(num_return_sequences=3, no_repeat_ngram_size=3)
     assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
 
