@@ -234,7 +234,7 @@ def test_caption_study_report_findings_and_heat_map(model_dir):
     with torch.no_grad():
         ids = model.generate(**processor(images=[[frontal, lateral]], return_tensors="pt"), num_beams=2)
     assert report == processor.batch_decode(ids, skip_special_tokens=True)[0]
-    assert [r[0] for r in rows] == list(app.CHEXPERT_NAMES)
+    assert [r[0] for r in rows] == list(app.CHEXPERT_OBSERVATIONS)
     assert {r[1] for r in rows} <= {"positive", "negative", "uncertain", "not mentioned"}
     assert picture.size == (2 * app.OVERLAY_SIDE, app.OVERLAY_SIDE)  # one panel per view
 
@@ -251,4 +251,4 @@ def test_pooled_model_has_no_heat_map(tmp_path):
     folder = save_model_folder(model, processor, tmp_path / "pooled")
     frontal = phantom_studies(1, 128, start=12)[0][0]
     report, rows, picture = app.caption_study(app.Captioner(str(folder)), frontal)
-    assert report and len(rows) == len(app.CHEXPERT_NAMES) and picture is None
+    assert report and len(rows) == len(app.CHEXPERT_OBSERVATIONS) and picture is None

@@ -79,7 +79,7 @@ def test_folder_with_one_bad_file_jsonl(model_dir, loaded, phantoms, tmp_path, c
     assert all(r["report"] for r in good)
     # The labeler's findings per image.
     for record, labels in zip(good, label_reports(expected)):
-        assert record["findings"] == {name: labels[name] for name in caption.CHEXPERT_NAMES}
+        assert record["findings"] == {name: labels[name] for name in caption.CHEXPERT_OBSERVATIONS}
     err = capsys.readouterr().err
     assert "study01_zbroken.png" in err and "captioned 3 of 4 studies" in err and "1 failed" in err
 
@@ -131,7 +131,7 @@ def test_pairs_csv_beams_and_csv_output(model_dir, loaded, phantoms, tmp_path):
     assert [rows[0]["report"], rows[1]["report"]] == expected
     assert rows[0]["lateral"] and not rows[1]["lateral"]
     assert "file not found" in rows[2]["error"] and rows[2]["report"] == ""
-    assert set(caption.CHEXPERT_NAMES) <= set(rows[0])
+    assert set(caption.CHEXPERT_OBSERVATIONS) <= set(rows[0])
     assert rows[0]["Cardiomegaly"] in {"", "1", "0", "-1"}
 
 
