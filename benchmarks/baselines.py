@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -89,41 +87,12 @@ def make_seed_optimizer(model: SeedStyleCaptioner, learning_rate: float = 1e-4) 
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
 
 
-@contextmanager
-def kv_cache_disabled(model):
-    """
-    While active, `model.generate` re-runs the whole sequence at every step, without a KV cache.
-
-    `generate(use_cache=False)` cannot do this for a model prompted with `inputs_embeds` (the image prefix):
-    transformers 5 silently turns the cache back on for decoder-only models given `inputs_embeds`. So the
-    cache is dropped where the decoding loop hands it to the model: `prepare_inputs_for_generation` gets
-    `cache=None, use_cache=False` (XrayCap's then feeds prompt embeddings + every generated token), and the
-    beam reordering of the (never filled) cache is a no-op. The decoding loop, logits processors and beam
-    bookkeeping stay transformers' own, so the outputs must equal the cached run's.
-    """
-    original = model.prepare_inputs_for_generation
-
-    @functools.wraps(original)  # generate() inspects its signature for `inputs_embeds`
-    def prepare_without_cache(input_ids, *args, **kwargs):
-        kwargs["cache"] = None
-        kwargs["use_cache"] = False
-        return original(input_ids, *args, **kwargs)
-
-    model.prepare_inputs_for_generation = prepare_without_cache
-    model._reorder_cache = lambda cache, beam_idx: cache
-    try:
-        yield model
-    finally:
-        del model.prepare_inputs_for_generation
-        del model._reorder_cache
-
-
 @torch.no_grad()
 def generate_without_cache(model, **generate_kwargs: Any) -> torch.LongTensor:
     """Baseline (b): `model.generate(**generate_kwargs)` with every step re-reading the whole sequence
-    (image prefix + bos + the tokens so far): see `kv_cache_disabled`."""
-    with kv_cache_disabled(model):
-        return model.generate(**generate_kwargs)
+    (image prefix + bos + the tokens so far). XrayCap honours `use_cache=False` itself (transformers alone
+    would switch the cache back on for an `inputs_embeds` prompt)."""
+    return model.generate(**generate_kwargs, use_cache=False)
 
 
 class FullSizePngStudies(Dataset):
