@@ -99,8 +99,19 @@ CC BY-NC-ND 4.0 (non-commercial). A model trained on the synthetic phantom studi
     path.write_text(front_matter + "\n" + body)
 
 
-def describe_run(model_args, data_args, train_args, model, views, results, build_report) -> dict[str, Any]:
-    synthetic = not (data_args.data_dir or data_args.dataset_dir or data_args.download)
+def describe_run(
+    model_args, data_args, train_args, model, views: str, results: dict, build_report: dict, synthetic: bool
+) -> dict[str, Any]:
+    """The facts `write_model_card` fills in, from run_captioning's arguments, model and results.
+
+    Args:
+        model_args, data_args, train_args: run_captioning's argument dataclasses.
+        model (`XrayCapForConditionalGeneration`): the trained model (its config describes the architecture).
+        views (`str`): the views used ("frontal", "pair" or "all").
+        results (`dict`): `eval_results.json`'s content (its "run" entry gives steps, time, device).
+        build_report (`dict`): the dataset build report (skipped rows are counted).
+        synthetic (`bool`): trained on the embedded synthetic phantom studies.
+    """
     config = model.config
     vision = model_args.vision_model or f"a ResNet built from the `{model_args.preset}` preset (random init)"
     text = model_args.text_model or f"a GPT-2 built from the `{model_args.preset}` preset (random init)"

@@ -33,11 +33,11 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
+from captioning_data import IndexedStudies, StudyCollator, model_inputs, precompute_features
 from checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from configuration_xraycap import XrayCapConfig
 from model_card import describe_run, format_value, write_model_card
@@ -338,97 +338,6 @@ def load_studies(
     return dataset, report
 
 
-class IndexedStudies(Dataset):
-    """A split with each study's row index attached, so predictions can be matched after a gather."""
-
-    def __init__(self, split: datasets.Dataset):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
-        return index, self.split[index]
-
-
-class StudyCollator:
-    """Turns studies into model inputs with the processor.
-
-    Args:
-        processor (`XrayCapProcessor`): images -> pixel_values / view_mask, reports -> input_ids / labels.
-        max_views (`int`): views kept per study (the builder orders frontal first).
-        max_target_length (`int`): report tokens kept, bos and eos included.
-        with_text (`bool`, *optional*, defaults to `True`): tokenize the reports (training).
-        ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
-        feature_cache (`dict[int, tuple[torch.Tensor, torch.Tensor]]`, *optional*): precomputed encoder
-            features and view masks by row index;
-            when given, images are not decoded at all.
-    """
-
-    def __init__(
-        self,
-        processor: XrayCapProcessor,
-        max_views: int,
-        max_target_length: int,
-        with_text: bool = True,
-        ablate: bool = False,
-        feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ):
-        self.processor = processor
-        self.max_views = max_views
-        self.max_target_length = max_target_length
-        self.with_text = with_text
-        self.ablate = ablate
-        self.feature_cache = feature_cache
-
-    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        indices = [index for index, _ in items]
-        text = [example["report"] for _, example in items] if self.with_text else None
-        if self.feature_cache is not None:
-            batch = (
-                dict(self.processor(text=text, return_tensors="pt", max_length=self.max_target_length))
-                if text
-                else {}
-            )
-            batch["image_features"] = torch.stack([self.feature_cache[i][0] for i in indices])
-            batch["view_mask"] = torch.stack([self.feature_cache[i][1] for i in indices])
-        else:
-            images = [example["images"][: self.max_views] for _, example in items]
-            if self.ablate:
-                images = [[Image.new("L", view.size, 128) for view in views] for views in images]
-            batch = dict(
-                self.processor(
-                    images=images, text=text, return_tensors="pt", max_length=self.max_target_length
-                )
-            )
-        batch["index"] = torch.tensor(indices)
-        return batch
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "index"}
-
-
-@torch.no_grad()
-def precompute_features(
-    model, dataloader: DataLoader, accelerator: Accelerator
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Runs the frozen encoder once over a split; returns `(features, view_mask)` by row index, on CPU.
-
-    All processes get the whole split's features (gathered), whichever shard each one encoded.
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    indices, features, view_masks = [], [], []
-    for batch in tqdm(dataloader, desc="encoding images once", disable=not accelerator.is_local_main_process):
-        encoded = unwrapped.get_image_features(
-            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
-        )
-        gathered = accelerator.gather_for_metrics((batch["index"], encoded, batch["view_mask"]))
-        for store, values in zip((indices, features, view_masks), gathered):
-            store.extend(values.cpu())
-    return {int(i): (f, m) for i, f, m in zip(indices, features, view_masks)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenizer, processor and model
 # --------------------------------------------------------------------------------------------------
@@ -540,9 +449,11 @@ def generate_reports(
 
 
 def score(metric, split: datasets.Dataset, reports: dict[int, str], **options) -> dict[str, Any]:
+    """The radiology_report metrics of generated reports (by row index) against the split's references."""
+    references = list(split["report"])  # the text column alone: no image is decoded
     order = sorted(reports)
     return metric.compute(
-        predictions=[reports[i] for i in order], references=[split[i]["report"] for i in order], **options
+        predictions=[reports[i] for i in order], references=[references[i] for i in order], **options
     )
 
 
@@ -860,11 +771,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["validation"] = {
                     k: v for k, v in history["epoch_metrics"][-1].items() if k not in ("epoch", "step")
                 }
+            uids, references = list(test_split["uid"]), list(test_split["report"])
             with open(output_dir / "predictions.jsonl", "w") as f:
                 for index in sorted(test_reports):
                     row = {
-                        "id": test_split[index]["uid"],
-                        "reference": test_split[index]["report"],
+                        "id": uids[index],
+                        "reference": references[index],
                         "prediction": test_reports[index],
                         "prediction_image_ablated": ablated_reports[index],
                     }
@@ -891,7 +803,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_model_card(
             output_dir / "README.md",
             results,
-            describe_run(model_args, data_args, train_args, unwrapped, views, results, build_report),
+            describe_run(
+                model_args,
+                data_args,
+                train_args,
+                unwrapped,
+                views,
+                results,
+                build_report,
+                synthetic=uses_synthetic_default(data_args),
+            ),
         )
         logger.info(f"Saved the model folder to {output_dir} in {results['run']['wall_time_s']} s")
         if "test" in results:
@@ -916,19 +837,19 @@ def write_samples(
     from metrics.radiology_report.labeler import label_reports
 
     indices = sorted(reports)[:count]
-    references = [test_split[i]["report"] for i in indices]
+    examples = [test_split[i] for i in indices]  # decodes only these studies' images
     predictions = [reports[i] for i in indices]
-    ref_labels, pred_labels = label_reports(references), label_reports(predictions)
+    ref_labels = label_reports([example["report"] for example in examples])
+    pred_labels = label_reports(predictions)
     records = []
-    for i, ref, pred, ref_l, pred_l in zip(indices, references, predictions, ref_labels, pred_labels):
-        differing = [name for name in ref_l if (ref_l[name] == 1) != (pred_l[name] == 1)]
+    for example, prediction, ref_l, pred_l in zip(examples, predictions, ref_labels, pred_labels):
         records.append(
             {
-                "id": test_split[i]["uid"],
-                "image": test_split[i]["images"][0],
-                "reference": ref,
-                "prediction": pred,
-                "differing_findings": differing,
+                "id": example["uid"],
+                "image": example["images"][0],
+                "reference": example["report"],
+                "prediction": prediction,
+                "differing_findings": [name for name in ref_l if (ref_l[name] == 1) != (pred_l[name] == 1)],
             }
         )
     write_samples_sheet(records, output_dir / "samples.png", output_dir / "samples.html")
