@@ -27,3 +27,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA} (only present in the project's workplace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny XrayCap folder (random weights, pipeline file included) for the "using it" tests."""
+    from usage_testing_utils import make_tiny, save_model_folder
+
+    model, processor = make_tiny()
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("xraycap-tiny"))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """`model_dir` loaded back with trust_remote_code: `(model, processor)`."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    return model, processor

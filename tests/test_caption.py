@@ -7,27 +7,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor
-from usage_testing_utils import make_tiny, save_model_folder, write_phantom_pngs
+from usage_testing_utils import write_phantom_pngs
 
 import caption
 from metrics.radiology_report.labeler import label_reports
 
 # The tiny test model generates with repetition_penalty (see usage_testing_utils.make_tiny).
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model, processor = make_tiny()
-    return save_model_folder(model, processor, tmp_path_factory.mktemp("xraycap-tiny"))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    return model, processor
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor, pipeline
-from usage_testing_utils import make_tiny, phantom_studies, save_model_folder
+from transformers import pipeline
+from usage_testing_utils import phantom_studies
 
 from pipeline_xraycap import CUSTOM_PIPELINES, add_pipeline_to_folder
 
 # The tiny test model generates with repetition_penalty (see usage_testing_utils.make_tiny).
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model, processor = make_tiny()
-    return save_model_folder(model, processor, tmp_path_factory.mktemp("xraycap-tiny"))
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    return model, processor
 
 
 @pytest.fixture(scope="module")
