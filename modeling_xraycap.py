@@ -37,7 +37,8 @@ class XrayCapCausalLMOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             Mean next-token cross-entropy over the report tokens (the image prefix and -100 labels are ignored).
         logits (`torch.FloatTensor` of shape `(batch_size, prefix_length + text_length, vocab_size)`):
-            Decoder scores for every position, image prefix included.
+            Decoder scores for every position, image prefix included (the last `logits_to_keep` positions
+            when that is given).
         cache (`Cache`, *optional*):
             The decoder's key/value cache (when `use_cache=True`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*), attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -188,6 +189,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         vision_tower = AutoModel.from_pretrained(vision)
         text_tower = GPT2LMHeadModel.from_pretrained(text)
         text_config = text_tower.config.to_dict()
+        if text_config.get("activation_function") == "gelu_new":  # the same formula, one fused kernel
+            text_config["activation_function"] = "gelu_pytorch_tanh"
         if config_kwargs.get("pad_token_id") is None:
             config_kwargs["pad_token_id"] = text_tower.config.vocab_size
         for key in ("bos_token_id", "eos_token_id"):
@@ -264,11 +267,14 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             return cells
         reduction, extra = 32, 0  # transformers ResNets downsample by 32
         timm_model = getattr(self.vision_model, "timm_model", None)
+        feature_map = timm_model is None or not hasattr(timm_model, "patch_embed")  # CNN, not ViT tokens
         if timm_model is not None:
             feature_info = getattr(timm_model, "feature_info", None) or [{}]
             reduction = int(feature_info[-1].get("reduction", 32))
             extra = int(getattr(timm_model, "num_prefix_tokens", 0) or 0)  # ViT class tokens
         side = -(-int(self.config.image_size) // reduction)
+        if feature_map and self.config.grid_size is not None:  # CNN maps are pooled to grid_size
+            side = min(side, int(self.config.grid_size))
         return side * side + extra
 
     @property
@@ -338,7 +344,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
 
         Returns:
             `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the
-            cells of the last feature map ("grid"; 7x7 = 49 at 224 px for ResNet-50). Computed without grad
+            cells of the last feature map ("grid"; pooled to `config.grid_size` per side: 4x4 = 16 for
+            ResNet-50 at 224 px, 7x7 = 49 with `grid_size=None`). Computed without grad
             while the encoder is frozen, so it can be cached and fed back as `image_features`.
         """
         pixel_values = self._check_pixel_values(pixel_values)
@@ -363,6 +370,9 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         pooled = getattr(outputs, "pooler_output", None)
         if hidden.ndim == 4:  # CNN feature map (N, C, h, w)
             if self.config.visual_tokens == "grid":
+                side = self.config.grid_size
+                if side is not None and max(hidden.shape[-2:]) > side:
+                    hidden = nn.functional.adaptive_avg_pool2d(hidden, (side, side))
                 self._grid_cells = hidden.shape[-2] * hidden.shape[-1]
                 return hidden.flatten(2).transpose(1, 2).contiguous()
             if pooled is None:
@@ -440,7 +450,12 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 pixels / features are all zero (the processor's and `get_image_features`' padding) are absent.
             image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`, *optional*):
                 Precomputed `get_image_features` output used instead of `pixel_values`.
-            inputs_embeds, position_ids, cache, use_cache, logits_to_keep:
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                As in `GPT2LMHeadModel`: an int `k > 0` computes logits for the last `k` positions only. With
+                `labels`, the loss then covers those positions, so in training `k = text_length + 1` gives the
+                same loss while skipping the LM head and softmax on the image prefix (see
+                `run_captioning.training_loss`).
+            inputs_embeds, position_ids, cache, use_cache:
                 As in `GPT2LMHeadModel` (used by `generate`). Position ids default to the running count of
                 attended positions, so absent views shift nothing.
 
@@ -495,6 +510,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 f"{total - prefix_length} text) exceeds the decoder's n_positions={n_positions}: shorten the "
                 "report (XrayCapProcessor(max_length=...) truncates) or lower max_new_tokens."
             )
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            labels = labels[:, -logits_to_keep:]  # the loss covers the kept logits only
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 

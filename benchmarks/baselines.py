@@ -2,7 +2,8 @@
 
 (a) `SeedStyleCaptioner` + `seed_train_step`: the seed notebook's training loop. A frozen ResNet-50 runs on
     every step in fp32, its pooled image vector is added to EVERY token embedding of GPT-2 (no prefix),
-    labels are the input ids themselves, no autocast, the default (for-loop) AdamW.
+    labels are the input ids themselves, no autocast, the default (for-loop) AdamW, and GPT-2 with its stock
+    settings (`seed_language_model`).
 (b) `generate_without_cache`: the same `generate` call re-running the whole sequence (image prefix + bos +
     the tokens so far) at every step, without the KV cache.
 (c) `FullSizePngStudies`: an epoch that decodes the original full-size PNGs of every study, instead of the
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
 
 
 class SeedStyleCaptioner(nn.Module):
@@ -64,6 +66,16 @@ class SeedStyleCaptioner(nn.Module):
         embeds = self.decoder.get_input_embeddings()(input_ids) + self.image_projection(image)[:, None, :]
         # The seed trains on labels = input_ids (padding unmasked): kept, it is what the loop computed.
         return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, labels=input_ids)
+
+
+def seed_language_model(language_model: nn.Module) -> GPT2LMHeadModel:
+    """The seed notebook's decoder: GPT-2 with its stock settings (`GPT2Config` defaults, such as the
+    unfused "gelu_new" activation), the sizes and a copy of the weights of `language_model`."""
+    sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    config = GPT2Config(**{key: getattr(language_model.config, key) for key in sizes})
+    decoder = GPT2LMHeadModel(config)
+    decoder.load_state_dict(language_model.state_dict())
+    return decoder
 
 
 def seed_train_step(

@@ -31,6 +31,7 @@ from .baselines import (
     SeedStyleCaptioner,
     generate_without_cache,
     make_seed_optimizer,
+    seed_language_model,
     seed_train_step,
 )
 from .flops import count_flops, gpt2_training_flops, matmul_rate, warm_matmul
@@ -71,7 +72,8 @@ class BenchSettings:
             (run_captioning's default `--num_train_epochs`).
         learning_rate (`float`): learning rate of both optimizers (it does not change the timing).
         gpu_batch_sizes (`tuple[int, ...]`): batch sizes of the GPU training figures.
-        preview_proposed (`bool`): also time the proposed (not yet applied) training-step changes, labelled.
+        native_grid (`bool`): also time xraycap with the encoder's native token grid (`grid_size=None`: 7x7
+            = 49 tokens per view for ResNet-50) instead of the preset's pooled one.
     """
 
     preset: str = "resnet50-gpt2"
@@ -92,7 +94,7 @@ class BenchSettings:
     amortize_epochs: int = 14
     learning_rate: float = 1e-4
     gpu_batch_sizes: tuple[int, ...] = (8, 32)
-    preview_proposed: bool = True
+    native_grid: bool = True
 
 
 QUICK = BenchSettings()
@@ -123,19 +125,16 @@ SMOKE = BenchSettings(
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(settings: BenchSettings, seed: int = 0) -> XrayCapForConditionalGeneration:
-    """The preset's model with random weights (no Hub access), frozen encoder."""
+def build_model(settings: BenchSettings, seed: int = 0, **overrides: Any) -> XrayCapForConditionalGeneration:
+    """The preset's model with random weights (no Hub access), frozen encoder; `overrides` go to the preset."""
     torch.manual_seed(seed)
-    config = XrayCapConfig.from_preset(settings.preset, freeze_vision_encoder=True)
+    config = XrayCapConfig.from_preset(settings.preset, freeze_vision_encoder=True, **overrides)
     return XrayCapForConditionalGeneration(config)
 
 
 def make_xraycap_optimizer(model, learning_rate: float) -> torch.optim.Optimizer:
-    """The optimizer exactly as run_captioning builds it (its `build_optimizer` when it has one)."""
-    build = getattr(run_captioning, "build_optimizer", None)
-    if build is not None:
-        return build(model, learning_rate, 0.01)
-    return torch.optim.AdamW(run_captioning.optimizer_groups(model, 0.01), lr=learning_rate)
+    """The optimizer exactly as run_captioning builds it."""
+    return run_captioning.build_optimizer(model, learning_rate, 0.01)
 
 
 def xraycap_train_step(
@@ -146,14 +145,11 @@ def xraycap_train_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float = 1.0,
 ) -> float:
-    """One optimizer step as run_captioning takes it: autocast forward (its `training_loss` when it has
-    one), backward, gradient clipping, AdamW (fp16: with a GradScaler)."""
+    """One optimizer step as run_captioning takes it: autocast forward (`run_captioning.training_loss`),
+    backward, gradient clipping, AdamW (fp16: with a GradScaler)."""
     device_type = next(model.parameters()).device.type
-    training_loss = getattr(
-        run_captioning, "training_loss", None
-    )  # run_captioning's own forward, if factored out
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss = training_loss(model, inputs) if training_loss is not None else model(**inputs).loss
+        loss = run_captioning.training_loss(model, inputs)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -175,28 +171,6 @@ def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtyp
     device_type = batch["pixel_values"].device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         return model.get_image_features(batch["pixel_values"], batch["view_mask"])
-
-
-def proposed_text_only_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """
-    PREVIEW of a proposed model change (see the performance notes), not what run_captioning runs yet: the
-    same loss as `model(**inputs).loss`, with the LM head and the softmax computed only on the report
-    positions (the loss never covers the image prefix). Only for cached-feature inputs.
-    """
-    prefix, prefix_mask = model.get_prefix_embeds(inputs["image_features"], inputs["view_mask"])
-    text = model.get_input_embeddings()(inputs["input_ids"])
-    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-    mask = torch.cat([prefix_mask.to(inputs["attention_mask"].dtype), inputs["attention_mask"]], dim=1)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.language_model.transformer(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions
-    ).last_hidden_state
-    logits = model.language_model.lm_head(hidden[:, prefix.shape[1] :])
-    return model.language_model.loss_function(logits, inputs["labels"], vocab_size=model.config.vocab_size)
-
-
-def _proposal_pending() -> bool:
-    return not (hasattr(run_captioning, "training_loss") and hasattr(run_captioning, "build_optimizer"))
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -223,13 +197,17 @@ def train_section(
     `amortize_epochs` epochs. Also timed: the same step without the feature cache (encoder run every step,
     autocast + channels_last), which is what runs when image augmentation is on.
 
-    Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, and one
-    large matmul in `amp_dtype` and in fp32. Ratios and fractions are per repeat, then the median.
+    Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, the xraycap
+    step with the encoder's native grid (when the preset pools it), and one large matmul in `amp_dtype`
+    and in fp32. Ratios and fractions are per repeat, then the median.
     """
     device = torch.device(device)
     batch_size = batch_size or settings.batch_size
+    # A process-wide allocator setting run_captioning applies for CPU training: both sides run with it.
+    reuses_freed_memory = device.type == "cpu" and run_captioning.reuse_freed_memory()
     model = model or build_model(settings)
     config = model.config
+    text = config.text_config
     batch = random_training_batch(
         batch_size,
         settings.text_tokens,
@@ -243,10 +221,11 @@ def train_section(
     model.vision_model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    # The seed loop: its own fp32 ResNet (same weights, default memory format), GPT-2 shared with xraycap
-    # (each side's optimizer keeps its own state; sharing only saves memory).
+    # The seed loop: its own fp32 ResNet (same weights, default memory format) and its own GPT-2 as the
+    # notebook loads it (stock GPT-2 settings, same weights as xraycap's decoder).
     seed_vision = copy.deepcopy(model.vision_model).to(memory_format=torch.contiguous_format)
-    seed_model = SeedStyleCaptioner(seed_vision, model.language_model, model.vision_feature_dim).to(device)
+    seed_decoder = seed_language_model(model.language_model)
+    seed_model = SeedStyleCaptioner(seed_vision, seed_decoder, model.vision_feature_dim).to(device)
     seed_model.train()
     seed_optimizer = make_seed_optimizer(seed_model, settings.learning_rate)
     optimizer = make_xraycap_optimizer(model, settings.learning_rate)
@@ -271,40 +250,40 @@ def train_section(
     def step_seed():
         return seed_train_step(seed_model, seed_optimizer, batch)
 
-    # Preview of the proposed run_captioning/model changes (fused AdamW + text-only LM head), while pending.
-    preview = settings.preview_proposed and _proposal_pending() and amp_dtype != torch.float16
-    if preview:
-        fused_optimizer = torch.optim.AdamW(
-            run_captioning.optimizer_groups(model, 0.01), lr=settings.learning_rate, fused=True
-        )
+    # The same model with the encoder's native grid (7x7 per view for ResNet-50), when the preset pools it.
+    native = None
+    if settings.native_grid and config.visual_tokens == "grid" and config.grid_size is not None:
+        native = build_model(settings, grid_size=None).to(device)
+        native.load_state_dict(model.state_dict())
+        native.vision_model.to(memory_format=torch.channels_last)
+        native.train()
+        native_optimizer = make_xraycap_optimizer(native, settings.learning_rate)
+        native_inputs = {**cached_inputs, "image_features": encode_features(native, batch, amp_dtype)}
+        if native.max_prefix_length == model.max_prefix_length:
+            native = None  # the preset's map is already no larger than grid_size
 
-    def step_preview():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = proposed_text_only_loss(model, cached_inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        fused_optimizer.step()
-        fused_optimizer.zero_grad(set_to_none=True)
+    def step_native():
+        return xraycap_train_step(native, native_optimizer, native_inputs, amp_dtype, scaler)
 
     # Warm-up (first-call allocations, oneDNN kernel selection), and the FLOP counts.
     mm_dtype = amp_dtype or torch.float32
-    for fn in (step_seed, step_cached, step_uncached, *((step_preview,) if preview else ())):
+    for fn in (step_seed, step_cached, step_uncached, *((step_native,) if native else ())):
         fn()
     warm_matmul(mm_dtype, settings.matmul_size, device)
     warm_matmul(torch.float32, settings.matmul_size, device)
     flops_cached, flops_cached_by_op = count_flops(step_cached)
     flops_seed, _ = count_flops(step_seed)
     flops_uncached, _ = count_flops(step_uncached)
-    flops_preview = count_flops(step_preview)[0] if preview else None
+    flops_native = count_flops(step_native)[0] if native else None
 
-    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode", "preview")}
+    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode", "native")}
     rates: dict[str, list[float]] = {"amp": [], "fp32": []}
     for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
         times["seed"].append(timed(step_seed, device)[0])
         times["cached"].append(timed(step_cached, device)[0])
         times["uncached"].append(timed(step_uncached, device)[0])
-        if preview:
-            times["preview"].append(timed(step_preview, device)[0])
+        if native:
+            times["native"].append(timed(step_native, device)[0])
         times["encode"].append(timed(lambda: encode_features(model, batch, amp_dtype), device)[0])
         rates["amp"].append(matmul_rate(mm_dtype, settings.matmul_size, device)[0])
         rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
@@ -318,7 +297,6 @@ def train_section(
     fraction = summarize(
         [flops_cached / t / r for t, r in zip(times["cached"], rates["amp"])], unit="fraction"
     )
-    text = config.text_config
     prefix = model.max_prefix_length
     analytic = gpt2_training_flops(
         text.n_layer, text.n_embd, text.vocab_size, batch_size * (prefix + settings.text_tokens),
@@ -337,6 +315,9 @@ def train_section(
             "views": config.max_views,
             "image_size": config.image_size,
             "image_prefix_tokens": prefix,
+            "grid_size": config.grid_size,
+            "activation_function": text.activation_function,
+            "reuse_freed_memory": reuses_freed_memory,
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "trainable_parameters_m": round(
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1
@@ -345,11 +326,12 @@ def train_section(
                 f"run_captioning --cache_features: features encoded once ({_dtype_name(amp_dtype)} autocast, "
                 f"channels_last), one-off cost spread over {epochs} epochs; step under "
                 f"{_dtype_name(amp_dtype)} autocast, grad clipping 1.0; optimizer: {optimizer_name}; forward: "
-                f"{'run_captioning.training_loss' if hasattr(run_captioning, 'training_loss') else 'model(**batch).loss'}"
+                "run_captioning.training_loss (logits on the report positions only)"
             ),
             "seed_side": (
                 "fp32, no autocast, frozen ResNet-50 run every step on every view (pooled vectors averaged), "
-                "image vector added to every token embedding, labels = input_ids, default AdamW"
+                "image vector added to every token embedding, labels = input_ids, default AdamW, stock GPT-2 "
+                f"settings (activation {seed_decoder.config.activation_function})"
             ),
         },
         "seconds_per_step": {
@@ -389,17 +371,19 @@ def train_section(
             [flops_seed / t / r for t, r in zip(times["seed"], rates["fp32"])], unit="fraction"
         ),
     }
-    if preview:
-        preview_amortized = [p + e / epochs for p, e in zip(times["preview"], times["encode"])]
-        result["proposed_changes_preview"] = {
-            "what": "NOT in run_captioning yet: fused AdamW + LM head/softmax on the report positions only "
-            "(same loss); timed in the same repeats as the figures above",
-            "seconds_per_step": summarize(times["preview"]),
-            "speedup_vs_seed": ratio_summary(times["seed"], preview_amortized),
-            "speedup_vs_seed_best_times": min(times["seed"]) / min(preview_amortized),
-            "flops_per_step": flops_preview,
+    if native:
+        native_amortized = [n + e / epochs for n, e in zip(times["native"], times["encode"])]
+        result["native_grid"] = {
+            "what": "the same xraycap step with grid_size=None (the encoder's native map), timed in the same "
+            "repeats",
+            "image_prefix_tokens": native.max_prefix_length,
+            "seconds_per_step": summarize(times["native"]),
+            "samples_per_second": batch_size / summarize(native_amortized)["median"],
+            "speedup_vs_seed": ratio_summary(times["seed"], native_amortized),
+            "speedup_vs_seed_best_times": min(times["seed"]) / min(native_amortized),
+            "flops_per_step": flops_native,
             "compute_fraction": summarize(
-                [flops_preview / t / r for t, r in zip(times["preview"], rates["amp"])], unit="fraction"
+                [flops_native / t / r for t, r in zip(times["native"], rates["amp"])], unit="fraction"
             ),
         }
     return result

@@ -113,6 +113,39 @@ def test_forward_returns_loss_and_logits_over_prefix_and_text(tiny):
     torch.testing.assert_close(out.loss, manual)
 
 
+def test_logits_to_keep_with_labels_gives_the_same_loss(tiny):
+    """The training forward (run_captioning.training_loss) computes logits on the report positions only."""
+    model, processor = tiny
+    batch = _batch(processor)
+    full = model(**batch)
+    keep = batch["input_ids"].shape[1] + 1  # the report positions and the last prefix position
+    kept = model(**batch, logits_to_keep=keep)
+    assert kept.logits.shape == (2, keep, model.config.vocab_size)
+    torch.testing.assert_close(kept.logits, full.logits[:, -keep:])
+    torch.testing.assert_close(kept.loss, full.loss)
+
+
+def test_grid_size_pools_the_feature_map():
+    """grid_size average-pools the encoder's map: 4x4 at 128 px -> 2x2 tokens per view."""
+    native, _ = make_tiny_model_and_processor(max_views=1, grid_size=None)
+    pooled, _ = make_tiny_model_and_processor(max_views=1, grid_size=2)
+    pooled.load_state_dict(native.state_dict())
+    assert (native.tokens_per_view, pooled.tokens_per_view) == (16, 4)  # before any forward
+    pixels = torch.randn(2, 3, 128, 128)
+    full = native.eval().get_image_features(pixels)[:, 0]  # (2, 16, 256)
+    grid = full.transpose(1, 2).reshape(2, 256, 4, 4)
+    expected = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pooled.eval().get_image_features(pixels)[:, 0], expected)
+    assert pooled.tokens_per_view == 4 and pooled.max_prefix_length == 4
+    # A map already no larger than grid_size is left as it is.
+    wide, _ = make_tiny_model_and_processor(max_views=1, grid_size=8)
+    wide.load_state_dict(native.state_dict())
+    torch.testing.assert_close(wide.eval().get_image_features(pixels)[:, 0], full)
+    assert wide.tokens_per_view == 16
+    with pytest.raises(ValueError, match="grid_size=0"):
+        XrayCapConfig.from_preset("tiny", grid_size=0)
+
+
 def test_image_features_and_layouts_are_interchangeable(tiny):
     model, processor = tiny
     batch = _batch(processor)
@@ -387,6 +420,7 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     tok = make_tiny_tokenizer()
     text_config = XrayCapConfig.from_preset("tiny", vocab_size=len(tok) - 1, n_layer=1).text_config
     text_config.pad_token_id = None  # a GPT-2 without pad, like the real one
+    text_config.activation_function = "gelu_new"  # as GPT-2 checkpoints say
     text = GPT2LMHeadModel(text_config)
     vision.save_pretrained(tmp_path / "resnet")
     text.save_pretrained(tmp_path / "gpt2")
@@ -402,6 +436,13 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     old_vocab = text_config.vocab_size
     assert model.config.pad_token_id == old_vocab and model.config.vocab_size == old_vocab + 1
     assert torch.equal(model.get_input_embeddings().weight[:old_vocab], text.transformer.wte.weight)
+    # "gelu_new" becomes its fused twin "gelu_pytorch_tanh": the same function, one kernel.
+    assert model.config.text_config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, old_vocab, (1, 12))
+    with torch.no_grad():
+        expected = text.eval()(input_ids=ids).logits
+        got = model.eval().language_model(input_ids=ids).logits[..., :old_vocab]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     ids = model.eval().generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=3, eos_token_id=None)
     assert ids.shape == (1, 3)
     # A pad id given explicitly (the tokenizer's, from XrayCapProcessor.from_tokenizer) also grows the vocabulary.
@@ -538,7 +579,10 @@ def test_real_size_preset_builds_runs_and_counts():
     ids = torch.tensor([[config.bos_token_id, 464, 2612, 318]])
     with torch.no_grad():
         out = model(pixel_values=pixel_values, input_ids=ids, labels=ids)
-    assert out.prefix_length == 98 and out.logits.shape == (1, 98 + 4, 50258) and torch.isfinite(out.loss)
+    # 2 views x the 7x7 map pooled to 4x4 (grid_size=None keeps 2 x 49 = 98).
+    assert out.prefix_length == 32 and out.logits.shape == (1, 32 + 4, 50258) and torch.isfinite(out.loss)
+    native = XrayCapForConditionalGeneration(XrayCapConfig.from_preset("resnet50-gpt2", grid_size=None))
+    assert native.max_prefix_length == 98
     generated = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=4, eos_token_id=None)
     assert generated.shape == (1, 4)
     print(f"resnet50-gpt2 build + forward + 3-beam generate: {time.perf_counter() - start:.1f}s")
