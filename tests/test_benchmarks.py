@@ -12,7 +12,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import run  # noqa: E402
-from benchmarks.baselines import SeedStyleCaptioner, generate_without_cache  # noqa: E402
+from benchmarks.baselines import (  # noqa: E402
+    SeedStyleCaptioner,
+    generate_without_cache,
+    seed_language_model,
+)
+from benchmarks.sections import SMOKE, train_section  # noqa: E402
 from benchmarks.timing import ratio_summary, summarize  # noqa: E402
 
 TOP_LEVEL = (
@@ -82,6 +87,28 @@ def test_seed_baseline_adds_image_vector_to_every_token():
     offset = captured["embeds"] - model.get_input_embeddings()(input_ids)
     assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-6)
     assert not any(p.requires_grad for p in seed.encoder.parameters())
+
+
+def test_seed_decoder_is_stock_gpt2_with_the_same_weights():
+    """The seed loop's GPT-2 keeps GPT-2's own settings (unfused "gelu_new"), not xraycap's."""
+    model, _ = make_tiny_model_and_processor()
+    seed = seed_language_model(model.language_model).eval()
+    assert model.config.text_config.activation_function == "gelu_pytorch_tanh"
+    assert seed.config.activation_function == "gelu_new"
+    ids = torch.randint(2, 50, (2, 10))
+    with torch.no_grad():
+        expected = model.language_model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(seed(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_grid_variant_is_timed_when_the_preset_pools():
+    """With a pooled grid (here 4x4 -> 2x2 per view) the same step is also timed on the native map."""
+    model, _ = make_tiny_model_and_processor(grid_size=2)
+    result = train_section(SMOKE, model=model)
+    assert result["setup"]["image_prefix_tokens"] == 2 * 4 and result["setup"]["grid_size"] == 2
+    native = result["native_grid"]
+    assert native["image_prefix_tokens"] == 2 * 16 and native["seconds_per_step"]["n"] == SMOKE.repeats
+    assert native["flops_per_step"] > result["flops_per_step"]["xraycap_cached_features"]
 
 
 def test_no_cache_baseline_rereads_the_whole_sequence_and_matches():
