@@ -45,21 +45,18 @@ def gpt2_training_flops(n_layer: int, n_embd: int, vocab: int, tokens: int, seq_
 
 
 def matmul_rate(
-    dtype: torch.dtype, size: int = 4096, device: torch.device | str = "cpu"
+    dtype: torch.dtype, size: int = 4096, device: torch.device | str = "cpu", runs: int = 5
 ) -> tuple[float, float]:
     """
-    Times one `torch.mm` of two `size` x `size` matrices.
+    The dense matmul rate: `runs` back-to-back `torch.mm` of two `size` x `size` matrices, after one untimed
+    call, and the median. On a shared CPU the bf16 (AMX) rate of one isolated call swings by 2-3x with the
+    neighbours' load; the median of a run of calls is the rate the surrounding work saw.
 
     Returns:
-        `tuple[float, float]`: (FLOP/s, seconds).
+        `tuple[float, float]`: (FLOP/s, seconds of the median call).
     """
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    seconds, _ = timed(lambda: torch.mm(a, b), device)
+    torch.mm(a, b)
+    seconds = sorted(timed(lambda: torch.mm(a, b), device)[0] for _ in range(runs))[runs // 2]
     return 2 * size**3 / seconds, seconds
-
-
-def warm_matmul(dtype: torch.dtype, size: int, device: torch.device | str = "cpu") -> None:
-    """One untimed matmul so one-off kernel selection / JIT costs stay out of the rate."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    torch.mm(a, a)

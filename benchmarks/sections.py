@@ -34,7 +34,7 @@ from .baselines import (
     seed_language_model,
     seed_train_step,
 )
-from .flops import count_flops, gpt2_training_flops, matmul_rate, warm_matmul
+from .flops import count_flops, gpt2_training_flops, matmul_rate
 from .inputs import make_full_size_studies, make_placeholder_layout, random_training_batch, read_studies
 from .timing import REPO_ROOT, ratio_summary, summarize, timed
 
@@ -203,7 +203,7 @@ def train_section(
     autocast + channels_last), which is what runs when image augmentation is on.
 
     Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, the xraycap
-    step with the encoder's native grid (when the preset pools it), and one large matmul in `amp_dtype`
+    step with the encoder's native grid (when the preset pools it), and a run of large matmuls in `amp_dtype`
     and in fp32. Ratios and fractions are per repeat, then the median.
     """
     device = torch.device(device)
@@ -278,8 +278,6 @@ def train_section(
     for _ in range(settings.warmup_steps):
         for fn in (step_seed, step_cached, step_uncached, *((step_native,) if native else ())):
             fn()
-    warm_matmul(mm_dtype, settings.matmul_size, device)
-    warm_matmul(torch.float32, settings.matmul_size, device)
     flops_cached, flops_cached_by_op = count_flops(step_cached)
     flops_seed, _ = count_flops(step_seed)
     flops_uncached, _ = count_flops(step_uncached)
@@ -706,8 +704,7 @@ def gpu_section(settings: BenchSettings) -> dict[str, Any]:
         ("fp16", torch.float16, False),
     ):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        warm_matmul(dtype, size, device)
-        rates[name] = summarize([matmul_rate(dtype, size, device)[0] for _ in range(5)], unit="FLOP/s")
+        rates[name] = summarize([matmul_rate(dtype, size, device)[0] for _ in range(3)], unit="FLOP/s")
     torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     result["matmul_flops_per_second"] = rates
     model = build_model(settings)
