@@ -120,7 +120,7 @@ def describe_run(
         "model_name": Path(train_args.hub_model_id or train_args.output_dir).name,
         "dataset_name": "synthetic-phantom-cxr" if synthetic else "raddar/chest-xrays-indiana-university",
         "architecture": f"{vision} -> {config.projection} projection -> {config.visual_tokens} visual tokens "
-        f"(up to {config.max_views} view(s)) -> {text}",
+        f"({model.tokens_per_view} per view, up to {config.max_views} view(s)) -> {text}",
         "data_description": (
             f"{data_args.synthetic_studies} synthetic phantom chest radiograph studies from `python -m dataset_builder "
             "synthesize` (findings drawn into the image; the report is determined by what is drawn)."
