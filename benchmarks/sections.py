@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .baselines import (
@@ -324,6 +325,10 @@ def train_section(
             "image_prefix_tokens": prefix,
             "grid_size": config.grid_size,
             "activation_function": text.activation_function,
+            "attention_implementation": model.language_model.config._attn_implementation,
+            "dropout": sorted(
+                {type(m).__name__ for m in model.language_model.modules() if isinstance(m, nn.Dropout)}
+            ),
             "reuse_freed_memory": reuses_freed_memory,
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "trainable_parameters_m": round(

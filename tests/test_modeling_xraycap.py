@@ -26,8 +26,14 @@ from testing_utils import (
 )
 from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapperConfig
 
+import modeling_xraycap
 from configuration_xraycap import XrayCapConfig
-from modeling_xraycap import XrayCapForConditionalGeneration
+from modeling_xraycap import (
+    XrayCapDropout,
+    XrayCapForConditionalGeneration,
+    xraycap_dropout,
+    xraycap_sdpa_attention_forward,
+)
 
 OVERFIT_FINDINGS = FINDINGS[:4]  # normal, cardiomegaly, left effusion, right pneumothorax
 
@@ -223,6 +229,125 @@ def test_bf16_autocast_and_channels_last_train_step():
             pixel_values=batch["pixel_values"], view_mask=batch["view_mask"], max_new_tokens=3
         )
     assert ids.shape[0] == 2
+
+
+# ----------------------------------------------------------------------------------------- CPU dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_at_rate_p_unbiased_and_reproducibly(dtype):
+    x = torch.randn(1_000_003, dtype=dtype)  # odd size: the 16-bit draws do not fill the last 64-bit word
+    torch.manual_seed(0)
+    out = xraycap_dropout(x, 0.1, training=True)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - 0.1) < 0.002  # 6 standard deviations
+    scale = 65536 / (65536 - 6554)  # 1 / (1 - 6554 / 2**16): the probability 0.1 as 16-bit levels
+    kept = ~dropped & (x != 0)
+    torch.testing.assert_close(out[kept], (x[kept].double() * scale).to(dtype))
+    # Unbiased: the mean of many masks of a constant input is the input.
+    ones = torch.ones(4_000_000, dtype=torch.float32)
+    assert abs(xraycap_dropout(ones, 0.3, training=True).mean().item() - 1.0) < 0.003
+    # Seeded like torch's own RNG; every 16-bit lane of a 64-bit draw is used.
+    torch.manual_seed(0)
+    assert torch.equal(xraycap_dropout(x, 0.1, training=True), out)
+    lanes = dropped[:1_000_000].view(-1, 4).float().mean(0)
+    assert (lanes - 0.1).abs().max().item() < 0.004
+
+
+def test_cpu_dropout_gradient_uses_the_forward_mask():
+    x = torch.randn(64, 96, requires_grad=True)
+    torch.manual_seed(1)
+    out = xraycap_dropout(x, 0.25, training=True)
+    out.backward(torch.ones_like(out))
+    scale = 65536 / (65536 - 16384)
+    torch.testing.assert_close(x.grad, (out != 0).float() * scale)
+
+
+def test_cpu_dropout_is_identity_outside_training_and_defers_at_the_ends():
+    x = torch.randn(10, 10)
+    assert xraycap_dropout(x, 0.5, training=False) is x
+    assert xraycap_dropout(x, 0.0, training=True) is x
+    assert torch.equal(xraycap_dropout(x, 1.0, training=True), torch.zeros_like(x))  # F.dropout's answer
+
+
+def test_decoder_dropouts_and_attention_are_xraycaps(tiny):
+    model, _ = tiny
+    kinds = {type(m) for m in model.language_model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert kinds == {XrayCapDropout}
+    assert model.language_model.config._attn_implementation == "xraycap_sdpa"
+    assert all(m.p == 0.1 for m in model.language_model.modules() if isinstance(m, XrayCapDropout))
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "float", "left_padded"])
+def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(monkeypatch, mask_kind):
+    """With dropout active on CPU, the attention is softmax(QK^T * scale + mask), the dropout mask, times V."""
+    torch.manual_seed(0)
+    batch, heads, length, dim = 2, 3, 7, 8
+    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    if mask_kind == "left_padded":
+        allowed[0, :, :, :3] = (
+            False  # study 0 starts with 3 padding tokens: its first 3 query rows see nothing
+        )
+    mask = {
+        "causal": None,
+        "bool": allowed,
+        "left_padded": allowed,
+        "float": torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -1e9),
+    }[mask_kind]
+    keep = (torch.rand(batch, heads, length, length) > 0.2).double()
+    monkeypatch.setattr(modeling_xraycap, "_dropout_keep_mask", lambda shape, count, dtype: keep.to(dtype))
+    module = torch.nn.Module()
+    out, _ = xraycap_sdpa_attention_forward(module, q, k, v, mask, dropout=0.2, scaling=0.3)
+
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    probs = scores.softmax(-1) * keep * (65536 / (65536 - 13107))
+    torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
+    assert torch.isfinite(out).all()  # fully masked rows (left padding) are uniform, not NaN
+
+
+def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
+    """The whole training path (every dropout module, the CPU attention with padding masks) computes the eval
+    function when the masks keep everything at weight 1 - p (so that mask x scale = 1)."""
+    model, processor = make_tiny_model_and_processor(image_size=64)
+    batch = _batch(processor)
+    assert (batch["attention_mask"] == 0).any()  # right padding: the bool-mask branch runs
+    calls = []
+
+    def keep_all(shape, drop_count, dtype):
+        calls.append(shape)
+        return torch.full(shape, 1 - drop_count / 65536, dtype=dtype)
+
+    monkeypatch.setattr(modeling_xraycap, "_dropout_keep_mask", keep_all)
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+        assert not calls
+        got = model.train()(**batch).logits
+    layers = model.config.text_config.n_layer
+    assert (
+        len(calls) == 1 + 3 * layers
+    )  # embedding dropout, then attention, residual and MLP dropout per layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_the_same_dropout_masks():
+    """Checkpointing replays the CPU RNG, so the recomputed forward draws the masks it drew the first time."""
+    model, processor = make_tiny_model_and_processor(image_size=64)
+    batch = _batch(processor)
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    assert torch.equal(loss, checkpointed_loss)
+    torch.testing.assert_close(checkpointed_grads, grads, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------- generation
