@@ -25,6 +25,7 @@ from testing_utils import (
     make_tiny_tokenizer,
 )
 from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapperConfig
+from transformers.modeling_utils import AttentionInterface
 
 import modeling_xraycap
 from configuration_xraycap import XrayCapConfig
@@ -312,6 +313,9 @@ def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
     model, processor = make_tiny_model_and_processor(image_size=64)
     batch = _batch(processor)
     assert (batch["attention_mask"] == 0).any()  # right padding: the bool-mask branch runs
+    # The registry is global: a remote-code copy of modeling_xraycap loaded by an earlier test re-registered
+    # its own (identical) function, whose module the monkeypatch below would not reach.
+    AttentionInterface.register("xraycap_sdpa", modeling_xraycap.xraycap_sdpa_attention_forward)
     calls = []
 
     def keep_all(shape, drop_count, dtype):
