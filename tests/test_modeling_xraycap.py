@@ -286,10 +286,8 @@ def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(monkeypatch, 
     batch, heads, length, dim = 2, 3, 7, 8
     q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
     allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
-    if mask_kind == "left_padded":
-        allowed[0, :, :, :3] = (
-            False  # study 0 starts with 3 padding tokens: its first 3 query rows see nothing
-        )
+    if mask_kind == "left_padded":  # study 0 starts with 3 padding tokens: its first 3 query rows see nothing
+        allowed[0, :, :, :3] = False
     mask = {
         "causal": None,
         "bool": allowed,
@@ -327,10 +325,8 @@ def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
         expected = model.eval()(**batch).logits
         assert not calls
         got = model.train()(**batch).logits
-    layers = model.config.text_config.n_layer
-    assert (
-        len(calls) == 1 + 3 * layers
-    )  # embedding dropout, then attention, residual and MLP dropout per layer
+    # The embedding dropout, then the attention, residual and MLP dropout of each layer.
+    assert len(calls) == 1 + 3 * model.config.text_config.n_layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
