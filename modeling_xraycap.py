@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput, logging
@@ -190,6 +191,97 @@ AttentionInterface.register("xraycap_sdpa", xraycap_sdpa_attention_forward)
 AttentionMaskInterface.register("xraycap_sdpa", sdpa_mask)
 
 
+# The causal-LM loss. transformers' `ForCausalLMLoss` upcasts the whole bf16 logits tensor to fp32, runs
+# log-softmax and NLL, and its backward runs log-softmax's backward, fills a zero NLL gradient and casts the result
+# back to bf16: five or six passes over `tokens x vocab_size` fp32 values in memory (~60 ms a real-size step on the
+# 2-core CPU). On CPU the function below walks the logits in row chunks small enough to stay in cache, and in the
+# same pass writes the gradient `(softmax - one_hot) / count` in the logits' dtype; its backward only scales it.
+
+_LOSS_CHUNK_ELEMENTS = 1 << 19  # fp32 elements per chunk (2 MB): ~10 rows of GPT-2's 50k vocabulary
+
+
+class _CpuCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+        rows, vocab_size = logits.shape
+        valid = targets != -100
+        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
+        row_scale = valid.to(torch.float32).div_(divisor).unsqueeze(1)  # 1 / divisor, or 0 where ignored
+        row_losses = torch.empty(rows, 1, dtype=torch.float32)
+        grad_logits = torch.empty_like(logits)
+        chunk_rows = max(1, _LOSS_CHUNK_ELEMENTS // vocab_size)
+        buffer = torch.empty(min(chunk_rows, rows), vocab_size, dtype=torch.float32)
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            chunk, target = buffer[: end - start], safe_targets[start:end]
+            chunk.copy_(logits[start:end])
+            chunk.sub_(chunk.amax(dim=1, keepdim=True))  # shifted: x - max
+            target_shifted = chunk.gather(1, target)
+            chunk.exp_()
+            total = chunk.sum(dim=1, keepdim=True)
+            row_losses[start:end] = total.log() - target_shifted  # logsumexp(x) - x[target]
+            chunk.mul_(row_scale[start:end] / total)  # softmax / divisor
+            chunk.scatter_add_(1, target, -row_scale[start:end])  # minus the one-hot / divisor
+            grad_logits[start:end].copy_(chunk)
+        ctx.save_for_backward(grad_logits)
+        return (row_losses * row_scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad_logits,) = ctx.saved_tensors
+        if grad_output.item() == 1.0:  # the usual `loss.backward()`: already the gradient
+            return grad_logits, None, None
+        return grad_logits * grad_output.to(grad_logits.dtype), None, None
+
+
+def xraycap_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """
+    transformers' `ForCausalLMLoss` (next-token cross-entropy, fp32 softmax, mean over the counted tokens or sum
+    over `num_items_in_batch`), computed in cache-sized chunks when it will be differentiated on CPU with bf16 or
+    fp32 logits. The value matches to fp32 rounding and the gradient to the logits' rounding; everywhere else it
+    calls `ForCausalLMLoss`. XrayCap sets it as its decoder's `loss_function`.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, length, vocab_size)`): decoder scores.
+        labels (`torch.Tensor` of shape `(batch, length)`): targets aligned with the inputs (shifted here), or
+            ignored when `shift_labels` is given.
+        vocab_size (`int`): last dimension of `logits`.
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*): divide the summed loss by this (gradient
+            accumulation over batches) instead of taking the mean.
+        ignore_index (`int`): target value that adds nothing to the loss.
+        shift_labels (`torch.Tensor`, *optional*): targets already aligned with `logits`.
+    """
+    chunked = (
+        logits.device.type == "cpu"
+        and logits.requires_grad
+        and torch.is_grad_enabled()
+        and logits.dtype in (torch.bfloat16, torch.float32)
+    )
+    if not chunked:
+        return ForCausalLMLoss(
+            logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+            shift_labels=shift_labels, **kwargs,
+        )  # fmt: skip
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(logits.device)
+    if ignore_index != -100:
+        targets = targets.masked_fill(targets == ignore_index, -100)
+    if num_items_in_batch is None:
+        divisor = (targets != -100).sum().to(torch.float32)
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logits.device)
+    return _CpuCrossEntropyFunction.apply(logits.reshape(-1, vocab_size), targets, divisor)
+
+
 class XrayCapProjection(nn.Module):
     """
     Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd).
@@ -282,7 +374,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         self.projection = XrayCapProjection(self.vision_feature_dim, config)
         self.view_embedding = nn.Parameter(torch.zeros(config.max_views, config.text_config.n_embd))
         self.language_model = GPT2LMHeadModel(config.text_config)
-        self.language_model.loss_type = "ForCausalLM"
+        self.language_model.loss_function = xraycap_causal_lm_loss  # ForCausalLMLoss, chunked on CPU
         _replace_dropout_modules(self.language_model)  # the CPU-fast dropout; no weights change
         self.post_init()
         if self.language_model.config._attn_implementation == "sdpa":  # SDPA, with that dropout on CPU

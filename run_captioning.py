@@ -32,7 +32,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
@@ -40,6 +40,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 from captioning_data import IndexedStudies, StudyCollator, model_inputs, precompute_features
 from checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from configuration_xraycap import XrayCapConfig
+from gradient_clipping import clip_grad_norm_
 from model_card import describe_run, format_value, write_model_card
 from modeling_xraycap import XrayCapForConditionalGeneration
 from pipeline_xraycap import add_pipeline_to_folder
@@ -556,6 +557,19 @@ def build_optimizer(
     )
 
 
+def clip_gradients(accelerator: Accelerator, model, optimizer, max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients to global norm `max_norm` before the optimizer step, and return the norm before clipping.
+
+    Single-process and DDP runs without a GradScaler use [`gradient_clipping.clip_grad_norm_`]: the rescale rides
+    on the fused AdamW step instead of a pass of its own. fp16 (the GradScaler unscales first), FSDP, DeepSpeed
+    and XLA keep `accelerator.clip_grad_norm_`, which knows their sharded or scaled gradients.
+    """
+    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if accelerator.distributed_type in plain and accelerator.scaler is None:
+        return clip_grad_norm_(model.parameters(), max_norm, optimizer)
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def training_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training forward: `model(**inputs).loss`, with logits computed only where the loss looks.
 
@@ -740,7 +754,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loss = training_loss(model, model_inputs(batch))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                    clip_gradients(accelerator, model, optimizer, train_args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

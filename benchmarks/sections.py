@@ -44,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import run_captioning  # noqa: E402
 from configuration_xraycap import XrayCapConfig  # noqa: E402
+from gradient_clipping import clip_grad_norm_  # noqa: E402
 from modeling_xraycap import XrayCapForConditionalGeneration  # noqa: E402
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer  # noqa: E402
 
@@ -156,12 +157,15 @@ def xraycap_train_step(
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = run_captioning.training_loss(model, inputs)
-    if scaler is not None:
+    if (
+        scaler is not None
+    ):  # run_captioning leaves fp16 clipping to accelerate: unscale, then torch's clipping
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:  # run_captioning.clip_gradients without a GradScaler: the rescale rides on the fused AdamW step
         loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        clip_grad_norm_(model.parameters(), max_grad_norm, optimizer)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

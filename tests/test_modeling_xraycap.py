@@ -25,6 +25,7 @@ from testing_utils import (
     make_tiny_tokenizer,
 )
 from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapperConfig
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_utils import AttentionInterface
 
 import modeling_xraycap
@@ -32,6 +33,7 @@ from configuration_xraycap import XrayCapConfig
 from modeling_xraycap import (
     XrayCapDropout,
     XrayCapForConditionalGeneration,
+    xraycap_causal_lm_loss,
     xraycap_dropout,
     xraycap_sdpa_attention_forward,
 )
@@ -348,6 +350,92 @@ def test_activation_checkpointing_recomputes_the_same_dropout_masks():
     checkpointed_loss, checkpointed_grads = loss_and_grads()
     assert torch.equal(loss, checkpointed_loss)
     torch.testing.assert_close(checkpointed_grads, grads, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- CPU loss
+
+
+def _loss_and_logit_grad(loss_fn, logits, labels, scale=1.0, **kwargs):
+    logits = logits.detach().clone().requires_grad_()
+    loss = loss_fn(logits, labels, logits.shape[-1], **kwargs)
+    (loss * scale).backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "num_items", "shift_labels", "scaled_backward"])
+def test_chunked_cpu_loss_matches_transformers_causal_lm_loss(monkeypatch, dtype, reduction):
+    """Value to fp32 rounding, logit gradient to the logits' rounding, across chunk boundaries and ignored rows."""
+    monkeypatch.setattr(
+        modeling_xraycap, "_LOSS_CHUNK_ELEMENTS", 3 * 1000
+    )  # 3 rows a chunk: 17 rows, 6 chunks
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 6, 1000) * 4).to(dtype)  # 18 positions; the last of each row predicts nothing
+    labels = torch.randint(0, 1000, (3, 6))
+    labels[0, :3] = -100  # an ignored prefix
+    labels[2, 4] = -100
+    kwargs, scale = {}, 1.0
+    if reduction == "num_items":
+        kwargs["num_items_in_batch"] = torch.tensor(
+            40
+        )  # gradient accumulation: sum / all micro-batches' tokens
+    elif reduction == "shift_labels":
+        kwargs["shift_labels"] = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        labels = torch.full_like(labels, 7)  # ignored when shift_labels is given
+    elif reduction == "scaled_backward":
+        scale = 0.25  # accelerate divides the loss by the accumulation steps
+    expected_loss, expected_grad = _loss_and_logit_grad(ForCausalLMLoss, logits, labels, scale, **kwargs)
+    loss, grad = _loss_and_logit_grad(xraycap_causal_lm_loss, logits, labels, scale, **kwargs)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    assert grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-9)
+    else:  # both round an fp32 gradient to bf16 once; they may land one bf16 step apart
+        torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=2**-7, atol=1e-9)
+    assert torch.equal(grad[0, :2], torch.zeros_like(grad[0, :2]))  # ignored targets: no gradient
+    assert torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))
+
+
+def test_chunked_cpu_loss_defers_to_transformers_without_grad():
+    logits, labels = torch.randn(2, 5, 50), torch.randint(0, 50, (2, 5))
+    expected = ForCausalLMLoss(logits, labels, 50)
+    assert torch.equal(xraycap_causal_lm_loss(logits, labels, 50), expected)
+    with torch.no_grad():
+        assert torch.equal(xraycap_causal_lm_loss(logits.requires_grad_(), labels, 50), expected)
+
+
+def test_model_trains_with_the_chunked_loss(tiny):
+    """The decoder's loss function is the chunked one; the model's loss and gradients equal transformers'."""
+    model, processor = tiny
+    assert model.language_model.loss_function is xraycap_causal_lm_loss
+    batch = _batch(processor)
+    model.train()
+    dropouts = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    for module in dropouts:  # dropout off: the two forwards must be the same function
+        module.p = 0.0
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, logits_to_keep=batch["input_ids"].shape[1] + 1).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    try:
+        loss, grads = loss_and_grads()
+        model.language_model.loss_function = ForCausalLMLoss
+        expected_loss, expected_grads = loss_and_grads()
+    finally:
+        model.language_model.loss_function = xraycap_causal_lm_loss
+        for module, rate in zip(dropouts, rates):
+            module.p = rate
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        grads, expected_grads, rtol=0.02, atol=1e-4
+    )  # bf16 rounding of the logit grads
 
 
 # ----------------------------------------------------------------------------------------- generation

