@@ -4,8 +4,9 @@ Each view of a study is encoded by the vision tower (a transformers ResNet or a 
 (one pooled vector, or every cell of the last feature map) are projected into GPT-2's embedding space,
 get a learned view embedding, and are prepended to the report tokens. The decoder is a plain
 `GPT2LMHeadModel`, so the text path is exactly GPT-2 and `generate` reuses transformers' decoding loop:
-the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout is drawn
-differently on CPU (the "CPU training" section below: same distribution, ~3x cheaper masks).
+the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout and its loss
+are computed differently when training on CPU (the "CPU training" section below: the same distribution and
+the same loss, with fewer passes over memory).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class XrayCapCausalLMOutput(ModelOutput):
 # four 16-bit numbers per 64-bit draw and compares integers (~3x faster), and the attention below is SDPA's math
 # path with that dropout: a real-size bf16 training step on the 2-core CPU went from 1.07 s to 0.90 s. Both run
 # only when dropout is active on a CPU tensor; everywhere else (eval, generation, CUDA) they defer to torch / SDPA.
-# The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`).
+# The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`), with the chunked causal-LM
+# loss further down.
 
 _DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 2**-16 (0.1 -> 0.100006)
 

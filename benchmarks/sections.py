@@ -289,15 +289,21 @@ def train_section(
     flops_native = count_flops(step_native)[0] if native else None
 
     times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode", "native")}
-    rates: dict[str, list[float]] = {"amp": [], "fp32": []}
+    rates: dict[str, list[float]] = {"amp": [], "amp_spread": [], "fp32": []}
     for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
         times["seed"].append(timed(step_seed, device)[0])
+        # The matmul rate the xraycap step is measured against brackets it: read just before and just after, and
+        # the geometric mean of the two taken, so that a change in the neighbours' load between the step and
+        # a reading made seconds later does not land on one side of the fraction only.
+        before = matmul_rate(mm_dtype, settings.matmul_size, device)[0]
         times["cached"].append(timed(step_cached, device)[0])
+        after = matmul_rate(mm_dtype, settings.matmul_size, device)[0]
+        rates["amp"].append(math.sqrt(before * after))
+        rates["amp_spread"].append(max(before, after) / min(before, after))
         times["uncached"].append(timed(step_uncached, device)[0])
         if native:
             times["native"].append(timed(step_native, device)[0])
         times["encode"].append(timed(lambda: encode_features(model, batch, amp_dtype), device)[0])
-        rates["amp"].append(matmul_rate(mm_dtype, settings.matmul_size, device)[0])
         rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
 
     epochs = settings.amortize_epochs
@@ -376,6 +382,9 @@ def train_section(
         },
         "matmul_flops_per_second": {
             _dtype_name(mm_dtype): summarize(rates["amp"], unit="FLOP/s"),
+            f"{_dtype_name(mm_dtype)}_reading_after_over_before": summarize(
+                rates["amp_spread"], unit="ratio"
+            ),
             "fp32": summarize(rates["fp32"], unit="FLOP/s"),
             "matrix_side": settings.matmul_size,
         },
