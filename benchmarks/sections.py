@@ -312,9 +312,12 @@ def train_section(
     # Best-of-N estimate: each side's least-disturbed repeat. On a shared machine a load burst that hits one
     # side of a pair inflates or deflates that pair's ratio; the headline takes the lower of the two.
     speedup_best = min(times["seed"]) / min(amortized)
-    fraction = summarize(
-        [flops_cached / t / r for t, r in zip(times["cached"], rates["amp"])], unit="fraction"
-    )
+    fractions = [flops_cached / t / r for t, r in zip(times["cached"], rates["amp"])]
+    fraction = summarize(fractions, unit="fraction")
+    # Under the neighbours' load the large-matmul rate drops far more than the step slows, so loaded repeats
+    # read a higher fraction. The headline takes the lower of the median and the least-loaded repeat (the one
+    # with the highest matmul rate), so that a loaded run cannot pass the target on that alone.
+    quietest = max(range(len(fractions)), key=lambda i: rates["amp"][i])
     prefix = model.max_prefix_length
     analytic = gpt2_training_flops(
         text.n_layer, text.n_embd, text.vocab_size, batch_size * (prefix + settings.text_tokens),
@@ -389,6 +392,12 @@ def train_section(
             "matrix_side": settings.matmul_size,
         },
         "compute_fraction": fraction,
+        "compute_fraction_least_loaded_repeat": {
+            "fraction": fractions[quietest],
+            "matmul_flops_per_second": rates["amp"][quietest],
+            "seconds_per_step": times["cached"][quietest],
+        },
+        "compute_fraction_headline": min(fraction["median"], fractions[quietest]),
         "compute_fraction_vs_fp32_rate": summarize(
             [flops_cached / t / r for t, r in zip(times["cached"], rates["fp32"])], unit="fraction"
         ),
