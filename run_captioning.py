@@ -563,6 +563,12 @@ def clip_gradients(accelerator: Accelerator, model, optimizer, max_norm: float) 
     Single-process and DDP runs without a GradScaler use [`gradient_clipping.clip_grad_norm_`]: the rescale rides
     on the fused AdamW step instead of a pass of its own. fp16 (the GradScaler unscales first), FSDP, DeepSpeed
     and XLA keep `accelerator.clip_grad_norm_`, which knows their sharded or scaled gradients.
+
+    Args:
+        accelerator (`Accelerator`): the run's accelerator.
+        model (`nn.Module`): the prepared model.
+        optimizer (`torch.optim.Optimizer`): the prepared optimizer that steps next.
+        max_norm (`float`): the clipping norm (`--max_grad_norm`).
     """
     plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if accelerator.distributed_type in plain and accelerator.scaler is None:
