@@ -157,13 +157,13 @@ def xraycap_train_step(
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = run_captioning.training_loss(model, inputs)
-    if (
-        scaler is not None
-    ):  # run_captioning leaves fp16 clipping to accelerate: unscale, then torch's clipping
+    # Clipping as `run_captioning.clip_gradients` does it: fp16 is left to accelerate (unscale, then torch's
+    # clipping); without a GradScaler the rescale rides on the fused AdamW step.
+    if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    else:  # run_captioning.clip_gradients without a GradScaler: the rescale rides on the fused AdamW step
+    else:
         loss.backward()
         clip_grad_norm_(model.parameters(), max_grad_norm, optimizer)
     if scaler is not None:
