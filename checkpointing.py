@@ -49,6 +49,9 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every process writes its own RNG state file
+    # The rename must wait for every process's files: save_state has no barrier at its end, and a rank
+    # still writing into `tmp` after the main process renamed it fails with "Parent directory does not exist".
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)

@@ -214,6 +214,55 @@ def test_interrupted_checkpoint_is_never_picked_up(tmp_path: Path):
     assert resolve_checkpoint(None, root) is None
 
 
+class _ThreadRank:
+    """Stands in for one process's `Accelerator` in `save_checkpoint`: threads play the ranks, a barrier the collective."""
+
+    def __init__(self, rank: int, barrier, write_delay_s: float):
+        self.process_index, self.is_main_process = rank, rank == 0
+        self._barrier, self._write_delay_s = barrier, write_delay_s
+
+    def wait_for_everyone(self):
+        self._barrier.wait(timeout=30)
+
+    def save_state(self, output_dir: str):
+        time.sleep(self._write_delay_s)  # a slow rank, as under DDP on a loaded machine
+        torch.save({"rank": self.process_index}, Path(output_dir) / f"random_states_{self.process_index}.pkl")
+
+
+def test_checkpoint_waits_for_every_rank_before_the_rename(tmp_path: Path):
+    """The main process renames `checkpoint-N.tmp` only once every rank has written its state into it.
+
+    A rank still writing after the rename fails with "Parent directory ... does not exist" (seen in CI under
+    `accelerate launch --num_processes 2`). Here rank 1 writes 0.3 s after rank 0.
+    """
+    import threading
+
+    from checkpointing import save_checkpoint
+
+    barrier, errors = threading.Barrier(2), []
+
+    def rank(index: int):
+        try:
+            save_checkpoint(_ThreadRank(index, barrier, 0.3 * index), tmp_path, 5, {"step": 5}, keep=2)
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    final = tmp_path / "checkpoint-5"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "trainer_state.json",
+    ]
+    assert not (tmp_path / "checkpoint-5.tmp").exists()
+
+
 def test_two_cpu_processes_score_every_test_study_once(cache_dir, tmp_path: Path):
     """Done means 3: `accelerate launch --multi_gpu --num_processes 2` on CPU with gloo."""
     out = tmp_path / "ddp"
