@@ -4,9 +4,9 @@ Each view of a study is encoded by the vision tower (a transformers ResNet or a 
 (one pooled vector, or every cell of the last feature map) are projected into GPT-2's embedding space,
 get a learned view embedding, and are prepended to the report tokens. The decoder is a plain
 `GPT2LMHeadModel`, so the text path is exactly GPT-2 and `generate` reuses transformers' decoding loop:
-the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout and its loss
-are computed differently when training on CPU (the "CPU training" section below: the same distribution and
-the same loss, with fewer passes over memory).
+the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout, its loss and
+two of its MLP products are computed differently on CPU (the "CPU training" section below: the same
+distribution, the same loss and the same products, with fewer passes over memory and both cores busy).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
@@ -67,8 +68,8 @@ class XrayCapCausalLMOutput(ModelOutput):
 # four 16-bit numbers per 64-bit draw and compares integers (~3x faster), and the attention below is SDPA's math
 # path with that dropout: a real-size bf16 training step on the 2-core CPU went from 1.07 s to 0.90 s. Both run
 # only when dropout is active on a CPU tensor; everywhere else (eval, generation, CUDA) they defer to torch / SDPA.
-# The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`), with the chunked causal-LM
-# loss further down.
+# The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`), with the row-split linear
+# layers and the chunked causal-LM loss further down.
 
 _DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 2**-16 (0.1 -> 0.100006)
 
@@ -191,6 +192,86 @@ def xraycap_sdpa_attention_forward(
 
 AttentionInterface.register("xraycap_sdpa", xraycap_sdpa_attention_forward)
 AttentionMaskInterface.register("xraycap_sdpa", sdpa_mask)
+
+
+# GPT-2's linear layers (`Conv1D`: `addmm(bias, rows, weight)`). On the 2-core AMX CPU, oneDNN (3.x, brgemm) runs a
+# matmul with a 768-wide output and 641-1,280 rows on a single thread when the inner dimension is 4x the width: the
+# MLP's down projection (736 x 3072 -> 768 for a batch of 8 reports) and the input gradient of its up projection,
+# 24 products a real-size step. Taken as two halves of its rows, the same product runs on both cores: 2.2-2.5 ms
+# against 3.7-4.9 ms (minimums of interleaved repeats). Below ~650 rows and above ~1,310 the product is threaded
+# already (and 1,472 rows split in two would make two single-thread halves), so only 641-1,280 rows are split,
+# whose halves fall below the band. A row split leaves every output row's dot products as they were. fp32 products go
+# to MKL, which threads them already (a split is ~3% slower there), so only bf16 / fp16 products are split.
+
+# Row counts taken in two halves, when the inner dimension is >= 4x the output width.
+_ROW_SPLIT_BAND = (641, 1280)
+_ROW_SPLIT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _row_split_matmul(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`rows @ weight (+ bias)` for 2-D tensors, in two row halves when the shape falls in `_ROW_SPLIT_BAND`."""
+    count, (inner, width) = rows.shape[0], weight.shape
+    in_band = _ROW_SPLIT_BAND[0] <= count <= _ROW_SPLIT_BAND[1] and inner >= 4 * width
+    if not (in_band and rows.dtype in _ROW_SPLIT_DTYPES):
+        return torch.mm(rows, weight) if bias is None else torch.addmm(bias, rows, weight)
+    out = rows.new_empty(count, width)
+    for half in (slice(0, count // 2), slice(count // 2, count)):
+        if bias is None:
+            torch.mm(rows[half], weight, out=out[half])
+        else:
+            torch.addmm(bias, rows[half], weight, out=out[half])
+    return out
+
+
+class _CpuConv1DFunction(torch.autograd.Function):
+    """`addmm(bias, rows, weight)` and its gradients, with [`_row_split_matmul`] for the two row-major products."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        return _row_split_matmul(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = _row_split_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = rows.t().mm(grad) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_rows, grad_weight, grad_bias
+
+
+class XrayCapConv1D(Conv1D):
+    """GPT-2's `Conv1D` (same weight `(nx, nf)` and bias, same state-dict keys), computed with [`_CpuConv1DFunction`]
+    for bf16 / fp16 products on CPU whose forward or input gradient falls in the single-thread band above; elsewhere
+    it is `Conv1D`. Under autocast its inputs are cast as autocast casts `addmm`'s."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.device.type != "cpu":
+            return super().forward(hidden_states)
+        rows = hidden_states.numel() // self.nx
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype
+        if not (
+            _ROW_SPLIT_BAND[0] <= rows <= _ROW_SPLIT_BAND[1]
+            and max(self.nx, self.nf) >= 4 * min(self.nx, self.nf)
+            and dtype in _ROW_SPLIT_DTYPES
+        ):
+            return super().forward(hidden_states)
+        inputs = (hidden_states.reshape(rows, self.nx), self.weight, self.bias)
+        if autocast:
+            inputs = tuple(tensor.to(dtype) for tensor in inputs)
+        with torch.autocast("cpu", enabled=False):
+            out = _CpuConv1DFunction.apply(*inputs)
+        return out.view(*hidden_states.shape[:-1], self.nf)
+
+
+def _replace_conv1d_modules(model: nn.Module) -> None:
+    """Makes every GPT-2 `Conv1D` of `model` an [`XrayCapConv1D`], keeping its parameters (no weights change)."""
+    for module in model.modules():
+        if type(module) is Conv1D:
+            module.__class__ = XrayCapConv1D
 
 
 # The causal-LM loss. transformers' `ForCausalLMLoss` upcasts the whole bf16 logits tensor to fp32, runs
@@ -378,6 +459,9 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         self.language_model = GPT2LMHeadModel(config.text_config)
         self.language_model.loss_function = xraycap_causal_lm_loss  # ForCausalLMLoss, chunked on CPU
         _replace_dropout_modules(self.language_model)  # the CPU-fast dropout; no weights change
+        _replace_conv1d_modules(
+            self.language_model
+        )  # the MLP's products on both CPU cores; no weights change
         self.post_init()
         if self.language_model.config._attn_implementation == "sdpa":  # SDPA, with that dropout on CPU
             self.language_model.set_attn_implementation("xraycap_sdpa")

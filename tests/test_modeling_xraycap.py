@@ -8,6 +8,7 @@ The issue's "Done means" points map to tests here:
 tests (+ processing tests for files and truncation); 7 `test_real_size_preset_builds_runs_and_counts`.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -24,13 +25,16 @@ from testing_utils import (
     make_tiny_model_and_processor,
     make_tiny_tokenizer,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapperConfig
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_utils import AttentionInterface
+from transformers.pytorch_utils import Conv1D
 
 import modeling_xraycap
 from configuration_xraycap import XrayCapConfig
 from modeling_xraycap import (
+    XrayCapConv1D,
     XrayCapDropout,
     XrayCapForConditionalGeneration,
     xraycap_causal_lm_loss,
@@ -279,6 +283,62 @@ def test_decoder_dropouts_and_attention_are_xraycaps(tiny):
     assert kinds == {XrayCapDropout}
     assert model.language_model.config._attn_implementation == "xraycap_sdpa"
     assert all(m.p == 0.1 for m in model.language_model.modules() if isinstance(m, XrayCapDropout))
+    linears = [m for m in model.language_model.modules() if isinstance(m, Conv1D)]
+    assert linears and all(type(m) is XrayCapConv1D for m in linears)
+    assert set(model.state_dict()) == set(XrayCapForConditionalGeneration(model.config).state_dict())
+
+
+class _CountRowProducts(TorchDispatchMode):
+    """Records the row count of every `mm` / `addmm` dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.rows.append(args[0 if func.overloadpacket is torch.ops.aten.mm else 1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16"])
+@pytest.mark.parametrize("rows,in_band", [(736, True), (1280, True), (640, False), (1400, False)])
+# A down projection (its forward is split) and an up projection (its input gradient is split).
+@pytest.mark.parametrize("nx,nf", [(64, 16), (16, 64)])
+def test_cpu_conv1d_matches_gpt2_conv1d_and_splits_rows_in_the_band(precision, rows, in_band, nx, nf):
+    """XrayCapConv1D equals GPT-2's Conv1D (output and the three gradients), and takes a bf16 product whose inner
+    dimension is 4x its output width in two row halves exactly for row counts in the single-thread band (fp32
+    products, which MKL threads, are never split)."""
+    torch.manual_seed(0)
+    stock = Conv1D(nf, nx)
+    torch.nn.init.normal_(stock.bias)
+    if precision == "bf16":
+        stock.to(torch.bfloat16)
+    ours = copy.deepcopy(stock)
+    ours.__class__ = XrayCapConv1D
+    hidden = torch.randn(rows // 8, 8, nx, dtype=stock.weight.dtype)
+    grad_out = torch.randn(rows // 8, 8, nf)
+
+    def run(module):
+        x = hidden.clone().requires_grad_()
+        counter = _CountRowProducts()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"), counter:
+            out = module(x)
+            out.backward(grad_out.to(out.dtype))
+        return out, x.grad, module.weight.grad, module.bias.grad, counter.rows
+
+    *got, got_rows = run(ours)
+    *expected, expected_rows = run(stock)
+    tolerance = 1e-5 if precision == "fp32" else 1e-2
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    if (
+        in_band and precision != "fp32"
+    ):  # the forward (down) or the input gradient (up) as two halves, the rest whole
+        expected_rows.remove(rows)
+        expected_rows += [rows // 2, rows - rows // 2]
+    assert sorted(got_rows) == sorted(expected_rows)
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "bool", "float", "left_padded"])
