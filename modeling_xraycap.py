@@ -459,9 +459,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         self.language_model = GPT2LMHeadModel(config.text_config)
         self.language_model.loss_function = xraycap_causal_lm_loss  # ForCausalLMLoss, chunked on CPU
         _replace_dropout_modules(self.language_model)  # the CPU-fast dropout; no weights change
-        _replace_conv1d_modules(
-            self.language_model
-        )  # the MLP's products on both CPU cores; no weights change
+        # The MLP's products on both CPU cores; no weights change.
+        _replace_conv1d_modules(self.language_model)
         self.post_init()
         if self.language_model.config._attn_implementation == "sdpa":  # SDPA, with that dropout on CPU
             self.language_model.set_attn_implementation("xraycap_sdpa")
