@@ -208,13 +208,18 @@ _ROW_SPLIT_BAND = (641, 1280)
 _ROW_SPLIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _splits_rows(count: int, inner: int, width: int, dtype: torch.dtype) -> bool:
+    """Whether a `count x inner @ inner x width` product of `dtype` is taken in two row halves."""
+    in_band = _ROW_SPLIT_BAND[0] <= count <= _ROW_SPLIT_BAND[1]
+    return in_band and inner >= 4 * width and dtype in _ROW_SPLIT_DTYPES
+
+
 def _row_split_matmul(
     rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`rows @ weight (+ bias)` for 2-D tensors, in two row halves when the shape falls in `_ROW_SPLIT_BAND`."""
+    """`rows @ weight (+ bias)` for 2-D tensors, in two row halves where [`_splits_rows`] says so."""
     count, (inner, width) = rows.shape[0], weight.shape
-    in_band = _ROW_SPLIT_BAND[0] <= count <= _ROW_SPLIT_BAND[1] and inner >= 4 * width
-    if not (in_band and rows.dtype in _ROW_SPLIT_DTYPES):
+    if not _splits_rows(count, inner, width, rows.dtype):
         return torch.mm(rows, weight) if bias is None else torch.addmm(bias, rows, weight)
     out = rows.new_empty(count, width)
     for half in (slice(0, count // 2), slice(count // 2, count)):
@@ -253,11 +258,8 @@ class XrayCapConv1D(Conv1D):
         rows = hidden_states.numel() // self.nx
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype
-        if not (
-            _ROW_SPLIT_BAND[0] <= rows <= _ROW_SPLIT_BAND[1]
-            and max(self.nx, self.nf) >= 4 * min(self.nx, self.nf)
-            and dtype in _ROW_SPLIT_DTYPES
-        ):
+        # The forward is `rows x nx @ nx x nf`, the input gradient `rows x nf @ nf x nx`.
+        if not (_splits_rows(rows, self.nx, self.nf, dtype) or _splits_rows(rows, self.nf, self.nx, dtype)):
             return super().forward(hidden_states)
         inputs = (hidden_states.reshape(rows, self.nx), self.weight, self.bias)
         if autocast:
