@@ -286,6 +286,8 @@ _LOSS_CHUNK_ELEMENTS = 1 << 19  # fp32 elements per chunk (2 MB): ~10 rows of GP
 
 
 class _CpuCrossEntropyFunction(torch.autograd.Function):
+    """Summed cross-entropy of `(rows, vocab)` logits over `divisor`, its logit gradient written in the same pass."""
+
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
         rows, vocab_size = logits.shape
