@@ -202,6 +202,15 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{t['compute_fraction_least_loaded_repeat']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s) | >= 0.35 | "
             f"{mark('train_compute_fraction')} |"
         )
+        bound = t.get("bf16_weights_bound")
+        if bound:
+            rows.append(
+                f"| ... the same model held entirely in bf16 (no weight or gradient casts, half AdamW's traffic: the "
+                f"ceiling of a bf16-weights design, not a way to train) | {bound['seconds_per_step']['median']:.2f} "
+                f"s/step | {t['seconds_per_step']['xraycap_cached_features']['median']:.2f} s/step (xraycap) | "
+                f"{_fmt_ratio(bound['speedup_vs_xraycap'])} (compute fraction "
+                f"{bound['compute_fraction_headline']:.2f}) | - | - |"
+            )
     gpu = s.get("gpu")
     if gpu and "skipped" not in gpu:
         for name, t in gpu["train"].items():

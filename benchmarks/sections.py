@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,7 +210,9 @@ def train_section(
 
     Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, the xraycap
     step with the encoder's native grid (when the preset pools it), and a run of large matmuls in `amp_dtype`
-    and in fp32. Ratios and fractions are per repeat, then the median.
+    and in fp32. Ratios and fractions are per repeat, then the median. Under bf16, also the step of the same
+    model held entirely in bf16 (`bf16_weights_bound`): how far the step could go without its weight and
+    gradient casts and with half AdamW's memory traffic.
     """
     device = torch.device(device)
     batch_size = batch_size or settings.batch_size
@@ -277,19 +280,42 @@ def train_section(
     def step_native():
         return xraycap_train_step(native, native_optimizer, native_inputs, amp_dtype, scaler)
 
+    # The ceiling of a bf16-weights design (bf16 weights in the model, fp32 master weights in the optimizer): the
+    # same model held entirely in bf16, so that no weight or gradient is cast and AdamW moves half the bytes.
+    # Not a way to train (bf16 AdamW states lose small updates); a bound on what removing the parameter-side
+    # costs could give the step.
+    bound = None
+    if amp_dtype == torch.bfloat16:
+        bound = copy.deepcopy(model).to(amp_dtype)
+        bound.train()
+        bound_optimizer = make_xraycap_optimizer(bound, settings.learning_rate)
+        bound_inputs = {**cached_inputs, "image_features": features.to(amp_dtype)}
+
+    def step_bound():
+        return xraycap_train_step(bound, bound_optimizer, bound_inputs, amp_dtype)
+
     # Warm-up (first-call allocations, oneDNN kernel selection, the allocator settling), and the FLOP
     # counts (one more step each).
     mm_dtype = amp_dtype or torch.float32
     for _ in range(settings.warmup_steps):
-        for fn in (step_seed, step_cached, step_uncached, *((step_native,) if native else ())):
+        for fn in (
+            step_seed,
+            step_cached,
+            step_uncached,
+            *((step_native,) if native else ()),
+            *((step_bound,) if bound else ()),
+        ):
             fn()
     flops_cached, flops_cached_by_op = count_flops(step_cached)
     flops_seed, _ = count_flops(step_seed)
     flops_uncached, _ = count_flops(step_uncached)
     flops_native = count_flops(step_native)[0] if native else None
+    flops_bound = count_flops(step_bound)[0] if bound else None
 
-    times: dict[str, list[float]] = {k: [] for k in ("seed", "cached", "uncached", "encode", "native")}
-    rates: dict[str, list[float]] = {"amp": [], "amp_spread": [], "fp32": []}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("seed", "cached", "uncached", "encode", "native", "bound")
+    }
+    rates: dict[str, list[float]] = {"amp": [], "amp_spread": [], "fp32": [], "bound": []}
     for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
         times["seed"].append(timed(step_seed, device)[0])
         # The matmul rate the xraycap step is measured against brackets it: read just before and just after, and
@@ -300,6 +326,9 @@ def train_section(
         after = matmul_rate(mm_dtype, settings.matmul_size, device)[0]
         rates["amp"].append(math.sqrt(before * after))
         rates["amp_spread"].append(max(before, after) / min(before, after))
+        if bound:
+            times["bound"].append(timed(step_bound, device)[0])
+            rates["bound"].append(math.sqrt(after * matmul_rate(mm_dtype, settings.matmul_size, device)[0]))
         times["uncached"].append(timed(step_uncached, device)[0])
         if native:
             times["native"].append(timed(step_native, device)[0])
@@ -418,6 +447,26 @@ def train_section(
             "flops_per_step": flops_native,
             "compute_fraction": summarize(
                 [flops_native / t / r for t, r in zip(times["native"], rates["amp"])], unit="fraction"
+            ),
+        }
+    if bound:
+        bound_fractions = [flops_bound / t / r for t, r in zip(times["bound"], rates["bound"])]
+        bound_quietest = max(range(len(bound_fractions)), key=lambda i: rates["bound"][i])
+        result["bf16_weights_bound"] = {
+            "what": "the same step with the whole model in bf16 (no weight or gradient casts, AdamW on bf16 "
+            "parameters and states): the ceiling of a bf16-weights design, not a way to train. Each repeat times "
+            "it right after the xraycap step, bracketed by the 'after' reading and one more.",
+            "seconds_per_step": summarize(times["bound"]),
+            "speedup_vs_xraycap": ratio_summary(times["cached"], times["bound"]),
+            "flops_per_step": flops_bound,
+            "compute_fraction": summarize(bound_fractions, unit="fraction"),
+            "compute_fraction_least_loaded_repeat": {
+                "fraction": bound_fractions[bound_quietest],
+                "matmul_flops_per_second": rates["bound"][bound_quietest],
+                "seconds_per_step": times["bound"][bound_quietest],
+            },
+            "compute_fraction_headline": min(
+                statistics.median(bound_fractions), bound_fractions[bound_quietest]
             ),
         }
     return result

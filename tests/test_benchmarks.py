@@ -111,6 +111,21 @@ def test_native_grid_variant_is_timed_when_the_preset_pools():
     assert native["flops_per_step"] > result["flops_per_step"]["xraycap_cached_features"]
 
 
+def test_bf16_weights_bound_trains_an_all_bf16_copy_and_leaves_the_model_alone():
+    """Under bf16 the same step is also timed on an all-bf16 copy; the model itself stays fp32 and still trains."""
+    model, _ = make_tiny_model_and_processor()
+    before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    result = train_section(SMOKE, model=model)
+    bound = result["bf16_weights_bound"]
+    assert bound["seconds_per_step"]["n"] == SMOKE.repeats
+    assert bound["flops_per_step"] == result["flops_per_step"]["xraycap_cached_features"]
+    assert 0 < bound["compute_fraction_headline"] <= bound["compute_fraction"]["max"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    changed = [k for k, v in model.language_model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the fp32 model was not trained"
+    assert "bf16_weights_bound" not in train_section(SMOKE, model=model, amp_dtype=None)
+
+
 def test_no_cache_baseline_rereads_the_whole_sequence_and_matches():
     model, _ = make_tiny_model_and_processor(max_views=1)
     model.eval()
