@@ -199,7 +199,10 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"(median {t['compute_fraction']['median']:.2f}, {t['compute_fraction']['min']:.2f}-"
             f"{t['compute_fraction']['max']:.2f}; least-loaded repeat "
             f"{t['compute_fraction_least_loaded_repeat']['fraction']:.2f} at "
-            f"{t['compute_fraction_least_loaded_repeat']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s) | >= 0.35 | "
+            f"{t['compute_fraction_least_loaded_repeat']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s; fastest step "
+            f"at the highest rate {t['compute_fraction_fastest_step_at_highest_rate']['fraction']:.2f}: "
+            f"{t['compute_fraction_fastest_step_at_highest_rate']['seconds_per_step']:.2f} s at "
+            f"{t['compute_fraction_fastest_step_at_highest_rate']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s) | >= 0.35 | "
             f"{mark('train_compute_fraction')} |"
         )
         bound = t.get("bf16_weights_bound")

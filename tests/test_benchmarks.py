@@ -17,7 +17,7 @@ from benchmarks.baselines import (  # noqa: E402
     generate_without_cache,
     seed_language_model,
 )
-from benchmarks.sections import SMOKE, train_section  # noqa: E402
+from benchmarks.sections import SMOKE, compute_fraction_figures, train_section  # noqa: E402
 from benchmarks.timing import ratio_summary, summarize  # noqa: E402
 
 TOP_LEVEL = (
@@ -120,6 +120,8 @@ def test_bf16_weights_bound_trains_an_all_bf16_copy_and_leaves_the_model_alone()
     assert bound["seconds_per_step"]["n"] == SMOKE.repeats
     assert bound["flops_per_step"] == result["flops_per_step"]["xraycap_cached_features"]
     assert 0 < bound["compute_fraction_headline"] <= bound["compute_fraction"]["max"]
+    peak = result["matmul_flops_per_second"]["bf16_highest_reading"]
+    assert bound["compute_fraction_fastest_step_at_highest_rate"]["matmul_flops_per_second"] == peak
     assert all(p.dtype == torch.float32 for p in model.parameters())
     changed = [k for k, v in model.language_model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the fp32 model was not trained"
@@ -149,6 +151,18 @@ def test_no_cache_baseline_rereads_the_whole_sequence_and_matches():
     model.generate(min_new_tokens=2, **kwargs)
     assert lengths[1] == (1, False)
     hook.remove()
+
+
+def test_compute_fraction_headline_is_the_lowest_of_three_estimates():
+    """A run loaded throughout (every bracketing rate low) is held to the highest rate it read anywhere."""
+    figures = compute_fraction_figures(100.0, [1.0, 2.0, 1.0], [50.0, 40.0, 100.0], peak_rate=100.0)
+    assert figures["compute_fraction"]["median"] == 1.25  # 100/1/50 = 2, 100/2/40 = 1.25, 100/1/100 = 1
+    assert figures["compute_fraction_least_loaded_repeat"]["fraction"] == 1.0
+    assert figures["compute_fraction_headline"] == 1.0
+    loaded = compute_fraction_figures(100.0, [1.0, 1.0], [40.0, 50.0], peak_rate=200.0)
+    assert loaded["compute_fraction_least_loaded_repeat"]["fraction"] == 2.0
+    assert loaded["compute_fraction_fastest_step_at_highest_rate"]["fraction"] == 0.5
+    assert loaded["compute_fraction_headline"] == 0.5
 
 
 def test_summaries():
