@@ -472,6 +472,10 @@ def compute_fraction_figures(
         seconds (`list[float]`): step time of each repeat.
         rates (`list[float]`): the matmul rate read around each repeat's step (FLOP/s).
         peak_rate (`float`): the highest matmul rate read in the section (FLOP/s).
+
+    Returns:
+        `dict`: `compute_fraction` (summary over repeats), `compute_fraction_least_loaded_repeat`,
+        `compute_fraction_fastest_step_at_highest_rate` and `compute_fraction_headline` (the lowest).
     """
     fractions = [flops / t / r for t, r in zip(seconds, rates)]
     median = summarize(fractions, unit="fraction")
