@@ -120,8 +120,9 @@ def test_bf16_weights_bound_trains_an_all_bf16_copy_and_leaves_the_model_alone()
     assert bound["seconds_per_step"]["n"] == SMOKE.repeats
     assert bound["flops_per_step"] == result["flops_per_step"]["xraycap_cached_features"]
     assert 0 < bound["compute_fraction_headline"] <= bound["compute_fraction"]["max"]
-    peak = result["matmul_flops_per_second"]["bf16_highest_reading"]
-    assert bound["compute_fraction_fastest_step_at_highest_rate"]["matmul_flops_per_second"] == peak
+    peak = result["matmul_flops_per_second"]["bf16_reference"]
+    assert peak == result["matmul_flops_per_second"]["bf16_highest_reading"]
+    assert bound["compute_fraction_fastest_step_at_machine_rate"]["matmul_flops_per_second"] == peak
     assert all(p.dtype == torch.float32 for p in model.parameters())
     changed = [k for k, v in model.language_model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the fp32 model was not trained"
@@ -161,8 +162,41 @@ def test_compute_fraction_headline_is_the_lowest_of_three_estimates():
     assert figures["compute_fraction_headline"] == 1.0
     loaded = compute_fraction_figures(100.0, [1.0, 1.0], [40.0, 50.0], peak_rate=200.0)
     assert loaded["compute_fraction_least_loaded_repeat"]["fraction"] == 2.0
-    assert loaded["compute_fraction_fastest_step_at_highest_rate"]["fraction"] == 0.5
+    assert loaded["compute_fraction_fastest_step_at_machine_rate"]["fraction"] == 0.5
     assert loaded["compute_fraction_headline"] == 0.5
+
+
+def test_an_earlier_runs_rate_on_the_same_machine_is_carried_as_the_reference(tmp_path):
+    """The matmul rate a run is held to carries over from the results it overwrites, on the same machine only."""
+    machine = {"cpu": "Xeon", "cpu_count": 2, "torch_threads": 2, "cpu_capability": "AVX512", "cuda": None}
+    earlier = tmp_path / "latest.json"
+    rates = {
+        "bf16": {"max": 1.5e12},
+        "bf16_highest_reading": 1.6e12,
+        "bf16_reference": 1.9e12,
+        "matrix_side": 4096,
+    }
+    earlier.write_text(
+        json.dumps({"machine": machine, "sections": {"train": {"matmul_flops_per_second": rates}}})
+    )
+    assert run.previous_reference_rate(earlier, machine, 4096) == 1.9e12
+    assert run.previous_reference_rate(earlier, machine, 256) is None  # another matrix size
+    assert run.previous_reference_rate(earlier, {**machine, "cpu_count": 4}, 4096) is None
+    assert run.previous_reference_rate(tmp_path / "missing.json", machine, 4096) is None
+    old_schema = {"bf16": {"max": 1.5e12}, "matrix_side": 4096}  # a run from before the reference was kept
+    earlier.write_text(
+        json.dumps({"machine": machine, "sections": {"train": {"matmul_flops_per_second": old_schema}}})
+    )
+    assert run.previous_reference_rate(earlier, machine, 4096) == 1.5e12
+    # A reference above every reading of the section is what the fastest step is held to.
+    model, _ = make_tiny_model_and_processor()
+    result = train_section(SMOKE, model=model, reference_rate=1e18)
+    assert result["matmul_flops_per_second"]["bf16_reference"] == 1e18
+    assert result["compute_fraction_fastest_step_at_machine_rate"]["matmul_flops_per_second"] == 1e18
+    assert (
+        result["compute_fraction_headline"]
+        == result["compute_fraction_fastest_step_at_machine_rate"]["fraction"]
+    )
 
 
 def test_summaries():
