@@ -1,4 +1,4 @@
-"""FLOP counting of a training step and the machine's dense matmul rate (the compute-efficiency figure)."""
+"""FLOP counting of a training step, the machine's dense matmul rate, and the compute fraction made of them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .timing import timed
+from .timing import summarize, timed
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
@@ -60,3 +60,47 @@ def matmul_rate(
     torch.mm(a, b)
     seconds = sorted(timed(lambda: torch.mm(a, b), device)[0] for _ in range(runs))[runs // 2]
     return 2 * size**3 / seconds, seconds
+
+
+def compute_fraction_figures(
+    flops: float, seconds: list[float], rates: list[float], peak_rate: float
+) -> dict[str, Any]:
+    """
+    The compute fraction of a step timed in several repeats: FLOPs / step time / matmul rate, three ways.
+
+    On a shared machine the large-matmul rate drops far more under the neighbours' load than the step slows,
+    so a loaded reading inflates the fraction. The headline is the lowest of: the median over repeats (each
+    against the rate read around it), the least-loaded repeat (the highest rate), and the fastest step against
+    the machine's rate: the highest rate read anywhere in the section, or a higher reference. The last keeps a
+    run that was loaded throughout, whose bracketing readings all sit below the machine's rate, from passing on
+    the load alone.
+
+    Args:
+        flops (`float`): counted FLOPs of one step.
+        seconds (`list[float]`): step time of each repeat.
+        rates (`list[float]`): the matmul rate read around each repeat's step (FLOP/s).
+        peak_rate (`float`): the machine's matmul rate: the highest read in the section, or a higher reference
+            (FLOP/s).
+
+    Returns:
+        `dict`: `compute_fraction` (summary over repeats), `compute_fraction_least_loaded_repeat`,
+        `compute_fraction_fastest_step_at_machine_rate` and `compute_fraction_headline` (the lowest).
+    """
+    fractions = [flops / t / r for t, r in zip(seconds, rates)]
+    median = summarize(fractions, unit="fraction")
+    quietest = max(range(len(fractions)), key=lambda i: rates[i])
+    best = flops / min(seconds) / peak_rate
+    return {
+        "compute_fraction": median,
+        "compute_fraction_least_loaded_repeat": {
+            "fraction": fractions[quietest],
+            "matmul_flops_per_second": rates[quietest],
+            "seconds_per_step": seconds[quietest],
+        },
+        "compute_fraction_fastest_step_at_machine_rate": {
+            "fraction": best,
+            "matmul_flops_per_second": peak_rate,
+            "seconds_per_step": min(seconds),
+        },
+        "compute_fraction_headline": min(median["median"], fractions[quietest], best),
+    }

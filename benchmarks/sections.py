@@ -35,7 +35,7 @@ from .baselines import (
     seed_language_model,
     seed_train_step,
 )
-from .flops import count_flops, gpt2_training_flops, matmul_rate
+from .flops import compute_fraction_figures, count_flops, gpt2_training_flops, matmul_rate
 from .inputs import make_full_size_studies, make_placeholder_layout, random_training_batch, read_studies
 from .timing import REPO_ROOT, ratio_summary, summarize, timed
 
@@ -460,50 +460,6 @@ def train_section(
             **compute_fraction_figures(flops_bound, times["bound"], rates["bound"], peak_rate),
         }
     return result
-
-
-def compute_fraction_figures(
-    flops: float, seconds: list[float], rates: list[float], peak_rate: float
-) -> dict[str, Any]:
-    """
-    The compute fraction of a step timed in several repeats: FLOPs / step time / matmul rate, three ways.
-
-    On a shared machine the large-matmul rate drops far more under the neighbours' load than the step slows,
-    so a loaded reading inflates the fraction. The headline is the lowest of: the median over repeats (each
-    against the rate read around it), the least-loaded repeat (the highest rate), and the fastest step against
-    the machine's rate: the highest rate read anywhere in the section, or a higher reference. The last keeps a
-    run that was loaded throughout, whose bracketing readings all sit below the machine's rate, from passing on
-    the load alone.
-
-    Args:
-        flops (`float`): counted FLOPs of one step.
-        seconds (`list[float]`): step time of each repeat.
-        rates (`list[float]`): the matmul rate read around each repeat's step (FLOP/s).
-        peak_rate (`float`): the machine's matmul rate: the highest read in the section, or a higher reference
-            (FLOP/s).
-
-    Returns:
-        `dict`: `compute_fraction` (summary over repeats), `compute_fraction_least_loaded_repeat`,
-        `compute_fraction_fastest_step_at_machine_rate` and `compute_fraction_headline` (the lowest).
-    """
-    fractions = [flops / t / r for t, r in zip(seconds, rates)]
-    median = summarize(fractions, unit="fraction")
-    quietest = max(range(len(fractions)), key=lambda i: rates[i])
-    best = flops / min(seconds) / peak_rate
-    return {
-        "compute_fraction": median,
-        "compute_fraction_least_loaded_repeat": {
-            "fraction": fractions[quietest],
-            "matmul_flops_per_second": rates[quietest],
-            "seconds_per_step": seconds[quietest],
-        },
-        "compute_fraction_fastest_step_at_machine_rate": {
-            "fraction": best,
-            "matmul_flops_per_second": peak_rate,
-            "seconds_per_step": min(seconds),
-        },
-        "compute_fraction_headline": min(median["median"], fractions[quietest], best),
-    }
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

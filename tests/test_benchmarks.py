@@ -17,7 +17,8 @@ from benchmarks.baselines import (  # noqa: E402
     generate_without_cache,
     seed_language_model,
 )
-from benchmarks.sections import SMOKE, compute_fraction_figures, train_section  # noqa: E402
+from benchmarks.flops import compute_fraction_figures  # noqa: E402
+from benchmarks.sections import SMOKE, train_section  # noqa: E402
 from benchmarks.timing import ratio_summary, summarize  # noqa: E402
 
 TOP_LEVEL = (
