@@ -306,13 +306,9 @@ def previous_reference_rate(path: str | Path, machine: dict[str, Any], matrix_si
         previous.get("machine", {}).get(key) != machine.get(key) for key in _SAME_MACHINE_KEYS
     ):
         return None
-    candidates = [
-        rates.get("bf16_reference"),
-        rates.get("bf16_highest_reading"),
-        rates.get("bf16", {}).get("max"),
-    ]
-    candidates = [float(rate) for rate in candidates if isinstance(rate, (int, float))]
-    return max(candidates) if candidates else None
+    # Files from before the reference was kept hold only the summary of the bracketing rates.
+    rate = rates.get("bf16_reference") or rates.get("bf16", {}).get("max")
+    return float(rate) if isinstance(rate, (int, float)) else None
 
 
 def _finish(results: dict[str, Any], output: str, start: float, complete: bool) -> dict[str, Any]:
