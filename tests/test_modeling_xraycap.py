@@ -37,8 +37,10 @@ from modeling_xraycap import (
     XrayCapConv1D,
     XrayCapDropout,
     XrayCapForConditionalGeneration,
+    XrayCapGELUTanh,
     xraycap_causal_lm_loss,
     xraycap_dropout,
+    xraycap_gelu_tanh,
     xraycap_sdpa_attention_forward,
 )
 
@@ -285,7 +287,81 @@ def test_decoder_dropouts_and_attention_are_xraycaps(tiny):
     assert all(m.p == 0.1 for m in model.language_model.modules() if isinstance(m, XrayCapDropout))
     linears = [m for m in model.language_model.modules() if isinstance(m, Conv1D)]
     assert linears and all(type(m) is XrayCapConv1D for m in linears)
+    activations = [block.mlp.act for block in model.language_model.transformer.h]
+    assert activations and all(type(m) is XrayCapGELUTanh for m in activations)
     assert set(model.state_dict()) == set(XrayCapForConditionalGeneration(model.config).state_dict())
+
+
+def _gelu_and_grad(function, x, grad_out, autocast=False):
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = function(x)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_training_gelu_is_torchs_tanh_gelu_to_rounding(dtype):
+    """In CPU training the tanh-GELU runs as compiled `x * sigmoid(2z)` kernels (not torch's kernel, which a
+    counting dispatch mode would see); output and input gradient equal torch's `gelu(approximate="tanh")` and its
+    backward to rounding, for several shapes (compiled once, dynamic): within one unit in the last place in bf16,
+    and within 1e-5 in fp32 (where both kernels are ~1e-6 from the fp64 function)."""
+    torch.manual_seed(0)
+    for shape in [(2, 5, 48), (3, 7, 64), (1, 1, 33)]:
+        x = (torch.randn(shape) * 3).to(dtype)
+        grad_out = torch.randn(shape)
+        counter = _CountOps()
+        with counter:
+            got = _gelu_and_grad(xraycap_gelu_tanh, x, grad_out)
+        expected = _gelu_and_grad(lambda t: torch.nn.functional.gelu(t, approximate="tanh"), x, grad_out)
+        assert not counter.names & {"gelu", "gelu_backward"}
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype == dtype
+            tolerance = 2**-7 if dtype == torch.bfloat16 else 1e-5  # bf16: one unit in the last place
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    # Under autocast the activation keeps the dtype it is given, as torch's kernel does.
+    got = _gelu_and_grad(xraycap_gelu_tanh, x.float(), grad_out, autocast=True)
+    assert got[0].dtype == got[1].dtype == torch.float32
+
+
+def test_gelu_runs_torchs_kernel_outside_cpu_training():
+    x = torch.randn(4, 16)
+    counter = _CountOps()
+    with counter, torch.no_grad():
+        out = xraycap_gelu_tanh(x.requires_grad_())
+    assert "gelu" in counter.names
+    assert torch.equal(out, torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_gelu_falls_back_to_torchs_kernel_when_compiling_fails(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    for kernel in (
+        modeling_xraycap._compiled_gelu_tanh_forward,
+        modeling_xraycap._compiled_gelu_tanh_backward,
+    ):
+        monkeypatch.setattr(kernel, "compiled", None)
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: no_compiler)
+    x, grad_out = torch.randn(3, 8), torch.randn(3, 8)
+    with caplog.at_level("WARNING"):
+        got = _gelu_and_grad(xraycap_gelu_tanh, x, grad_out)
+    expected = _gelu_and_grad(lambda t: torch.nn.functional.gelu(t, approximate="tanh"), x, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert "no C++ compiler here" in caplog.text and "torch's kernel instead" in caplog.text
+    assert modeling_xraycap._compiled_gelu_tanh_forward.compiled is False
+
+
+class _CountOps(TorchDispatchMode):
+    """Records the names of the aten ops dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 class _CountRowProducts(TorchDispatchMode):
