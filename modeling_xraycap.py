@@ -5,12 +5,14 @@ Each view of a study is encoded by the vision tower (a transformers ResNet or a 
 get a learned view embedding, and are prepended to the report tokens. The decoder is a plain
 `GPT2LMHeadModel`, so the text path is exactly GPT-2 and `generate` reuses transformers' decoding loop:
 the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout, its loss, its
-activation and two of its MLP products are computed differently in CPU training (the "CPU training" section
-below: the same distribution, loss, function and products, with fewer passes over memory and both cores busy).
+activation, two of its MLP products and its tied weight's gradient are computed differently in CPU training (the
+"CPU training" section below: the same distribution, loss, function, products and gradient, with fewer passes
+over memory and both cores busy).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +72,7 @@ class XrayCapCausalLMOutput(ModelOutput):
 # path with that dropout: a real-size bf16 training step on the 2-core CPU went from 1.07 s to 0.90 s. Both run
 # only when dropout is active on a CPU tensor; everywhere else (eval, generation, CUDA) they defer to torch / SDPA.
 # The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`), with the row-split linear
-# layers, the compiled tanh-GELU and the chunked causal-LM loss further down.
+# layers, the compiled tanh-GELU, the chunked causal-LM loss and the tied weight's gradient further down.
 
 _DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 2**-16 (0.1 -> 0.100006)
 
@@ -316,6 +318,9 @@ class _CompiledOrFallback:
             if torch._dynamo.config.disable:  # TORCHDYNAMO_DISABLE=1
                 self.compiled = False
             else:
+                logger.info(
+                    f"Compiling xraycap's CPU {self.function.__name__} (once; inductor caches it on disk)."
+                )
                 self.compiled = torch.compile(self.function, dynamic=True)
                 try:
                     return self.compiled(*args)
@@ -481,6 +486,108 @@ def xraycap_causal_lm_loss(
     return _CpuCrossEntropyFunction.apply(logits.reshape(-1, vocab_size), targets, divisor)
 
 
+# The tied weight's gradient. GPT-2's input embedding and LM head share one `vocab_size x n_embd` weight (50k x 768),
+# whose gradient is the LM head's (a dense product) plus the embedding's (one row per token). Autograd builds the
+# embedding's as a zero-filled 154 MB fp32 tensor with the rows added in, then adds it into the LM head's: two
+# passes over 154 MB a real-size step, 20-75 ms on the 2-core CPU. In CPU training XrayCap's forward links the two
+# (`_TiedGradient`): the LM head's backward hands its weight gradient to the embedding's backward, which runs after
+# it (every decoder output depends on the embeddings), adds its rows in place and returns the sum as the weight's
+# only gradient. Same sum, no zero fill, and one arrival, so a DDP hook on the weight sees the whole gradient.
+
+
+class _TiedGradient:
+    """The LM head's weight gradient, carried from its backward to the tied embedding's in one forward."""
+
+    grad: torch.Tensor | None = None
+
+
+class _CpuTiedEmbeddingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids: torch.Tensor, weight: torch.Tensor, link: _TiedGradient) -> torch.Tensor:
+        ctx.save_for_backward(input_ids)
+        ctx.link, ctx.weight_shape, ctx.weight_dtype = link, weight.shape, weight.dtype
+        return nn.functional.embedding(input_ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (input_ids,) = ctx.saved_tensors
+        grad_weight, ctx.link.grad = ctx.link.grad, None
+        if grad_weight is None:  # the LM head was not linked to this forward: the embedding's rows alone
+            grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_output.device)
+        rows = grad_output.reshape(-1, ctx.weight_shape[1]).to(grad_weight.dtype)
+        return None, grad_weight.index_add_(0, input_ids.reshape(-1), rows), None
+
+
+class _CpuTiedLMHeadFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden_states: torch.Tensor, weight: torch.Tensor, link: _TiedGradient, dtype: torch.dtype
+    ) -> torch.Tensor:
+        hidden, matrix = hidden_states.to(dtype), weight.to(dtype)  # autocast's casts for `linear`
+        ctx.save_for_backward(hidden, matrix)
+        ctx.link, ctx.hidden_dtype, ctx.weight_dtype = link, hidden_states.dtype, weight.dtype
+        return nn.functional.linear(hidden, matrix)
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        hidden, matrix = ctx.saved_tensors
+        grad_logits = grad_logits.to(matrix.dtype)
+        grad_hidden = grad_logits.matmul(matrix).to(ctx.hidden_dtype)
+        grad_rows = grad_logits.reshape(-1, matrix.shape[0])
+        ctx.link.grad = grad_rows.t().mm(hidden.reshape(-1, matrix.shape[1])).to(ctx.weight_dtype)
+        return grad_hidden, None, None, None
+
+
+class XrayCapLMHead(nn.Linear):
+    """GPT-2's LM head (`nn.Linear` without bias, its weight tied to the input embedding; same state-dict keys).
+    While XrayCap's forward links it to the embedding (`tied_gradient`), it computes the product with
+    [`_CpuTiedLMHeadFunction`], which passes its weight gradient to the embedding's backward; otherwise it is
+    `nn.Linear`. Under autocast its inputs are cast as autocast casts `linear`'s."""
+
+    tied_gradient: _TiedGradient | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        link = self.tied_gradient
+        if link is None or self.bias is not None or torch.compiler.is_compiling():
+            return super().forward(hidden_states)
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype
+        with torch.autocast("cpu", enabled=False):
+            return _CpuTiedLMHeadFunction.apply(hidden_states, self.weight, link, dtype)
+
+
+@contextlib.contextmanager
+def _linked_lm_head(head: nn.Module, link: _TiedGradient | None):
+    """Within the block, `head` (an [`XrayCapLMHead`]) hands its weight gradient to `link` (nothing when None)."""
+    if link is None:
+        yield
+        return
+    head.tied_gradient = link
+    try:
+        yield
+    finally:
+        head.tied_gradient = None
+
+
+def _links_tied_gradient(embedding: nn.Module, head: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether this forward can carry the LM head's gradient into the tied embedding's backward: CPU training of
+    one shared weight by a plain `nn.Embedding` and an [`XrayCapLMHead`]."""
+    return (
+        type(embedding) is nn.Embedding
+        and isinstance(head, XrayCapLMHead)
+        and head.weight is embedding.weight
+        and embedding.weight.requires_grad
+        and embedding.weight.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and embedding.padding_idx is None
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+        and not embedding.sparse
+        and input_ids.numel() > 0
+    )
+
+
 class XrayCapProjection(nn.Module):
     """
     Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd).
@@ -578,6 +685,9 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         # The MLP's products on both CPU cores; no weights change.
         _replace_conv1d_modules(self.language_model)
         _replace_gelu_tanh_modules(self.language_model)  # tanh-GELU as x * sigmoid(2z), compiled
+        # The LM head hands its gradient of the tied weight to the embedding's backward; no weights change.
+        if type(self.language_model.lm_head) is nn.Linear:
+            self.language_model.lm_head.__class__ = XrayCapLMHead
         self.post_init()
         if self.language_model.config._attn_implementation == "sdpa":  # SDPA, with that dropout on CPU
             self.language_model.set_attn_implementation("xraycap_sdpa")
@@ -850,6 +960,15 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         return prefix.reshape(batch, views * tokens, -1), prefix_mask.long()
 
     # ----------------------------------------------------------------------------------------- forward
+    def _embed_tokens(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, _TiedGradient | None]:
+        """The tokens' embeddings and, in CPU training, the link that carries the LM head's gradient of the tied
+        weight into their backward (see "The tied weight's gradient" above)."""
+        embedding = self.get_input_embeddings()
+        if not _links_tied_gradient(embedding, self.get_output_embeddings(), input_ids):
+            return embedding(input_ids), None
+        link = _TiedGradient()
+        return _CpuTiedEmbeddingFunction.apply(input_ids, embedding.weight, link), link
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -906,9 +1025,10 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         if image_features is not None:
             prefix_embeds, prefix_mask = self.get_prefix_embeds(image_features, view_mask)
 
+        link = None
         if inputs_embeds is None:
             if input_ids is not None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
+                inputs_embeds, link = self._embed_tokens(input_ids)
             elif prefix_embeds is not None:
                 inputs_embeds = prefix_embeds[:, :0]
             else:
@@ -947,16 +1067,17 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        with _linked_lm_head(self.get_output_embeddings(), link):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         return XrayCapCausalLMOutput(
             loss=outputs.loss,
             logits=outputs.logits,

@@ -38,6 +38,7 @@ from modeling_xraycap import (
     XrayCapDropout,
     XrayCapForConditionalGeneration,
     XrayCapGELUTanh,
+    XrayCapLMHead,
     xraycap_causal_lm_loss,
     xraycap_dropout,
     xraycap_gelu_tanh,
@@ -572,6 +573,78 @@ def test_model_trains_with_the_chunked_loss(tiny):
     torch.testing.assert_close(
         grads, expected_grads, rtol=0.02, atol=1e-4
     )  # bf16 rounding of the logit grads
+
+
+class _CountFills(TorchDispatchMode):
+    """Records the shapes of the tensors zero-filled or created as zeros, and the dense embedding backwards (which
+    zero-fill inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        zeroing = (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros, torch.ops.aten.new_zeros)
+        if func.overloadpacket in (*zeroing, torch.ops.aten.embedding_dense_backward):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
+def test_tied_weight_gradient_skips_the_zero_filled_embedding_gradient(monkeypatch, precision):
+    """In CPU training the LM head hands its weight gradient to the tied embedding's backward: the loss and every
+    gradient equal autograd's (to fp32 rounding of the sum's order), no vocab_size x n_embd tensor is zero-filled,
+    the weight's gradient arrives once, whole (what a DDP hook reads), and the link is gone after the forward."""
+    model, processor = make_tiny_model_and_processor(image_size=64)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the two runs must compute the same function
+    model.train()
+    batch = _batch(processor, findings=FINDINGS[:3])
+    weight = model.get_input_embeddings().weight
+    assert (
+        type(model.language_model.lm_head) is XrayCapLMHead and model.language_model.lm_head.weight is weight
+    )
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        arrivals = []
+        handle = weight.register_post_accumulate_grad_hook(lambda p: arrivals.append(p.grad.clone()))
+        counter = _CountFills()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            loss = model(**batch).loss
+        with counter:
+            loss.backward()
+        handle.remove()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, arrivals, counter.shapes
+
+    loss, grads, arrivals, fills = loss_and_grads()
+    assert model.language_model.lm_head.tied_gradient is None
+    monkeypatch.setattr(modeling_xraycap, "_links_tied_gradient", lambda *args: False)  # autograd's own sum
+    expected_loss, expected_grads, expected_arrivals, expected_fills = loss_and_grads()
+
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-6, atol=1e-7)
+    assert len(arrivals) == len(expected_arrivals) == 1
+    assert torch.equal(arrivals[0], grads["language_model.transformer.wte.weight"])
+    assert tuple(weight.shape) in expected_fills and tuple(weight.shape) not in fills
+
+
+def test_tied_weight_link_only_in_cpu_training(tiny):
+    """Without grad (evaluation, generation) or with untied weights the forward does not link the LM head."""
+    model, processor = tiny
+    batch = _batch(processor)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert modeling_xraycap._links_tied_gradient(embedding, head, batch["input_ids"])
+    with torch.no_grad():
+        assert not modeling_xraycap._links_tied_gradient(embedding, head, batch["input_ids"])
+    untied_head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    untied_head.__class__ = XrayCapLMHead
+    assert not modeling_xraycap._links_tied_gradient(embedding, untied_head, batch["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------- generation
