@@ -282,11 +282,11 @@ def _replace_conv1d_modules(model: nn.Module) -> None:
 # GPT-2's activation, tanh-GELU: `x * (1 + tanh(z)) / 2` with `z = sqrt(2 / pi) * (x + 0.044715 x^3)`. torch's CPU
 # kernel spends most of its time in `tanh` (3.9 ms for one real-size 8 x 92 x 3072 bf16 activation, where
 # `sigmoid` takes 1.1 ms). The same function is `x * sigmoid(2z)`, and the two functions below compute it that way
-# in fp32, each compiled by inductor into one vectorised pass: 2.2 + 2.5 ms forward + backward against 4.3 + 4.6 ms
-# (medians of 15 interleaved calls). The outputs are the exact function rounded to the input's dtype, as torch's
-# are; ~1.6% of bf16 values differ from torch's kernel, by one unit in the last place. They are compiled on first
-# use (a few seconds, cached on disk by inductor) and only in training on CPU; when compiling is off or fails
-# (no C++ compiler), torch's kernels run instead.
+# in fp32, each compiled by inductor into one vectorised pass: 2.2-2.5 + 2.5-2.8 ms forward + backward against
+# 4.3-4.5 + 4.6 ms (medians of 15 interleaved calls, two runs). The outputs are the exact function rounded to the
+# input's dtype, as torch's are; ~1.6% of bf16 values differ from torch's kernel, by one unit in the last place.
+# They are compiled on first use (a few seconds, cached on disk by inductor) and only in training on CPU; when
+# compiling is off or fails (no C++ compiler), torch's kernels run instead.
 
 _GELU_TANH_SCALE = 2.0 * (2.0 / torch.pi) ** 0.5  # 2 sqrt(2 / pi): sigmoid(2z) = (1 + tanh(z)) / 2
 _GELU_TANH_CUBIC = 0.044715
