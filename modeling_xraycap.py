@@ -280,7 +280,7 @@ def _replace_conv1d_modules(model: nn.Module) -> None:
 
 
 # GPT-2's activation, tanh-GELU: `x * (1 + tanh(z)) / 2` with `z = sqrt(2 / pi) * (x + 0.044715 x^3)`. torch's CPU
-# kernel spends most of its time in `tanh` (3.9 ms for one real-size 8 x 92 x 3072 bf16 activation, where
+# kernel spends most of its time in `tanh` (3.9-4.5 ms for one real-size 8 x 92 x 3072 bf16 activation, where
 # `sigmoid` takes 1.1 ms). The same function is `x * sigmoid(2z)`, and the two functions below compute it that way
 # in fp32, each compiled by inductor into one vectorised pass: 2.2-2.5 + 2.5-2.8 ms forward + backward against
 # 4.3-4.5 + 4.6 ms (medians of 15 interleaved calls, two runs). The outputs are the exact function rounded to the
