@@ -292,15 +292,18 @@ _GELU_TANH_SCALE = 2.0 * (2.0 / torch.pi) ** 0.5  # 2 sqrt(2 / pi): sigmoid(2z) 
 _GELU_TANH_CUBIC = 0.044715
 
 
+def _gelu_tanh_gate(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(_GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x * x * x))  # (1 + tanh(z)) / 2
+
+
 def _gelu_tanh_forward(hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.float()
-    gate = torch.sigmoid(_GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x * x * x))
-    return (x * gate).to(hidden_states.dtype)
+    return (x * _gelu_tanh_gate(x)).to(hidden_states.dtype)
 
 
 def _gelu_tanh_backward(grad_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.float()
-    gate = torch.sigmoid(_GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x * x * x))
+    gate = _gelu_tanh_gate(x)
     slope = gate + x * gate * (1.0 - gate) * _GELU_TANH_SCALE * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
     return (grad_output.float() * slope).to(grad_output.dtype)
 
@@ -547,13 +550,12 @@ class XrayCapLMHead(nn.Linear):
     tied_gradient: _TiedGradient | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        link = self.tied_gradient
-        if link is None or self.bias is not None or torch.compiler.is_compiling():
+        if self.tied_gradient is None:
             return super().forward(hidden_states)
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else hidden_states.dtype
         with torch.autocast("cpu", enabled=False):
-            return _CpuTiedLMHeadFunction.apply(hidden_states, self.weight, link, dtype)
+            return _CpuTiedLMHeadFunction.apply(hidden_states, self.weight, self.tied_gradient, dtype)
 
 
 @contextlib.contextmanager
@@ -575,6 +577,7 @@ def _links_tied_gradient(embedding: nn.Module, head: nn.Module, input_ids: torch
     return (
         type(embedding) is nn.Embedding
         and isinstance(head, XrayCapLMHead)
+        and head.bias is None
         and head.weight is embedding.weight
         and embedding.weight.requires_grad
         and embedding.weight.device.type == "cpu"

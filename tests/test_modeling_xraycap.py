@@ -311,7 +311,7 @@ def test_cpu_training_gelu_is_torchs_tanh_gelu_to_rounding(dtype):
     for shape in [(2, 5, 48), (3, 7, 64), (1, 1, 33)]:
         x = (torch.randn(shape) * 3).to(dtype)
         grad_out = torch.randn(shape)
-        counter = _CountOps()
+        counter = _RecordOps()
         with counter:
             got = _gelu_and_grad(xraycap_gelu_tanh, x, grad_out)
         expected = _gelu_and_grad(lambda t: torch.nn.functional.gelu(t, approximate="tanh"), x, grad_out)
@@ -327,7 +327,7 @@ def test_cpu_training_gelu_is_torchs_tanh_gelu_to_rounding(dtype):
 
 def test_gelu_runs_torchs_kernel_outside_cpu_training():
     x = torch.randn(4, 16)
-    counter = _CountOps()
+    counter = _RecordOps()
     with counter, torch.no_grad():
         out = xraycap_gelu_tanh(x.requires_grad_())
     assert "gelu" in counter.names
@@ -353,16 +353,23 @@ def test_gelu_falls_back_to_torchs_kernel_when_compiling_fails(monkeypatch, capl
     assert modeling_xraycap._compiled_gelu_tanh_forward.compiled is False
 
 
-class _CountOps(TorchDispatchMode):
-    """Records the names of the aten ops dispatched."""
+class _RecordOps(TorchDispatchMode):
+    """Records each dispatched aten op as `(name, output shape)`; `names` is the set of op names."""
 
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(
+            (func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+        )
+        return out
+
+    @property
+    def names(self) -> set[str]:
+        return {name for name, _ in self.ops}
 
 
 class _CountRowProducts(TorchDispatchMode):
@@ -575,22 +582,6 @@ def test_model_trains_with_the_chunked_loss(tiny):
     )  # bf16 rounding of the logit grads
 
 
-class _CountFills(TorchDispatchMode):
-    """Records the shapes of the tensors zero-filled or created as zeros, and the dense embedding backwards (which
-    zero-fill inside)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        zeroing = (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros, torch.ops.aten.new_zeros)
-        if func.overloadpacket in (*zeroing, torch.ops.aten.embedding_dense_backward):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
 def test_tied_weight_gradient_skips_the_zero_filled_embedding_gradient(monkeypatch, precision):
     """In CPU training the LM head hands its weight gradient to the tied embedding's backward: the loss and every
@@ -611,14 +602,16 @@ def test_tied_weight_gradient_skips_the_zero_filled_embedding_gradient(monkeypat
         model.zero_grad(set_to_none=True)
         arrivals = []
         handle = weight.register_post_accumulate_grad_hook(lambda p: arrivals.append(p.grad.clone()))
-        counter = _CountFills()
+        counter = _RecordOps()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             loss = model(**batch).loss
         with counter:
             loss.backward()
         handle.remove()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        return loss.detach(), grads, arrivals, counter.shapes
+        # Zero-filled tensors, and the dense embedding backward (which zero-fills inside).
+        zeroing = {"fill_", "zero_", "zeros", "new_zeros", "embedding_dense_backward"}
+        return loss.detach(), grads, arrivals, [shape for name, shape in counter.ops if name in zeroing]
 
     loss, grads, arrivals, fills = loss_and_grads()
     assert model.language_model.lm_head.tied_gradient is None
