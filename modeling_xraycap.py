@@ -517,8 +517,16 @@ class _CpuTiedEmbeddingFunction(torch.autograd.Function):
         grad_weight, ctx.link.grad = ctx.link.grad, None
         if grad_weight is None:  # the LM head was not linked to this forward: the embedding's rows alone
             grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_output.device)
-        rows = grad_output.reshape(-1, ctx.weight_shape[1]).to(grad_weight.dtype)
-        return None, grad_weight.index_add_(0, input_ids.reshape(-1), rows), None
+        rows, ids = grad_output.reshape(-1, ctx.weight_shape[1]), input_ids.reshape(-1)
+        if grad_weight.dtype == torch.float32:
+            return None, grad_weight.index_add_(0, ids, rows.float()), None
+        # A bf16 weight (`master_weights.py`): each token's rows summed in fp32, then added with one rounding.
+        tokens, positions = torch.unique(ids, return_inverse=True)
+        sums = torch.zeros(len(tokens), rows.shape[1], device=rows.device).index_add_(
+            0, positions, rows.float()
+        )
+        grad_weight[tokens] = (grad_weight[tokens].float() + sums).to(grad_weight.dtype)
+        return None, grad_weight, None
 
 
 class _CpuTiedLMHeadFunction(torch.autograd.Function):
@@ -1055,6 +1063,11 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             if labels is not None:
                 ignore = labels.new_full((batch, prefix_length), -100)
                 labels = torch.cat([ignore, labels], dim=1)
+
+        if inputs_embeds.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(
+            inputs_embeds.device.type
+        ):  # half-precision weights (`master_weights.py`): the residual stream is fp32, as from fp32 weights
+            inputs_embeds = inputs_embeds.float()
 
         past_length = cache.get_seq_length() if cache is not None else 0
         total = past_length + inputs_embeds.shape[1]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,6 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 import run_captioning  # noqa: E402
 from configuration_xraycap import XrayCapConfig  # noqa: E402
 from gradient_clipping import clip_grad_norm_  # noqa: E402
+from master_weights import MasterWeightsAdamW  # noqa: E402
 from modeling_xraycap import XrayCapForConditionalGeneration  # noqa: E402
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer  # noqa: E402
 
@@ -139,9 +141,17 @@ def build_model(settings: BenchSettings, seed: int = 0) -> XrayCapForConditional
     return XrayCapForConditionalGeneration(config)
 
 
-def make_xraycap_optimizer(model, learning_rate: float) -> torch.optim.Optimizer:
-    """The optimizer exactly as run_captioning builds it."""
-    return run_captioning.build_optimizer(model, learning_rate, 0.01)
+def make_xraycap_optimizer(
+    model, learning_rate: float, amp_dtype: torch.dtype | None = None, master_weights: str = "auto"
+) -> torch.optim.Optimizer:
+    """The optimizer exactly as a single-process run_captioning builds it for `amp_dtype` autocast and
+    `--master_weights` (`auto`: fp32 master weights with the model in bf16 for CPU bf16 training)."""
+    device = next(model.parameters()).device
+    mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "no")
+    uses_master = run_captioning.uses_master_weights(
+        master_weights, mixed_precision, device, DistributedType.NO
+    )
+    return run_captioning.build_optimizer(model, learning_rate, 0.01, device, master_weights=uses_master)
 
 
 def xraycap_train_step(
@@ -204,15 +214,16 @@ def train_section(
     xraycap's training step against the seed loop (a), at the preset's sizes, and the compute-efficiency
     figure. xraycap's side is what `run_captioning.py --cache_features --mixed_precision auto` runs:
     the frozen encoder's features are computed once (autocast, channels_last) and each step trains the
-    projection + GPT-2 under autocast; the one-off encoding is charged to each step, spread over
+    projection + GPT-2 under autocast (on CPU in bf16: bf16 weights, fp32 master weights, `--master_weights
+    auto`); the one-off encoding is charged to each step, spread over
     `amortize_epochs` epochs. Also timed: the same step without the feature cache (encoder run every step,
     autocast + channels_last), which is what runs when image augmentation is on.
 
     Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, the xraycap
     step with the encoder's native grid (when the preset pools it), and a run of large matmuls in `amp_dtype`
-    and in fp32. Ratios and fractions are per repeat, then the median. Under bf16, also the step of the same
-    model held entirely in bf16 (`bf16_weights_bound`): how far the step could go without its weight and
-    gradient casts and with half AdamW's memory traffic.
+    and in fp32. Ratios and fractions are per repeat, then the median. When xraycap's step holds bf16 weights, also
+    the same step with fp32 weights under autocast and torch's fused AdamW (`fp32_weights`, `--master_weights
+    off`): what the master weights save.
 
     `reference_rate` (FLOP/s, `amp_dtype` matmuls of the same size on the same machine, e.g. the highest rate an
     earlier run read) joins this section's own readings as the machine's rate of the headline fraction, so
@@ -245,7 +256,10 @@ def train_section(
     seed_model = SeedStyleCaptioner(seed_vision, seed_decoder, model.vision_feature_dim).to(device)
     seed_model.train()
     seed_optimizer = make_seed_optimizer(seed_model, settings.learning_rate)
-    optimizer = make_xraycap_optimizer(model, settings.learning_rate)
+    # `--master_weights off`: the same model and step, fp32 weights under autocast (copied before the optimizer
+    # below turns the model's weights into bf16).
+    reference = copy.deepcopy(model)
+    optimizer = make_xraycap_optimizer(model, settings.learning_rate, amp_dtype)
     model.train()
 
     features = encode_features(model, batch, amp_dtype)
@@ -273,10 +287,10 @@ def train_section(
         native_config = copy.deepcopy(config)
         native_config.grid_size = None
         native = XrayCapForConditionalGeneration(native_config).to(device)
-        native.load_state_dict(model.state_dict())
+        native.load_state_dict(reference.state_dict())
         native.vision_model.to(memory_format=torch.channels_last)
         native.train()
-        native_optimizer = make_xraycap_optimizer(native, settings.learning_rate)
+        native_optimizer = make_xraycap_optimizer(native, settings.learning_rate, amp_dtype)
         native_inputs = {**cached_inputs, "image_features": encode_features(native, batch, amp_dtype)}
         if native.max_prefix_length == model.max_prefix_length:
             native = None  # the preset's map is already no larger than grid_size
@@ -284,19 +298,14 @@ def train_section(
     def step_native():
         return xraycap_train_step(native, native_optimizer, native_inputs, amp_dtype, scaler)
 
-    # The ceiling of a bf16-weights design (bf16 weights in the model, fp32 master weights in the optimizer): the
-    # same model held entirely in bf16, so that no weight or gradient is cast and AdamW moves half the bytes.
-    # Not a way to train (bf16 AdamW states lose small updates); a bound on what removing the parameter-side
-    # costs could give the step.
-    bound = None
-    if amp_dtype == torch.bfloat16:
-        bound = copy.deepcopy(model).to(amp_dtype)
-        bound.train()
-        bound_optimizer = make_xraycap_optimizer(bound, settings.learning_rate)
-        bound_inputs = {**cached_inputs, "image_features": features.to(amp_dtype)}
+    fp32_weights = None
+    if isinstance(optimizer, MasterWeightsAdamW):
+        fp32_weights = reference.train()
+        fp32_optimizer = make_xraycap_optimizer(fp32_weights, settings.learning_rate, amp_dtype, "off")
+    del reference
 
-    def step_bound():
-        return xraycap_train_step(bound, bound_optimizer, bound_inputs, amp_dtype)
+    def step_fp32_weights():
+        return xraycap_train_step(fp32_weights, fp32_optimizer, cached_inputs, amp_dtype)
 
     # Warm-up (first-call allocations, oneDNN kernel selection, the allocator settling), and the FLOP
     # counts (one more step each).
@@ -307,19 +316,25 @@ def train_section(
             step_cached,
             step_uncached,
             *((step_native,) if native else ()),
-            *((step_bound,) if bound else ()),
+            *((step_fp32_weights,) if fp32_weights else ()),
         ):
             fn()
     flops_cached, flops_cached_by_op = count_flops(step_cached)
     flops_seed, _ = count_flops(step_seed)
     flops_uncached, _ = count_flops(step_uncached)
     flops_native = count_flops(step_native)[0] if native else None
-    flops_bound = count_flops(step_bound)[0] if bound else None
+    flops_fp32_weights = count_flops(step_fp32_weights)[0] if fp32_weights else None
 
     times: dict[str, list[float]] = {
-        k: [] for k in ("seed", "cached", "uncached", "encode", "native", "bound")
+        k: [] for k in ("seed", "cached", "uncached", "encode", "native", "fp32_weights")
     }
-    rates: dict[str, list[float]] = {"amp": [], "amp_spread": [], "amp_readings": [], "fp32": [], "bound": []}
+    rates: dict[str, list[float]] = {
+        "amp": [],
+        "amp_spread": [],
+        "amp_readings": [],
+        "fp32": [],
+        "fp32_weights": [],
+    }
     for _ in tqdm(range(settings.repeats), desc=f"train repeats ({device.type})", leave=False):
         times["seed"].append(timed(step_seed, device)[0])
         # The matmul rate the xraycap step is measured against brackets it: read just before and just after, and
@@ -331,10 +346,10 @@ def train_section(
         rates["amp"].append(math.sqrt(before * after))
         rates["amp_spread"].append(max(before, after) / min(before, after))
         rates["amp_readings"] += [before, after]
-        if bound:
-            times["bound"].append(timed(step_bound, device)[0])
+        if fp32_weights:
+            times["fp32_weights"].append(timed(step_fp32_weights, device)[0])
             last = matmul_rate(mm_dtype, settings.matmul_size, device)[0]
-            rates["bound"].append(math.sqrt(after * last))
+            rates["fp32_weights"].append(math.sqrt(after * last))
             rates["amp_readings"].append(last)
         times["uncached"].append(timed(step_uncached, device)[0])
         if native:
@@ -355,9 +370,10 @@ def train_section(
         text.n_layer, text.n_embd, text.vocab_size, batch_size * (prefix + settings.text_tokens),
         prefix + settings.text_tokens,
     )  # fmt: skip
-    optimizer_name = (
-        f"run_captioning's {type(optimizer).__name__} (fused={bool(optimizer.defaults.get('fused'))}, "
-        f"foreach={optimizer.defaults.get('foreach')})"
+    optimizer_name = f"run_captioning's {type(optimizer).__name__} " + (
+        "(bf16 weights, fp32 master weights)"
+        if isinstance(optimizer, MasterWeightsAdamW)
+        else f"(fused={bool(optimizer.defaults.get('fused'))}, foreach={optimizer.defaults.get('foreach')})"
     )
     result = {
         "setup": {
@@ -449,15 +465,17 @@ def train_section(
                 [flops_native / t / r for t, r in zip(times["native"], rates["amp"])], unit="fraction"
             ),
         }
-    if bound:
-        result["bf16_weights_bound"] = {
-            "what": "the same step with the whole model in bf16 (no weight or gradient casts, AdamW on bf16 "
-            "parameters and states): the ceiling of a bf16-weights design, not a way to train. Each repeat times "
-            "it right after the xraycap step, bracketed by the 'after' reading and one more.",
-            "seconds_per_step": summarize(times["bound"]),
-            "speedup_vs_xraycap": ratio_summary(times["cached"], times["bound"]),
-            "flops_per_step": flops_bound,
-            **compute_fraction_figures(flops_bound, times["bound"], rates["bound"], peak_rate),
+    if fp32_weights:
+        result["fp32_weights"] = {
+            "what": "the same step with fp32 weights under autocast and torch's fused AdamW (--master_weights "
+            "off): every weight cast to bf16 in the forward and every weight gradient cast back. Each repeat "
+            "times it right after the xraycap step, bracketed by the 'after' reading and one more.",
+            "seconds_per_step": summarize(times["fp32_weights"]),
+            "xraycap_speedup": ratio_summary(times["fp32_weights"], times["cached"]),
+            "flops_per_step": flops_fp32_weights,
+            **compute_fraction_figures(
+                flops_fp32_weights, times["fp32_weights"], rates["fp32_weights"], peak_rate
+            ),
         }
     return result
 

@@ -112,22 +112,31 @@ def test_native_grid_variant_is_timed_when_the_preset_pools():
     assert native["flops_per_step"] > result["flops_per_step"]["xraycap_cached_features"]
 
 
-def test_bf16_weights_bound_trains_an_all_bf16_copy_and_leaves_the_model_alone():
-    """Under bf16 the same step is also timed on an all-bf16 copy; the model itself stays fp32 and still trains."""
+def test_master_weights_step_is_timed_against_fp32_weights():
+    """Under bf16 on CPU the xraycap step is run_captioning's: bf16 weight matrices, fp32 master weights. The same
+    step with fp32 weights under autocast (--master_weights off) is timed beside it, on a copy."""
     model, _ = make_tiny_model_and_processor()
     before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
     result = train_section(SMOKE, model=model)
-    bound = result["bf16_weights_bound"]
-    assert bound["seconds_per_step"]["n"] == SMOKE.repeats
-    assert bound["flops_per_step"] == result["flops_per_step"]["xraycap_cached_features"]
-    assert 0 < bound["compute_fraction_headline"] <= bound["compute_fraction"]["max"]
+    assert "MasterWeightsAdamW (bf16 weights, fp32 master weights)" in result["setup"]["xraycap_side"]
+    fp32_weights = result["fp32_weights"]
+    assert fp32_weights["seconds_per_step"]["n"] == SMOKE.repeats
+    assert fp32_weights["flops_per_step"] == result["flops_per_step"]["xraycap_cached_features"]
+    assert 0 < fp32_weights["compute_fraction_headline"] <= fp32_weights["compute_fraction"]["max"]
     peak = result["matmul_flops_per_second"]["bf16_reference"]
     assert peak == result["matmul_flops_per_second"]["bf16_highest_reading"]
-    assert bound["compute_fraction_fastest_step_at_machine_rate"]["matmul_flops_per_second"] == peak
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    changed = [k for k, v in model.language_model.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed, "the fp32 model was not trained"
-    assert "bf16_weights_bound" not in train_section(SMOKE, model=model, amp_dtype=None)
+    assert fp32_weights["compute_fraction_fastest_step_at_machine_rate"]["matmul_flops_per_second"] == peak
+    trained = [p for p in model.language_model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trained if p.ndim >= 2} == {torch.bfloat16}
+    assert {p.dtype for p in trained if p.ndim < 2} == {torch.float32}
+    changed = [
+        k for k, v in model.language_model.state_dict().items() if not torch.equal(v.float(), before[k])
+    ]
+    assert changed, "the model was not trained"
+
+    fp32_model, _ = make_tiny_model_and_processor()
+    assert "fp32_weights" not in train_section(SMOKE, model=fp32_model, amp_dtype=None)
+    assert all(p.dtype == torch.float32 for p in fp32_model.parameters())
 
 
 def test_no_cache_baseline_rereads_the_whole_sequence_and_matches():

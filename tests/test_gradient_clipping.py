@@ -91,3 +91,44 @@ def test_run_captioning_clips_through_the_fused_step_behind_accelerate():
     assert not hasattr(inner, "grad_scale")
     clipped_norm = total_grad_norm([p.grad for p in params]).item()
     assert abs(clipped_norm - 1.0) < 1e-5
+
+
+def test_total_grad_norm_of_bf16_gradients():
+    """bf16 gradients (master-weights training) are squared and summed in fp32, compiled or not: within 1e-5 of
+    the exact norm (fp32 partial sums), which clipping needs to a few percent at most."""
+    import gradient_clipping
+
+    generator = torch.Generator().manual_seed(5)
+    grads = [torch.randn(s, generator=generator).to(torch.bfloat16) for s in ((2_500_000,), (300, 70), (7,))]
+    reference = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
+    assert abs(total_grad_norm(grads).item() / reference - 1) < 1e-5
+    assert gradient_clipping._half_sum_of_squares.compiled not in (None, False)  # the compiled pass ran
+    eager = (
+        sum(gradient_clipping._chunked_sum_of_squares(g.reshape(-1)).double() for g in grads).sqrt().item()
+    )
+    assert abs(eager / reference - 1) < 1e-5
+
+
+def test_clipping_folded_into_master_weights_adamw():
+    """Clipping hands its factor to a MasterWeightsAdamW as to a fused AdamW: three clipped steps on bf16 gradients
+    give torch's AdamW on the clipped fp32 values of the same gradients."""
+    from master_weights import MasterWeightsAdamW
+
+    params, _ = _params_and_grads(0, 1.0)
+    ours = _copy(params)
+    torch_optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    our_optimizer = MasterWeightsAdamW(ours, lr=0.01, weight_decay=0.1)
+    for step in range(3):
+        _, grads = _params_and_grads(step + 1, 1.0)
+        grads = [g.to(q.dtype) for g, q in zip(grads, ours)]
+        exact = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
+        for p, q, g in zip(params, ours, grads):
+            p.grad, q.grad = g.float() / exact, g.clone()
+        norm = clip_grad_norm_(ours, 1.0, our_optimizer)
+        assert abs(norm.item() / exact - 1) < 1e-5
+        torch.testing.assert_close(our_optimizer.grad_scale, torch.tensor(exact), rtol=1e-5, atol=0)
+        torch_optimizer.step()
+        our_optimizer.step()
+        assert not hasattr(our_optimizer, "grad_scale")
+    for p, q in zip(params, ours):
+        torch.testing.assert_close(our_optimizer.state[q].get("master", q), p.detach(), rtol=0, atol=2e-6)

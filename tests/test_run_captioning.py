@@ -108,6 +108,10 @@ def test_outputs_follow_the_contract(trained_run: Path):
     assert args["training"]["max_steps"] == 8 and args["training"]["mixed_precision_resolved"] == "bf16"
     # The locally trained tokenizer saw the TRAIN split only (logged count = train size).
     assert results["run"]["num_examples"]["train"] == 28
+    # CPU bf16 trains with bf16 weights and fp32 master weights; the saved model is the fp32 master weights.
+    assert results["run"]["master_weights"] is True
+    saved = load_file(trained_run / "model.safetensors").values()
+    assert {t.dtype for t in saved if t.is_floating_point()} == {torch.float32}
 
 
 def test_saved_folder_regenerates_predictions_outside_the_repo(trained_run: Path, tmp_path: Path):
@@ -359,6 +363,12 @@ def fresh_accelerate_state():
         (["--output_dir", "{tmp}/a_file"], ValueError, "is a file"),
         (["--push_to_hub", "true"], ValueError, "--hub_model_id"),
         (["--cache_features", "true", "--freeze_vision_encoder", "false"], ValueError, "frozen encoder"),
+        (["--master_weights", "always"], SystemExit, None),
+        (
+            ["--master_weights", "on", "--gradient_accumulation_steps", "2"],
+            ValueError,
+            "--master_weights on with --gradient_accumulation_steps 2",
+        ),
     ],
 )
 def test_bad_arguments_fail_fast(argv, error, message, tmp_path: Path, monkeypatch):
@@ -388,6 +398,25 @@ def test_training_loss_equals_the_full_forward():
     )
     model.eval()
     torch.testing.assert_close(run_captioning.training_loss(model, inputs), model(**inputs).loss)
+
+
+def test_master_weights_resolve_where_they_pay():
+    """auto: single-process CPU bf16 with one batch per step; on needs bf16; off never."""
+    from accelerate.utils import DistributedType
+
+    import run_captioning
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resolve = run_captioning.uses_master_weights
+    assert resolve("auto", "bf16", cpu, DistributedType.NO)
+    assert not resolve("auto", "bf16", cpu, DistributedType.NO, gradient_accumulation_steps=2)
+    assert not resolve("auto", "bf16", cpu, DistributedType.MULTI_CPU)
+    assert not resolve("auto", "bf16", cuda, DistributedType.NO)
+    assert not resolve("auto", "no", cpu, DistributedType.NO)
+    assert resolve("on", "bf16", cuda, DistributedType.MULTI_GPU)
+    assert not resolve("off", "bf16", cpu, DistributedType.NO)
+    with pytest.raises(ValueError, match="--master_weights on needs bf16 mixed precision"):
+        resolve("on", "no", cpu, DistributedType.NO)
 
 
 def test_grid_size_argument_reaches_the_config():
