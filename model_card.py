@@ -138,7 +138,8 @@ def describe_run(
             f"{train_args.warmup_ratio:.0%} warmup, batch {train_args.per_device_train_batch_size} x "
             f"{run.get('num_processes', 1)} process(es) x {train_args.gradient_accumulation_steps} accumulation, "
             f"{run.get('optimizer_steps')} steps ({run.get('epochs')} epochs), mixed precision "
-            f"{run.get('mixed_precision')}, encoder {'frozen' if config.freeze_vision_encoder else 'trained'}, seed "
+            f"{run.get('mixed_precision')}{' with fp32 master weights' if run.get('master_weights') else ''}, "
+            f"encoder {'frozen' if config.freeze_vision_encoder else 'trained'}, seed "
             f"{train_args.seed}, on {run.get('device')} in {run.get('train_time_s')} s of training "
             f"({run.get('wall_time_s')} s for the whole run)."
         ),

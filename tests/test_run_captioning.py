@@ -110,6 +110,7 @@ def test_outputs_follow_the_contract(trained_run: Path):
     assert results["run"]["num_examples"]["train"] == 28
     # CPU bf16 trains with bf16 weights and fp32 master weights; the saved model is the fp32 master weights.
     assert results["run"]["master_weights"] is True
+    assert "mixed precision bf16 with fp32 master weights" in card
     saved = load_file(trained_run / "model.safetensors").values()
     assert {t.dtype for t in saved if t.is_floating_point()} == {torch.float32}
 
