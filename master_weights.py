@@ -2,8 +2,8 @@
 
 Under autocast, a model held in fp32 pays for its precision twice in every step: autocast casts each weight to
 bf16 at its first use in the forward, and autograd casts each bf16 weight gradient back to fp32 for `.grad`. At the
-real size (126M trainable parameters) on the 2-core CPU those casts are ~1,100 copies and ~150 ms of a 0.78 s step;
-the tied 50k x 768 embedding alone costs 11 ms forward and 10-50 ms back.
+real size (126M trainable parameters) on the 2-core CPU those casts are ~1,100 copies and 150-250 ms of a 0.8-1.2 s
+step (profiled); the tied 50k x 768 embedding alone costs 11 ms forward and 10-55 ms back.
 
 [`MasterWeightsAdamW`] is the classic mixed-precision recipe (fp32 master weights, Micikevicius et al., 2018) in
 the shape of a torch optimizer. At construction it takes the model's fp32 parameters, keeps an fp32 copy of each
@@ -14,11 +14,13 @@ bf16: one pass per tensor, compiled by inductor on first use (`modeling_xraycap.
 compiler, the same function runs eagerly). Vectors (biases, layer and batch norms) stay fp32 in the model and take
 torch's fused AdamW: they are 0.1% of the weights, and norms run in fp32 under autocast anyway.
 
-What changes against fp32 weights under autocast: the products were bf16 already, and so were their weight
-gradients before the cast, so for one batch per step the update is the same up to the rounding of the vector
-gradients and of the tied embedding's gradient, which is summed in bf16. Gradients accumulated over several
-batches would be summed in bf16, so `run_captioning.py` uses this optimizer only with
-`--gradient_accumulation_steps 1` (see `run_captioning.uses_master_weights`).
+What changes against fp32 weights under autocast: the products read the same bf16 weights (autocast's casts round
+to nearest, as the update does), and their weight gradients were bf16 before autograd's cast. What differs: the
+token and position embeddings enter the residual stream rounded to bf16 (the stream itself stays fp32), and the tied
+embedding's gradient is rounded to bf16 once, its rows summed in fp32 first (`modeling_xraycap`'s
+`_CpuTiedEmbeddingFunction`). Gradients accumulated over several batches would be summed in bf16, so
+`run_captioning.py` uses this optimizer only with `--gradient_accumulation_steps 1` (see
+`run_captioning.uses_master_weights`).
 
 Call [`MasterWeightsAdamW.restore_fp32_parameters`] when training ends: the model gets its fp32 master weights back
 and is saved and evaluated exactly as an fp32-trained model. Checkpoints (`state_dict`) carry the master weights,
@@ -84,9 +86,9 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
 
     At construction every parameter of two or more dimensions becomes `weight_dtype` in place (the same
     `nn.Parameter` objects, so tied weights stay tied); its fp32 values become the master weight. Vectors stay
-    fp32 and are updated by torch's fused AdamW. Like torch's fused AdamW, `step()` divides the gradients by the optimizer's `grad_scale` tensor when one
-    is set (the contract [`gradient_clipping.clip_grad_norm_`] uses to fold clipping into the step); the clipped
-    gradient of a weight matrix is not written back to `.grad`.
+    fp32 and are updated by torch's fused AdamW. Like torch's fused AdamW, `step()` divides the gradients by the
+    optimizer's `grad_scale` tensor when one is set (the contract [`gradient_clipping.clip_grad_norm_`] uses to fold
+    clipping into the step); the clipped gradient of a weight matrix is not written back to `.grad`.
 
     Args:
         params (`Iterable`): fp32 parameters or parameter groups, as for `torch.optim.AdamW`.
