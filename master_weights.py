@@ -226,9 +226,7 @@ class MasterWeightsAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for param, dtype in zip(params, dtypes):
             state = self.state[param]
-            if (
-                param.ndim >= 2 and "master" not in state
-            ):  # e.g. saved by an fp32-weights run (--master_weights off)
+            if param.ndim >= 2 and "master" not in state:  # e.g. saved by a run with --master_weights off
                 logger.warning(
                     f"The loaded optimizer state has no master weight for a {tuple(param.shape)} weight: it starts "
                     "from the model's current values."
