@@ -67,48 +67,144 @@ class XrayCapCausalLMOutput(ModelOutput):
 
 # ----------------------------------------------------------------------------------------- CPU training
 # On CPU, `F.dropout` draws its Bernoulli mask with one Mersenne-Twister number and one float compare per
-# element, and SDPA with `dropout_p > 0` falls back to its math path with that same mask. The dropout below draws
-# four 16-bit numbers per 64-bit draw and compares integers (~3x faster), and the attention below is SDPA's math
-# path with that dropout: a real-size bf16 training step on the 2-core CPU went from 1.07 s to 0.90 s. Both run
-# only when dropout is active on a CPU tensor; everywhere else (eval, generation, CUDA) they defer to torch / SDPA.
-# The model installs both on its decoder (`XrayCapForConditionalGeneration.__init__`), with the row-split linear
-# layers, the compiled tanh-GELU, the chunked causal-LM loss and the tied weight's gradient further down.
+# element, keeps the mask for the backward, and SDPA with `dropout_p > 0` falls back to its math path with that
+# same mask. The dropout below is counter-based instead, as CUDA's Philox dropout is: each call draws one 64-bit
+# key from torch's CPU generator (so `torch.manual_seed` and activation checkpointing replay it), element `i` is
+# kept when a 32-bit integer hash of `(i, key)` clears a threshold, and the backward recomputes the mask from the
+# key rather than storing it. Mask, scale and cast are one compiled pass; the attention's softmax and its dropout
+# are another (one more each for the backwards; without a compiler the same functions run eagerly). Against
+# torch's masks a real-size bf16 training step on the 2-core CPU went from 1.07 s to 0.90 s with a Mersenne-Twister
+# mask drawn 16 bits an element, and these kernels are 1.03x faster again than that mask (paired median of 10
+# alternating steps). Both run only when dropout is active on a CPU tensor; everywhere else (eval, generation,
+# CUDA) they defer to torch / SDPA. The model installs both on its decoder (`XrayCapForConditionalGeneration.
+# __init__`), with the row-split linear layers, the compiled tanh-GELU, the chunked causal-LM loss and the tied
+# weight's gradient further down. `_CompiledOrFallback` (next) compiles all of them.
+
+
+class _CompiledOrFallback:
+    """Calls `function` compiled by `torch.compile(dynamic=True)` (compiled on the first call), or `fallback` when
+    compiling is disabled or the compilation fails: it then logs why, once, and keeps using `fallback`."""
+
+    def __init__(self, function, fallback):
+        self.function, self.fallback = function, fallback
+        self.compiled = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            if torch._dynamo.config.disable:  # TORCHDYNAMO_DISABLE=1
+                self.compiled = False
+            else:
+                logger.info(
+                    f"Compiling xraycap's CPU {self.function.__name__} (once; inductor caches it on disk)."
+                )
+                self.compiled = torch.compile(self.function, dynamic=True)
+                try:
+                    return self.compiled(*args)
+                except Exception as error:  # no C++ compiler, an unsupported platform, ...
+                    logger.warning(
+                        f"Could not compile xraycap's CPU {self.function.__name__} ({type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); running "
+                        f"{self.fallback.__name__} eagerly instead (the same function, slower). Set "
+                        "TORCHDYNAMO_DISABLE=1 to skip the attempt."
+                    )
+                    self.compiled = False
+        if self.compiled is False:
+            return self.fallback(*args)
+        return self.compiled(*args)
+
 
 _DROPOUT_LEVELS = 1 << 16  # the drop probability is rounded to a multiple of 2**-16 (0.1 -> 0.100006)
+# The hash's two odd multipliers (C. Wellons' "lowbias32"), as the int32 values of their 32-bit patterns.
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))
 
 
-def _dropout_keep_mask(shape: torch.Size, drop_count: int, dtype: torch.dtype) -> torch.Tensor:
-    """A `dtype` tensor of `shape` holding 0 (probability `drop_count / 2**16`) or 1, drawn from the default CPU
-    generator (so `torch.manual_seed` makes it reproducible)."""
-    numel = shape.numel()
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits random
-    draws = words.view(torch.int16)[:numel].view(shape)  # uniform over [-2**15, 2**15)
-    # Written straight into `dtype`: multiplying by a float mask is ~5x faster than by a bool one.
-    return torch.ge(draws, drop_count - (1 << 15), out=torch.empty(shape, dtype=dtype))
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mix of an int32 tensor (xor-shift, multiply, xor-shift, multiply, xor-shift),
+    with wrapping products; the right shifts are logical (the sign bits masked off)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MULTIPLIERS[0]
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _HASH_MULTIPLIERS[1]
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _dropout_keep_mask(shape: torch.Size, key: torch.Tensor, drop_count: int) -> torch.Tensor:
+    """
+    The keep mask of one dropout call: bool, `shape`, False with probability `drop_count / 2**16`.
+
+    Element `i` (row-major) is dropped when the low 16 bits of `hash(hash(i ^ key[0]) ^ key[1])` fall below
+    `drop_count`. Two rounds keyed by two words make the masks of different keys unrelated (with one round, the
+    mask of one key would be the mask of another with its elements permuted).
+
+    Args:
+        shape (`torch.Size`): the mask's shape (fewer than 2**31 elements).
+        key (`torch.Tensor`): two int32 words, from [`_dropout_key`].
+        drop_count (`int`): the drop probability in 2**-16 units.
+    """
+    index = torch.arange(shape.numel(), dtype=torch.int32, device=key.device)
+    bits = _hash32(_hash32(index ^ key[0]) ^ key[1])
+    return ((bits & 0xFFFF) >= drop_count).view(shape)
+
+
+def _dropout_scale(drop_count: int) -> float:
+    """The exact 1 / (1 - drop probability), applied as a Python float (not rounded to the tensor's dtype)."""
+    return _DROPOUT_LEVELS / (_DROPOUT_LEVELS - drop_count)
+
+
+def _dropout_key() -> torch.Tensor:
+    """Two int32 words from torch's default CPU generator: one dropout call's key."""
+    return torch.randint(-(1 << 31), 1 << 31, (2,), dtype=torch.int32)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision tensors, else the tensor's own dtype: where the fused kernels do their arithmetic."""
+    return torch.float32 if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.dtype
+
+
+def _dropout_apply(
+    hidden_states: torch.Tensor, key: torch.Tensor, drop_count: int, scale: float
+) -> torch.Tensor:
+    """`hidden_states` times the keep mask of `key`, times `scale`, rounded once to its dtype: the dropout's
+    forward, and (applied to the output gradient) its backward."""
+    keep = _dropout_keep_mask(hidden_states.shape, key, drop_count)
+    return torch.where(keep, hidden_states.to(_compute_dtype(hidden_states)) * scale, 0.0).to(
+        hidden_states.dtype
+    )
+
+
+_compiled_dropout_apply = _CompiledOrFallback(_dropout_apply, _dropout_apply)
 
 
 class _CpuDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states: torch.Tensor, drop_count: int) -> torch.Tensor:
-        keep = _dropout_keep_mask(hidden_states.shape, drop_count, hidden_states.dtype)
-        # The exact 1 / (1 - drop probability), applied as a Python float (not rounded to `dtype`).
-        ctx.scale = _DROPOUT_LEVELS / (_DROPOUT_LEVELS - drop_count)
-        ctx.save_for_backward(keep)
-        return (hidden_states * keep).mul_(ctx.scale)
+        key = _dropout_key()
+        ctx.scale, ctx.drop_count = _dropout_scale(drop_count), drop_count
+        ctx.save_for_backward(key)
+        return _compiled_dropout_apply(hidden_states.contiguous(), key, drop_count, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (keep,) = ctx.saved_tensors
-        return (grad_output * keep).mul_(ctx.scale), None
+        (key,) = ctx.saved_tensors
+        return _compiled_dropout_apply(grad_output.contiguous(), key, ctx.drop_count, ctx.scale), None
+
+
+def _drop_count(p: float, device: torch.device, numel: int) -> int | None:
+    """`p` in 2**-16 units when the CPU dropout kernels take a tensor of `numel` elements on `device`, else None
+    (`F.dropout` or SDPA do)."""
+    drop_count = round(p * _DROPOUT_LEVELS)
+    if device.type != "cpu" or not 0 < drop_count < _DROPOUT_LEVELS or numel >= 1 << 31:
+        return None
+    return drop_count
 
 
 def xraycap_dropout(hidden_states: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """
-    `F.dropout(hidden_states, p, training)`, with a faster mask for CPU tensors.
+    `F.dropout(hidden_states, p, training)`, with a counter-based mask for CPU tensors.
 
     On CPU each element is zeroed with probability `round(p * 2**16) / 2**16` and the others are scaled by the
-    exact inverse of the keep probability, so the output is unbiased. Other devices, and probabilities that round
-    to 0 or 1, use `F.dropout`.
+    exact inverse of the keep probability, so the output is unbiased. Other devices, probabilities that round to 0
+    or 1, and tensors of 2**31 elements or more use `F.dropout`.
 
     Args:
         hidden_states (`torch.Tensor`): the input.
@@ -117,8 +213,8 @@ def xraycap_dropout(hidden_states: torch.Tensor, p: float, training: bool) -> to
     """
     if not training or p == 0.0:
         return hidden_states
-    drop_count = round(p * _DROPOUT_LEVELS)
-    if hidden_states.device.type != "cpu" or not 0 < drop_count < _DROPOUT_LEVELS:
+    drop_count = _drop_count(p, hidden_states.device, hidden_states.numel())
+    if drop_count is None:
         return nn.functional.dropout(hidden_states, p, training=True)
     return _CpuDropoutFunction.apply(hidden_states, drop_count)
 
@@ -140,6 +236,61 @@ def _replace_dropout_modules(model: nn.Module) -> None:
                 setattr(parent, name, XrayCapDropout(child.p))
 
 
+def _attention_probs_forward(
+    scores: torch.Tensor, bias: torch.Tensor, key: torch.Tensor, scaling: float, drop_count: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(scores * scaling + bias)` with the dropout of `key`, in `scores`' dtype, and the softmax before
+    the dropout (kept for the backward)."""
+    compute = _compute_dtype(scores)
+    probs = torch.softmax(scores.to(compute) * scaling + bias.to(compute), dim=-1)
+    keep = _dropout_keep_mask(probs.shape, key, drop_count)
+    return torch.where(keep, probs * scale, 0.0).to(scores.dtype), probs.to(scores.dtype)
+
+
+def _attention_probs_backward(
+    grad_output: torch.Tensor,
+    probs: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    drop_count: int,
+    scale: float,
+) -> torch.Tensor:
+    """The gradient of the scores: the dropout's, then the softmax's (`p * (g - sum(g * p))`), times `scaling`."""
+    compute = _compute_dtype(grad_output)
+    keep = _dropout_keep_mask(probs.shape, key, drop_count)
+    grad = torch.where(keep, grad_output.to(compute) * scale, 0.0)
+    probs = probs.to(compute)
+    grad = probs * (grad - (grad * probs).sum(dim=-1, keepdim=True))
+    return (grad * scaling).to(grad_output.dtype)
+
+
+_compiled_attention_probs_forward = _CompiledOrFallback(_attention_probs_forward, _attention_probs_forward)
+_compiled_attention_probs_backward = _CompiledOrFallback(_attention_probs_backward, _attention_probs_backward)
+
+
+class _CpuAttentionProbsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, scores: torch.Tensor, bias: torch.Tensor, scaling: float, drop_count: int
+    ) -> torch.Tensor:
+        key = _dropout_key()
+        ctx.scaling, ctx.drop_count = scaling, drop_count
+        ctx.scale = _dropout_scale(drop_count)
+        dropped, probs = _compiled_attention_probs_forward(
+            scores.contiguous(), bias, key, scaling, drop_count, ctx.scale
+        )
+        ctx.save_for_backward(probs, key)
+        return dropped
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        probs, key = ctx.saved_tensors
+        grad = _compiled_attention_probs_backward(
+            grad_output.contiguous(), probs, key, ctx.scaling, ctx.drop_count, ctx.scale
+        )
+        return grad, None, None, None
+
+
 def xraycap_sdpa_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -154,8 +305,9 @@ def xraycap_sdpa_attention_forward(
     """
     transformers' SDPA attention, except when attention dropout is active on CPU: there SDPA runs its math path
     with a slow Bernoulli mask, and this runs the same math (scores, mask, softmax, dropout, weighted sum) with
-    [`xraycap_dropout`]. Registered as the `"xraycap_sdpa"` attention implementation, with SDPA's masks; XrayCap
-    sets it on its decoder wherever transformers resolved "sdpa" (eager or flash attention are left as chosen).
+    [`xraycap_dropout`]'s mask, the softmax and the dropout in one compiled pass. Registered as the
+    `"xraycap_sdpa"` attention implementation, with SDPA's masks; XrayCap sets it on its decoder wherever
+    transformers resolved "sdpa" (eager or flash attention are left as chosen).
 
     Args:
         module (`nn.Module`): the attention layer (its `is_causal` is read when `is_causal` is None).
@@ -165,9 +317,10 @@ def xraycap_sdpa_attention_forward(
         scaling (`float`, *optional*): score scale, `head_dim ** -0.5` when None.
         is_causal (`bool`, *optional*): causal masking when no mask is given.
     """
+    q_length, kv_length = query.shape[2], key.shape[2]
+    drop_count = _drop_count(dropout, query.device, query.shape[0] * query.shape[1] * q_length * kv_length)
     if (
-        dropout == 0.0
-        or query.device.type != "cpu"
+        drop_count is None
         or getattr(module, "num_key_value_groups", 1) > 1
         or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "sinks"))
     ):
@@ -175,22 +328,24 @@ def xraycap_sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
             **kwargs,
         )  # fmt: skip
-    q_length, kv_length = query.shape[2], key.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is None and is_causal and q_length > 1:
         attention_mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
         attention_mask = attention_mask.tril(kv_length - q_length)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            # A finite minimum, not -inf: a fully masked row (a left-padding query) softmaxes to uniform, not NaN.
-            bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
-            attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-        scores = scores + attention_mask.to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    probs = xraycap_dropout(probs, dropout, training=True)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    compute = _compute_dtype(query)
+    if attention_mask is None:
+        bias = torch.zeros((), dtype=compute, device=query.device)
+    elif attention_mask.dtype == torch.bool:
+        # A finite minimum, not -inf: a fully masked row (a left-padding query) softmaxes to uniform, not NaN.
+        bias = torch.zeros(attention_mask.shape, dtype=compute, device=query.device)
+        bias.masked_fill_(~attention_mask, torch.finfo(compute).min)
+    else:
+        bias = attention_mask
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    with torch.autocast("cpu", enabled=False):  # the kernels fix their own compute dtype
+        probs = _CpuAttentionProbsFunction.apply(scores, bias, scaling, drop_count)
+    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("xraycap_sdpa", xraycap_sdpa_attention_forward)
@@ -306,37 +461,6 @@ def _gelu_tanh_backward(grad_output: torch.Tensor, hidden_states: torch.Tensor) 
     gate = _gelu_tanh_gate(x)
     slope = gate + x * gate * (1.0 - gate) * _GELU_TANH_SCALE * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
     return (grad_output.float() * slope).to(grad_output.dtype)
-
-
-class _CompiledOrFallback:
-    """Calls `function` compiled by `torch.compile(dynamic=True)` (compiled on the first call), or `fallback` when
-    compiling is disabled or the compilation fails: it then logs why, once, and keeps using `fallback`."""
-
-    def __init__(self, function, fallback):
-        self.function, self.fallback = function, fallback
-        self.compiled = None
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:
-            if torch._dynamo.config.disable:  # TORCHDYNAMO_DISABLE=1
-                self.compiled = False
-            else:
-                logger.info(
-                    f"Compiling xraycap's CPU {self.function.__name__} (once; inductor caches it on disk)."
-                )
-                self.compiled = torch.compile(self.function, dynamic=True)
-                try:
-                    return self.compiled(*args)
-                except Exception as error:  # no C++ compiler, an unsupported platform, ...
-                    logger.warning(
-                        f"Could not compile xraycap's CPU {self.function.__name__} ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); using torch's "
-                        "kernel instead (same function, slower). Set TORCHDYNAMO_DISABLE=1 to skip the attempt."
-                    )
-                    self.compiled = False
-        if self.compiled is False:
-            return self.fallback(*args)
-        return self.compiled(*args)
 
 
 def _torch_gelu_tanh(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -1019,7 +1143,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 `run_captioning.training_loss`).
             inputs_embeds, position_ids, cache, use_cache:
                 As in `GPT2LMHeadModel` (used by `generate`). Position ids default to the running count of
-                attended positions, so absent views shift nothing.
+                attended positions, so absent views shift nothing. `use_cache` defaults to False for a training
+                forward (train mode, with `labels`), whose cache nothing would read.
 
         Returns:
             [`XrayCapCausalLMOutput`] with `loss` (when `labels` is given) and `logits` over prefix + text.
@@ -1080,6 +1205,10 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             )
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             labels = labels[:, -logits_to_keep:]  # the loss covers the kept logits only
+        if use_cache is None and labels is not None and self.training:
+            use_cache = (
+                False  # nothing reads a training step's cache; filling it copies every layer's keys/values
+            )
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 

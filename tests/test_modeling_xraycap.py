@@ -39,6 +39,7 @@ from modeling_xraycap import (
     XrayCapForConditionalGeneration,
     XrayCapGELUTanh,
     XrayCapLMHead,
+    _dropout_key,
     xraycap_causal_lm_loss,
     xraycap_dropout,
     xraycap_gelu_tanh,
@@ -244,24 +245,50 @@ def test_bf16_autocast_and_channels_last_train_step():
 # ----------------------------------------------------------------------------------------- CPU dropout
 
 
+def _keep_scale(drop_count: int) -> float:
+    return 65536 / (65536 - drop_count)  # 1 / (1 - drop_count / 2**16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_drops_at_rate_p_unbiased_and_reproducibly(dtype):
-    x = torch.randn(1_000_003, dtype=dtype)  # odd size: the 16-bit draws do not fill the last 64-bit word
+    x = torch.randn(1_000_003, dtype=dtype)  # odd size: the compiled kernel's vector tail runs too
     torch.manual_seed(0)
     out = xraycap_dropout(x, 0.1, training=True)
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.1) < 0.002  # 6 standard deviations
-    scale = 65536 / (65536 - 6554)  # 1 / (1 - 6554 / 2**16): the probability 0.1 as 16-bit levels
     kept = ~dropped & (x != 0)
-    torch.testing.assert_close(out[kept], (x[kept].double() * scale).to(dtype))
+    torch.testing.assert_close(out[kept], (x[kept].double() * _keep_scale(6554)).to(dtype))
     # Unbiased: the mean of many masks of a constant input is the input.
     ones = torch.ones(4_000_000, dtype=torch.float32)
     assert abs(xraycap_dropout(ones, 0.3, training=True).mean().item() - 1.0) < 0.003
-    # Seeded like torch's own RNG; every 16-bit lane of a 64-bit draw is used.
+    # Seeded by torch's own RNG: the same seed draws the same key, hence the same mask.
     torch.manual_seed(0)
     assert torch.equal(xraycap_dropout(x, 0.1, training=True), out)
-    lanes = dropped[:1_000_000].view(-1, 4).float().mean(0)
-    assert (lanes - 0.1).abs().max().item() < 0.004
+    # The rate holds at every position of a 16-element vector lane.
+    lanes = dropped[:1_000_000].view(-1, 16).float().mean(0)
+    assert (lanes - 0.1).abs().max().item() < 0.008  # 6 standard deviations of 62,500 draws
+
+
+def test_cpu_dropout_masks_are_independent_across_elements_and_calls():
+    """P(both dropped) = p^2 for neighbouring elements, for the same element in two calls (two keys), and for
+    keys one bit apart: the hash leaves no trace of the counter or the key in the mask."""
+    count, p = 4_000_000, 0.25
+    ones = torch.ones(count)
+    torch.manual_seed(5)
+    first, second = (xraycap_dropout(ones, p, training=True) == 0 for _ in range(2))
+    near_keys = [
+        modeling_xraycap._dropout_keep_mask(ones.shape, torch.tensor([7, word], dtype=torch.int32), 16384)
+        for word in (0, 1)
+    ]
+    pairs = {
+        "neighbours": (first[:-1], first[1:]),
+        "elements 64 apart": (first[:-64], first[64:]),
+        "two calls": (first, second),
+        "keys one bit apart": (~near_keys[0], ~near_keys[1]),
+    }
+    for name, (a, b) in pairs.items():
+        both = (a & b).float().mean().item()
+        assert abs(both - p * p) < 0.0013, name  # 6 standard deviations of 4M draws
 
 
 def test_cpu_dropout_gradient_uses_the_forward_mask():
@@ -269,8 +296,7 @@ def test_cpu_dropout_gradient_uses_the_forward_mask():
     torch.manual_seed(1)
     out = xraycap_dropout(x, 0.25, training=True)
     out.backward(torch.ones_like(out))
-    scale = 65536 / (65536 - 16384)
-    torch.testing.assert_close(x.grad, (out != 0).float() * scale)
+    torch.testing.assert_close(x.grad, (out != 0).float() * _keep_scale(16384))
 
 
 def test_cpu_dropout_is_identity_outside_training_and_defers_at_the_ends():
@@ -278,6 +304,25 @@ def test_cpu_dropout_is_identity_outside_training_and_defers_at_the_ends():
     assert xraycap_dropout(x, 0.5, training=False) is x
     assert xraycap_dropout(x, 0.0, training=True) is x
     assert torch.equal(xraycap_dropout(x, 1.0, training=True), torch.zeros_like(x))  # F.dropout's answer
+
+
+def test_compiled_dropout_kernels_equal_the_eager_functions():
+    """The compiled dropout and attention kernels compute their Python functions bit for bit (the integer hash
+    wraps the same way vectorised and scalar), forward and backward."""
+    key = torch.tensor([123456789, -987654321], dtype=torch.int32)
+    x = torch.randn(3, 37, 101).to(torch.bfloat16)  # a length that is no multiple of the vector width
+    args = (x, key, 6554, _keep_scale(6554))
+    assert torch.equal(
+        modeling_xraycap._compiled_dropout_apply(*args), modeling_xraycap._dropout_apply(*args)
+    )
+    scores, grad = torch.randn(2, 3, 29, 29).to(torch.bfloat16), torch.randn(2, 3, 29, 29).to(torch.bfloat16)
+    bias = torch.zeros(29, 29).masked_fill_(torch.ones(29, 29, dtype=torch.bool).triu(1), -3e38)
+    compiled = modeling_xraycap._compiled_attention_probs_forward(scores, bias, key, 0.125, 6554, 1.1)
+    eager = modeling_xraycap._attention_probs_forward(scores, bias, key, 0.125, 6554, 1.1)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    args = (grad, eager[1], key, 0.125, 6554, 1.1)
+    compiled = modeling_xraycap._compiled_attention_probs_backward(*args)
+    assert torch.equal(compiled, modeling_xraycap._attention_probs_backward(*args))
 
 
 def test_decoder_dropouts_and_attention_are_xraycaps(tiny):
@@ -349,7 +394,7 @@ def test_gelu_falls_back_to_torchs_kernel_when_compiling_fails(monkeypatch, capl
         got = _gelu_and_grad(xraycap_gelu_tanh, x, grad_out)
     expected = _gelu_and_grad(lambda t: torch.nn.functional.gelu(t, approximate="tanh"), x, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert "no C++ compiler here" in caplog.text and "torch's kernel instead" in caplog.text
+    assert "no C++ compiler here" in caplog.text and "eagerly instead" in caplog.text
     assert modeling_xraycap._compiled_gelu_tanh_forward.compiled is False
 
 
@@ -426,11 +471,14 @@ def test_cpu_conv1d_matches_gpt2_conv1d_and_splits_rows_in_the_band(precision, r
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "bool", "float", "left_padded"])
-def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(monkeypatch, mask_kind):
-    """With dropout active on CPU, the attention is softmax(QK^T * scale + mask), the dropout mask, times V."""
+def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(mask_kind):
+    """With dropout active on CPU, the attention is softmax(QK^T * scale + mask), the dropout mask of the key it
+    draws, times V; its gradients are those of that function."""
     torch.manual_seed(0)
     batch, heads, length, dim = 2, 3, 7, 8
-    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
     allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
     if mask_kind == "left_padded":  # study 0 starts with 3 padding tokens: its first 3 query rows see nothing
         allowed[0, :, :, :3] = False
@@ -440,20 +488,29 @@ def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(monkeypatch, 
         "left_padded": allowed,
         "float": torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -1e9),
     }[mask_kind]
-    keep = (torch.rand(batch, heads, length, length) > 0.2).double()
-    monkeypatch.setattr(modeling_xraycap, "_dropout_keep_mask", lambda shape, count, dtype: keep.to(dtype))
-    module = torch.nn.Module()
-    out, _ = xraycap_sdpa_attention_forward(module, q, k, v, mask, dropout=0.2, scaling=0.3)
+    torch.manual_seed(1)
+    out, _ = xraycap_sdpa_attention_forward(torch.nn.Module(), q, k, v, mask, dropout=0.2, scaling=0.3)
+    torch.manual_seed(1)  # the key the attention drew
+    keep = modeling_xraycap._dropout_keep_mask(
+        torch.Size([batch, heads, length, length]), _dropout_key(), 13107
+    )
+    assert 0 < keep.double().mean().item() < 1
 
     scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    probs = scores.softmax(-1) * keep * (65536 / (65536 - 13107))
-    torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
+    probs = scores.softmax(-1) * keep * _keep_scale(13107)
+    expected = (probs @ v).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
     assert torch.isfinite(out).all()  # fully masked rows (left padding) are uniform, not NaN
+    grad_out = torch.randn_like(out)
+    if mask_kind == "left_padded":  # padding queries carry no loss (their scores' gradient is the mask's choice)
+        grad_out[0, :3] = 0
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad_out))
 
 
 def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
     """The whole training path (every dropout module, the CPU attention with padding masks) computes the eval
-    function when the masks keep everything at weight 1 - p (so that mask x scale = 1)."""
+    function when the masks keep everything at weight 1 (the kernels run eagerly, with a mask that keeps all)."""
     model, processor = make_tiny_model_and_processor(image_size=64)
     batch = _batch(processor)
     assert (batch["attention_mask"] == 0).any()  # right padding: the bool-mask branch runs
@@ -462,11 +519,17 @@ def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
     AttentionInterface.register("xraycap_sdpa", modeling_xraycap.xraycap_sdpa_attention_forward)
     calls = []
 
-    def keep_all(shape, drop_count, dtype):
+    def keep_all(shape, key, drop_count):
         calls.append(shape)
-        return torch.full(shape, 1 - drop_count / 65536, dtype=dtype)
+        return torch.ones(shape, dtype=torch.bool)
 
     monkeypatch.setattr(modeling_xraycap, "_dropout_keep_mask", keep_all)
+    monkeypatch.setattr(modeling_xraycap, "_dropout_scale", lambda drop_count: 1.0)
+    for kernel in (
+        modeling_xraycap._compiled_dropout_apply,
+        modeling_xraycap._compiled_attention_probs_forward,
+    ):
+        monkeypatch.setattr(kernel, "compiled", False)
     with torch.no_grad():
         expected = model.eval()(**batch).logits
         assert not calls
