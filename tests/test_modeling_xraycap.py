@@ -470,6 +470,44 @@ def test_cpu_conv1d_matches_gpt2_conv1d_and_splits_rows_in_the_band(precision, r
     assert sorted(got_rows) == sorted(expected_rows)
 
 
+@pytest.mark.parametrize("precision", ["bf16_autocast", "bf16", "fp32"])
+@pytest.mark.parametrize("threshold", [64 * 48, 64 * 48 + 1])
+def test_cpu_conv1d_weight_gradient_from_a_transposed_copy(monkeypatch, precision, threshold):
+    """A bf16 weight at or above the size threshold takes its gradient from a contiguous transposed copy of the
+    rows (the compiled transpose), with GPT-2's Conv1D gradients; smaller weights and fp32 use the view."""
+    monkeypatch.setattr(modeling_xraycap, "_TRANSPOSED_ROWS_MIN_WEIGHT", threshold)
+    copies = []
+
+    def counted_transpose(matrix):
+        copies.append(tuple(matrix.shape))
+        return modeling_xraycap._transpose(matrix)
+
+    monkeypatch.setattr(modeling_xraycap, "_compiled_transpose", counted_transpose)
+    torch.manual_seed(0)
+    stock = Conv1D(48, 64)
+    torch.nn.init.normal_(stock.bias)
+    if precision == "bf16":
+        stock.to(torch.bfloat16)
+    ours = copy.deepcopy(stock)
+    ours.__class__ = XrayCapConv1D
+    hidden, grad_out = torch.randn(5, 8, 64, dtype=stock.weight.dtype), torch.randn(5, 8, 48)
+
+    def run(module):
+        module.zero_grad()
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+            out = module(x)
+            out.backward(grad_out.to(out.dtype))
+        return out, x.grad, module.weight.grad, module.bias.grad
+
+    for a, b in zip(run(ours), run(stock)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert copies == ([(40, 64)] if precision != "fp32" and threshold == 64 * 48 else [])
+    with torch.no_grad():  # no backward to come: GPT-2's Conv1D itself
+        torch.testing.assert_close(ours(hidden), stock(hidden), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mask_kind", ["causal", "bool", "float", "left_padded"])
 def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(mask_kind):
     """With dropout active on CPU, the attention is softmax(QK^T * scale + mask), the dropout mask of the key it
@@ -502,7 +540,9 @@ def test_cpu_training_attention_is_sdpa_math_with_the_dropout_mask(mask_kind):
     torch.testing.assert_close(out, expected)
     assert torch.isfinite(out).all()  # fully masked rows (left padding) are uniform, not NaN
     grad_out = torch.randn_like(out)
-    if mask_kind == "left_padded":  # padding queries carry no loss (their scores' gradient is the mask's choice)
+    if (
+        mask_kind == "left_padded"
+    ):  # padding queries carry no loss (their scores' gradient is the mask's choice)
         grad_out[0, :3] = 0
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad_out))
