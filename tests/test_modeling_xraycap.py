@@ -370,6 +370,16 @@ def test_cpu_training_gelu_is_torchs_tanh_gelu_to_rounding(dtype):
     assert got[0].dtype == got[1].dtype == torch.float32
 
 
+def test_gelu_backward_from_the_saved_gate_equals_the_recomputed_one():
+    """The forward's fp32 gate spares the backward its exponential and changes no bit; without it (the forward
+    fell back to torch's kernel) the backward recomputes it."""
+    x, grad_out = (torch.randn(3, 7, 64) * 3).to(torch.bfloat16), torch.randn(3, 7, 64).to(torch.bfloat16)
+    out, gate = modeling_xraycap._compiled_gelu_tanh_forward(x)
+    assert gate.dtype == torch.float32 and torch.equal(out, modeling_xraycap._gelu_tanh_forward(x)[0])
+    backward = modeling_xraycap._compiled_gelu_tanh_backward
+    assert torch.equal(backward(grad_out, x, gate), backward(grad_out, x, None))
+
+
 def test_gelu_runs_torchs_kernel_outside_cpu_training():
     x = torch.randn(4, 16)
     counter = _RecordOps()
