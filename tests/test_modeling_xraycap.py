@@ -589,6 +589,23 @@ def test_training_forward_with_every_element_kept_equals_eval(monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_training_forward_builds_no_cache_unless_asked(tiny):
+    """In train mode with labels the decoder fills no KV cache (nothing reads it); eval and an explicit
+    `use_cache=True` keep transformers' default."""
+    model, processor = tiny
+    batch = _batch(processor)
+    was_training = model.training
+    try:
+        model.train()
+        assert model(**batch).cache is None
+        assert model(**batch, use_cache=True).cache is not None
+        model.eval()
+        with torch.no_grad():
+            assert model(**batch).cache is not None
+    finally:
+        model.train(was_training)
+
+
 def test_activation_checkpointing_recomputes_the_same_dropout_masks():
     """Checkpointing replays the CPU RNG, so the recomputed forward draws the masks it drew the first time."""
     model, processor = make_tiny_model_and_processor(image_size=64)
