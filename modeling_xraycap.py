@@ -4,10 +4,10 @@ Each view of a study is encoded by the vision tower (a transformers ResNet or a 
 (one pooled vector, or every cell of the last feature map) are projected into GPT-2's embedding space,
 get a learned view embedding, and are prepended to the report tokens. The decoder is a plain
 `GPT2LMHeadModel`, so the text path is exactly GPT-2 and `generate` reuses transformers' decoding loop:
-the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout, its loss, its
-activation, two of its MLP products and its tied weight's gradient are computed differently in CPU training (the
-"CPU training" section below: the same distribution, loss, function, products and gradient, with fewer passes
-over memory and both cores busy).
+the prefix is embedded once at prefill and the KV cache carries it afterwards. Only its dropout (with the
+attention's softmax), its loss, its activation, its linear layers' products and its tied weight's gradient are
+computed differently in CPU training (the "CPU training" section below: the same distribution, loss, function,
+products and gradient, with fewer passes over memory and both cores busy).
 """
 
 from __future__ import annotations
