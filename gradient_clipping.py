@@ -7,8 +7,8 @@ anyway: torch's fused Adam / AdamW divide each gradient by the optimizer's `grad
 the norm itself is summed from chunked dot products, which is faster and more exact than torch's per-tensor
 `vector_norm` there; bf16 gradients ([`master_weights.MasterWeightsAdamW`]) are squared and summed in fp32 by one
 compiled pass each, without an fp32 copy. At the real size (126M trainable parameters) on the 2-core CPU: 25 ms for
-the norm plus 6 ms more in the fused step, against 70 ms for `torch.nn.utils.clip_grad_norm_`; the update is the same up to fp32
-rounding.
+the norm plus 6 ms more in the fused step, against 70 ms for `torch.nn.utils.clip_grad_norm_`; the update is the
+same up to fp32 rounding.
 """
 
 from __future__ import annotations

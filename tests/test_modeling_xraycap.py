@@ -440,6 +440,29 @@ class _CountRowProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _conv1d_pair(nx: int, nf: int, precision: str) -> tuple[Conv1D, XrayCapConv1D]:
+    """GPT-2's Conv1D (random bias; bf16 weights for "bf16") and an XrayCapConv1D copy of it."""
+    torch.manual_seed(0)
+    stock = Conv1D(nf, nx)
+    torch.nn.init.normal_(stock.bias)
+    if precision == "bf16":
+        stock.to(torch.bfloat16)
+    ours = copy.deepcopy(stock)
+    ours.__class__ = XrayCapConv1D
+    return stock, ours
+
+
+def _conv1d_run(module, hidden: torch.Tensor, grad_out: torch.Tensor, precision: str) -> tuple:
+    """Output, input / weight / bias gradients and the row counts of its products, for one forward + backward
+    (under bf16 autocast for "bf16_autocast")."""
+    x = hidden.clone().requires_grad_()
+    counter = _CountRowProducts()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"), counter:
+        out = module(x)
+        out.backward(grad_out.to(out.dtype))
+    return out, x.grad, module.weight.grad, module.bias.grad, counter.rows
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16"])
 @pytest.mark.parametrize("rows,in_band", [(736, True), (1280, True), (640, False), (1400, False)])
 # A down projection (its forward is split) and an up projection (its input gradient is split).
@@ -448,26 +471,11 @@ def test_cpu_conv1d_matches_gpt2_conv1d_and_splits_rows_in_the_band(precision, r
     """XrayCapConv1D equals GPT-2's Conv1D (output and the three gradients), and takes a bf16 product whose inner
     dimension is 4x its output width in two row halves exactly for row counts in the single-thread band (fp32
     products, which MKL threads, are never split)."""
-    torch.manual_seed(0)
-    stock = Conv1D(nf, nx)
-    torch.nn.init.normal_(stock.bias)
-    if precision == "bf16":
-        stock.to(torch.bfloat16)
-    ours = copy.deepcopy(stock)
-    ours.__class__ = XrayCapConv1D
+    stock, ours = _conv1d_pair(nx, nf, precision)
     hidden = torch.randn(rows // 8, 8, nx, dtype=stock.weight.dtype)
     grad_out = torch.randn(rows // 8, 8, nf)
-
-    def run(module):
-        x = hidden.clone().requires_grad_()
-        counter = _CountRowProducts()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"), counter:
-            out = module(x)
-            out.backward(grad_out.to(out.dtype))
-        return out, x.grad, module.weight.grad, module.bias.grad, counter.rows
-
-    *got, got_rows = run(ours)
-    *expected, expected_rows = run(stock)
+    *got, got_rows = _conv1d_run(ours, hidden, grad_out, precision)
+    *expected, expected_rows = _conv1d_run(stock, hidden, grad_out, precision)
     tolerance = 1e-5 if precision == "fp32" else 1e-2
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype
@@ -493,24 +501,10 @@ def test_cpu_conv1d_weight_gradient_from_a_transposed_copy(monkeypatch, precisio
         return modeling_xraycap._transpose(matrix)
 
     monkeypatch.setattr(modeling_xraycap, "_compiled_transpose", counted_transpose)
-    torch.manual_seed(0)
-    stock = Conv1D(48, 64)
-    torch.nn.init.normal_(stock.bias)
-    if precision == "bf16":
-        stock.to(torch.bfloat16)
-    ours = copy.deepcopy(stock)
-    ours.__class__ = XrayCapConv1D
+    stock, ours = _conv1d_pair(64, 48, precision)
     hidden, grad_out = torch.randn(5, 8, 64, dtype=stock.weight.dtype), torch.randn(5, 8, 48)
-
-    def run(module):
-        module.zero_grad()
-        x = hidden.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
-            out = module(x)
-            out.backward(grad_out.to(out.dtype))
-        return out, x.grad, module.weight.grad, module.bias.grad
-
-    for a, b in zip(run(ours), run(stock)):
+    got, expected = (_conv1d_run(module, hidden, grad_out, precision)[:4] for module in (ours, stock))
+    for a, b in zip(got, expected):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
     assert copies == ([(40, 64)] if precision != "fp32" and threshold == 64 * 48 else [])
