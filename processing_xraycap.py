@@ -25,6 +25,11 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# What `from_pretrained` hands to the Hub file lookups (the rest are processor settings).
+_HUB_KWARGS = frozenset(
+    ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+)
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 ENDOFTEXT = "<|endoftext|>"
@@ -121,7 +126,9 @@ class XrayCapImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
-    valid_kwargs = ImagesKwargs  # read by AutoProcessor / pipeline() when they pass loading options (dtype=...)
+    valid_kwargs = (
+        ImagesKwargs  # read by AutoProcessor / pipeline() when they pass loading options (dtype=...)
+    )
     _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
     def __init__(
@@ -276,23 +283,49 @@ class XrayCapProcessor(ProcessorMixin):
         )
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load the two parts with their own classes, so `XrayCapProcessor.from_pretrained(dir)` works without
-        `trust_remote_code` (AutoProcessor with `trust_remote_code=True` ends here too)."""
-        kwargs.pop("trust_remote_code", None)
-        subfolder = kwargs.pop("subfolder", "")
-        config = (processor_dict or {}).get("image_processor")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> XrayCapProcessor:
+        """
+        Load a saved processor: the image processor and tokenizer with their own classes, so
+        `XrayCapProcessor.from_pretrained(dir)` works without `trust_remote_code` (AutoProcessor with
+        `trust_remote_code=True` ends here too). `ProcessorMixin.from_pretrained` is not used: from transformers
+        5.25 it resolves the image processor through AutoImageProcessor, which asks for `trust_remote_code`.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or Hub id with `processor_config.json`.
+            kwargs: Hub access (`cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`, ...) and
+                overrides of the saved `max_views` / `max_length`.
+        """
+        for ignored in ("trust_remote_code", "code_revision", "_from_auto", "_from_pipeline"):
+            kwargs.pop(ignored, None)
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub)
+        image_processor, tokenizer = cls._load_parts(pretrained_model_name_or_path, processor_dict, **hub)
+        init = {k: processor_dict[k] for k in ("max_views", "max_length") if k in processor_dict}
+        unknown = sorted(set(kwargs) - {"max_views", "max_length"})
+        if unknown and not return_unused_kwargs:
+            raise ValueError(
+                f"XrayCapProcessor.from_pretrained got unknown arguments {unknown}: it takes Hub arguments "
+                f"{sorted(_HUB_KWARGS)} and max_views / max_length."
+            )
+        init.update({k: v for k, v in kwargs.items() if k in ("max_views", "max_length")})
+        processor = cls(image_processor, tokenizer, **init)
+        return (processor, {k: kwargs[k] for k in unknown}) if return_unused_kwargs else processor
+
+    @staticmethod
+    def _load_parts(
+        pretrained_model_name_or_path: str | os.PathLike, processor_dict: dict[str, Any], **hub
+    ) -> tuple[XrayCapImageProcessor, GPT2TokenizerFast]:
+        """The image processor (from the processor config's `image_processor` entry, or its own file) and the
+        tokenizer of a saved processor."""
+        config = processor_dict.get("image_processor")
         if isinstance(config, dict):
             config = {k: v for k, v in config.items() if k not in ("auto_map", "image_processor_type")}
             image_processor = XrayCapImageProcessor(**config)
         else:
-            image_processor = XrayCapImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            )
-        tokenizer = GPT2TokenizerFast.from_pretrained(
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
-        return [image_processor, tokenizer]
+            image_processor = XrayCapImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub)
+        tokenizer = GPT2TokenizerFast.from_pretrained(pretrained_model_name_or_path, **hub)
+        return image_processor, tokenizer
 
     # ----------------------------------------------------------------------------------------- images
     def _studies(self, images: Any) -> list[list[ImageLike]]:

@@ -41,6 +41,7 @@ from benchmarks.sections import (  # noqa: E402
     train_section,
 )
 from benchmarks.timing import REPO_ROOT, load_average, machine_info  # noqa: E402
+from run_captioning import resolve_mixed_precision  # noqa: E402  (benchmarks.sections put the root on the path)
 
 logger = logging.getLogger("benchmarks")
 
@@ -135,7 +136,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{t['speedup_vs_seed_best_times']:.2f}x) | >= 1.5x | {mark('train_speedup_vs_seed')} |"
         )
         rows.append(
-            f"| ... same, without the feature cache (bf16 + channels_last only) | "
+            f"| ... same, without the feature cache ({st['precision']} + channels_last only) | "
             f"{t['samples_per_second']['xraycap_no_cache']:.2f} samples/s | (a) | "
             f"{_fmt_ratio(t['speedup_vs_seed_no_feature_cache'])} | - | - |"
         )
@@ -187,7 +188,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     if "train" in s:
         t = s["train"]
         rates = t["matmul_flops_per_second"]
-        amp_name = next(k for k in rates if k not in ("fp32", "matrix_side"))
+        amp_name = t["setup"]["precision"]
+        fp32_too = "" if amp_name == "fp32" else f" ({rates['fp32']['median'] / 1e9:.0f} fp32)"
+        probe = rates.get("bf16_small_matrices")
+        if probe:  # fp32 training: why (the bf16 rate this CPU offers)
+            fp32_too = (
+                f" (bf16: {probe['flops_per_second'] / 1e9:.1f} GFLOP/s at side {probe['matrix_side']})"
+            )
         achieved = (
             t["flops_per_step"]["xraycap_cached_features"]
             / t["seconds_per_step"]["xraycap_cached_features"]["median"]
@@ -195,7 +202,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         rows.append(
             f"| Compute efficiency of the training step ({t['flops_per_step']['xraycap_cached_features'] / 1e9:.0f} "
             f"GFLOP) | {achieved / 1e9:.0f} GFLOP/s | {rates[amp_name]['median'] / 1e9:.0f} GFLOP/s {amp_name} "
-            f"matmul ({rates['fp32']['median'] / 1e9:.0f} fp32) | **{t['compute_fraction_headline']:.2f}** "
+            f"matmul{fp32_too} | **{t['compute_fraction_headline']:.2f}** "
             f"(median {t['compute_fraction']['median']:.2f}, {t['compute_fraction']['min']:.2f}-"
             f"{t['compute_fraction']['max']:.2f}; least-loaded repeat "
             f"{t['compute_fraction_least_loaded_repeat']['fraction']:.2f} at "
@@ -258,9 +265,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name in ("train", "beam") and model is None:
                 model = build_model(settings)
             if name == "train":
-                reference = previous_reference_rate(args.output, results["machine"], settings.matmul_size)
+                # What `run_captioning --mixed_precision auto` trains in on this CPU: bf16 where it has bf16
+                # matmul hardware, else fp32.
+                amp_dtype = torch.bfloat16 if resolve_mixed_precision("auto", "cpu") == "bf16" else None
+                reference = previous_reference_rate(
+                    args.output, results["machine"], settings.matmul_size, amp_dtype or torch.float32
+                )
                 results["sections"]["train"] = train_section(
-                    settings, "cpu", torch.bfloat16, model=model, reference_rate=reference
+                    settings, "cpu", amp_dtype, model=model, reference_rate=reference
                 )
                 model = build_model(settings)  # fresh weights for generation (training moved them)
             elif name == "beam":
@@ -285,9 +297,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 _SAME_MACHINE_KEYS = ("cpu", "cpu_count", "torch_threads", "cpu_capability", "cuda")
 
 
-def previous_reference_rate(path: str | Path, machine: dict[str, Any], matrix_side: int) -> float | None:
+def previous_reference_rate(
+    path: str | Path, machine: dict[str, Any], matrix_side: int, dtype: torch.dtype = torch.bfloat16
+) -> float | None:
     """
-    The bf16 matmul rate an earlier run at `path` held its training step to (the highest it read, or the
+    The `dtype` matmul rate an earlier run at `path` held its training step to (the highest it read, or the
     reference it carried), when it ran on the same machine with the same matrix size; else None. On a shared
     CPU the neighbours' load can keep every reading of one run low, which would inflate its compute fraction;
     carrying the highest rate forward keeps the headline against a rate this machine has shown.
@@ -296,6 +310,7 @@ def previous_reference_rate(path: str | Path, machine: dict[str, Any], matrix_si
         path (`str` or `Path`): the earlier results JSON (the one this run is about to overwrite).
         machine (`dict`): this run's `machine_info()`.
         matrix_side (`int`): this run's matmul size.
+        dtype (`torch.dtype`): the precision of this run's training step (bf16 or fp32).
     """
     try:
         previous = json.loads(Path(path).read_text())
@@ -306,8 +321,9 @@ def previous_reference_rate(path: str | Path, machine: dict[str, Any], matrix_si
         previous.get("machine", {}).get(key) != machine.get(key) for key in _SAME_MACHINE_KEYS
     ):
         return None
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
     # Files from before the reference was kept hold only the summary of the bracketing rates.
-    rate = rates.get("bf16_reference") or rates.get("bf16", {}).get("max")
+    rate = rates.get(f"{name}_reference") or (rates.get("bf16", {}).get("max") if name == "bf16" else None)
     return float(rate) if isinstance(rate, (int, float)) else None
 
 

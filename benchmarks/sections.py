@@ -355,8 +355,23 @@ def train_section(
         if native:
             times["native"].append(timed(step_native, device)[0])
         times["encode"].append(timed(lambda: encode_features(model, batch, amp_dtype), device)[0])
-        rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
+        if mm_dtype == torch.float32:  # the bracketing readings are the fp32 rate already
+            rates["fp32"].append(rates["amp"][-1])
+        else:
+            rates["fp32"].append(matmul_rate(torch.float32, settings.matmul_size, device)[0])
 
+    bf16_probe = {}
+    if mm_dtype == torch.float32 and device.type == "cpu":
+        # Why the step is fp32 here (run_captioning's `auto` on a CPU without bf16 matmul hardware): one reading
+        # of bf16 matmuls, on matrices small enough for torch's scalar fallback to finish in seconds.
+        side = min(512, settings.matmul_size)
+        bf16_probe = {
+            "bf16_small_matrices": {
+                "flops_per_second": matmul_rate(torch.bfloat16, side, device, runs=3)[0],
+                "matrix_side": side,
+                "bf16_matmul_hardware": run_captioning.cpu_has_bf16_matmuls(),
+            }
+        }
     epochs = settings.amortize_epochs
     amortized = [c + e / epochs for c, e in zip(times["cached"], times["encode"])]
     speedup = ratio_summary(times["seed"], amortized)
@@ -379,6 +394,7 @@ def train_section(
         "setup": {
             "preset": settings.preset,
             "device": device.type,
+            "precision": _dtype_name(amp_dtype),
             "batch_size": batch_size,
             "text_tokens": settings.text_tokens,
             "views": config.max_views,
@@ -441,6 +457,7 @@ def train_section(
             f"{_dtype_name(mm_dtype)}_reference_given": reference_rate,
             "fp32": summarize(rates["fp32"], unit="FLOP/s"),
             "matrix_side": settings.matmul_size,
+            **bf16_probe,
         },
         **efficiency,
         "compute_fraction_vs_fp32_rate": summarize(

@@ -11,6 +11,7 @@ from testing_utils import REPO_ROOT, make_tiny_model_and_processor
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import run_captioning  # noqa: E402
 from benchmarks import run  # noqa: E402
 from benchmarks.baselines import (  # noqa: E402
     SeedStyleCaptioner,
@@ -59,6 +60,10 @@ def test_smoke_run_writes_json_and_table(tmp_path, capsys):
     # The cached step skips the encoder: fewer FLOPs than the step that runs it.
     assert train["flops_per_step"]["xraycap_cached_features"] < train["flops_per_step"]["xraycap_no_cache"]
     assert 0 < results["train_compute_fraction"] < 1.5
+    # The step trains in what run_captioning's `--mixed_precision auto` picks on this CPU.
+    precision = "bf16" if run_captioning.cpu_has_bf16_matmuls() else "fp32"
+    assert f"{precision}_reference" in train["matmul_flops_per_second"]
+    assert ("bf16_small_matrices" in train["matmul_flops_per_second"]) is (precision == "fp32")
     beam = results["sections"]["beam"]
     assert beam["outputs_equal"] is True and beam["setup"]["new_tokens"] == 5
     build = results["sections"]["build"]
@@ -190,6 +195,12 @@ def test_an_earlier_runs_rate_on_the_same_machine_is_carried_as_the_reference(tm
         json.dumps({"machine": machine, "sections": {"train": {"matmul_flops_per_second": rates}}})
     )
     assert run.previous_reference_rate(earlier, machine, 4096) == 1.9e12
+    assert run.previous_reference_rate(earlier, machine, 4096, torch.float32) is None  # a bf16 run's only
+    fp32_run = {"fp32": {"max": 1.3e11}, "fp32_reference": 1.4e11, "matrix_side": 4096}
+    (tmp_path / "fp32.json").write_text(
+        json.dumps({"machine": machine, "sections": {"train": {"matmul_flops_per_second": fp32_run}}})
+    )
+    assert run.previous_reference_rate(tmp_path / "fp32.json", machine, 4096, torch.float32) == 1.4e11
     assert run.previous_reference_rate(earlier, machine, 256) is None  # another matrix size
     assert run.previous_reference_rate(earlier, {**machine, "cpu_count": 4}, 4096) is None
     assert run.previous_reference_rate(tmp_path / "missing.json", machine, 4096) is None

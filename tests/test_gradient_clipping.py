@@ -10,7 +10,7 @@ from gradient_clipping import clip_grad_norm_, total_grad_norm
 
 def _params_and_grads(seed: int, grad_scale: float):
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(300, 70), (70,), (2_500_000,)]  # the last spans three 2**20-element chunks
+    shapes = [(300, 70), (70,), (2_500_000,)]  # the last spans 39 2**16-element chunks
     params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
     grads = [torch.randn(s, generator=generator) * grad_scale for s in shapes]
     return params, grads

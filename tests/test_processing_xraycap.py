@@ -123,3 +123,8 @@ def test_processor_save_and_auto_load(processor, tmp_path):
         assert torch.equal(a[key], b[key]), key
     direct = XrayCapProcessor.from_pretrained(tmp_path)  # no trust_remote_code needed with the class itself
     assert direct.image_processor.size == 64 and len(direct.tokenizer) == len(processor.tokenizer)
+    assert (
+        XrayCapProcessor.from_pretrained(tmp_path, max_views=1).max_views == 1
+    )  # a saved setting overridden
+    with pytest.raises(ValueError, match=r"unknown arguments \['max_view'\]"):
+        XrayCapProcessor.from_pretrained(tmp_path, max_view=1)

@@ -57,9 +57,11 @@ def run_script(
 
 @pytest.fixture(scope="session")
 def trained_run(cache_dir, tmp_path_factory) -> Path:
-    """One short training run with evaluation, shared by the output checks."""
+    """One short training run with evaluation, shared by the output checks. bf16 is asked for explicitly, so the
+    master-weights path is covered on CPUs without bf16 hardware too (where `auto` resolves to fp32)."""
     out = tmp_path_factory.mktemp("run") / "model"
-    run_script([*SMALL, *FAST_EVAL, "--max_steps", "8", "--output_dir", str(out)], cache_dir, cwd=out.parent)
+    args = [*SMALL, *FAST_EVAL, "--max_steps", "8", "--mixed_precision", "bf16", "--output_dir", str(out)]
+    run_script(args, cache_dir, cwd=out.parent)
     return out
 
 
@@ -499,9 +501,43 @@ def test_fp16_on_cpu_falls_back_with_a_warning(caplog):
     import run_captioning
 
     with caplog.at_level("WARNING"):
-        assert run_captioning.resolve_mixed_precision("fp16") == "bf16"
+        assert run_captioning.resolve_mixed_precision("fp16", "cpu") == "bf16"
     assert "fp16 has no autocast on CPU" in caplog.text
-    assert run_captioning.resolve_mixed_precision("no") == "no"
+    assert run_captioning.resolve_mixed_precision("no", "cpu") == "no"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_on_cpu_follows_the_bf16_hardware(has_bf16, caplog, monkeypatch):
+    """auto is bf16 only on a CPU with bf16 matmul hardware; elsewhere bf16 matmuls take torch's scalar
+    fallback, so auto trains in fp32 and an explicit bf16 is kept with a warning."""
+    import run_captioning
+
+    monkeypatch.setattr(run_captioning, "cpu_has_bf16_matmuls", lambda: has_bf16)
+    with caplog.at_level("INFO"):
+        assert run_captioning.resolve_mixed_precision("auto", "cpu") == ("bf16" if has_bf16 else "no")
+        assert run_captioning.resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert ("training in fp32" in caplog.text) is not has_bf16
+    assert ("~100x slower than fp32" in caplog.text) is not has_bf16
+
+
+def test_bf16_hardware_check_agrees_with_a_measured_matmul():
+    """The hardware check says what a timing shows: without it a bf16 matmul is far slower than fp32."""
+    import run_captioning
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        torch.mm(x, y)
+        start = time.perf_counter()
+        for _ in range(5):
+            torch.mm(x, y)
+        seconds[dtype] = time.perf_counter() - start
+    slowdown = seconds[torch.bfloat16] / seconds[torch.float32]
+    if run_captioning.cpu_has_bf16_matmuls():
+        assert slowdown < 10, seconds
+    else:
+        assert slowdown > 10, seconds
 
 
 def test_push_to_hub_uploads_exactly_the_saved_folder(
