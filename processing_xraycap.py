@@ -126,9 +126,8 @@ class XrayCapImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
-    valid_kwargs = (
-        ImagesKwargs  # read by AutoProcessor / pipeline() when they pass loading options (dtype=...)
-    )
+    # Read by AutoProcessor / pipeline() when they pass loading options (dtype=...).
+    valid_kwargs = ImagesKwargs
     _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
     def __init__(
