@@ -214,9 +214,10 @@ def train_section(
     xraycap's training step against the seed loop (a), at the preset's sizes, and the compute-efficiency
     figure. xraycap's side is what `run_captioning.py --cache_features --mixed_precision auto` runs:
     the frozen encoder's features are computed once (autocast, channels_last) and each step trains the
-    projection + GPT-2 under autocast (on CPU in bf16: bf16 weights, fp32 master weights, `--master_weights
-    auto`); the one-off encoding is charged to each step, spread over
-    `amortize_epochs` epochs. Also timed: the same step without the feature cache (encoder run every step,
+    projection + GPT-2 under `amp_dtype` autocast (`benchmarks/run.py` passes what `auto` resolves to: on a CPU
+    with bf16 matmul hardware bf16, with bf16 weights and fp32 master weights, `--master_weights auto`; on
+    other CPUs None, fp32); the one-off encoding is charged to each step, spread over `amortize_epochs`
+    epochs. Also timed: the same step without the feature cache (encoder run every step,
     autocast + channels_last), which is what runs when image augmentation is on.
 
     Each repeat times, back to back: the seed step, the xraycap step, the uncached xraycap step, the xraycap
