@@ -85,8 +85,8 @@ class XrayCapImageToTextPipeline(Pipeline):
     ```
     """
 
-    # Optional for transformers' loader (which passes pipeline kwargs such as `dtype` to
-    # AutoProcessor.from_pretrained); when that fails, __init__ loads the processor from the model folder.
+    # Optional for transformers' loader; when it loads none (a model object without a folder, or a folder
+    # saved before XrayCapProcessor dropped pipeline kwargs such as `dtype`), __init__ loads it from the model.
     _load_processor = None
     _load_image_processor = False
     _load_feature_extractor = False

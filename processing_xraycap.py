@@ -29,6 +29,10 @@ logger = logging.get_logger(__name__)
 _HUB_KWARGS = frozenset(
     ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 )
+# The model's loading options, which pipeline() hands to the processor too; a processor has no use for them.
+_LOADER_KWARGS = ("dtype", "torch_dtype", "device_map", "device")
+# The saved settings `from_pretrained` reads from processor_config.json (and takes as overrides).
+_PROCESSOR_SETTINGS = ("max_views", "max_length")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -292,24 +296,31 @@ class XrayCapProcessor(ProcessorMixin):
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or Hub id with `processor_config.json`.
             kwargs: Hub access (`cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`, ...) and
-                overrides of the saved `max_views` / `max_length`.
+                overrides of the saved `max_views` / `max_length`; anything else is ignored with a warning.
         """
-        for ignored in ("trust_remote_code", "code_revision", "_from_auto", "_from_pipeline"):
+        for ignored in (
+            *_LOADER_KWARGS,
+            "trust_remote_code",
+            "code_revision",
+            "_from_auto",
+            "_from_pipeline",
+        ):
             kwargs.pop(ignored, None)
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub)
         image_processor, tokenizer = cls._load_parts(pretrained_model_name_or_path, processor_dict, **hub)
-        init = {k: processor_dict[k] for k in ("max_views", "max_length") if k in processor_dict}
-        unknown = sorted(set(kwargs) - {"max_views", "max_length"})
-        if unknown and not return_unused_kwargs:
-            raise ValueError(
-                f"XrayCapProcessor.from_pretrained got unknown arguments {unknown}: it takes Hub arguments "
-                f"{sorted(_HUB_KWARGS)} and max_views / max_length."
+        settings = {**processor_dict, **kwargs}
+        init = {k: settings[k] for k in _PROCESSOR_SETTINGS if k in settings}
+        # ProcessorMixin ignores what it does not use; so do we, naming it.
+        unused = {k: v for k, v in kwargs.items() if k not in _PROCESSOR_SETTINGS}
+        if unused and not return_unused_kwargs:
+            logger.warning(
+                f"XrayCapProcessor.from_pretrained ignores {sorted(unused)}: it takes Hub arguments "
+                f"{sorted(_HUB_KWARGS)} and {list(_PROCESSOR_SETTINGS)}."
             )
-        init.update({k: v for k, v in kwargs.items() if k in ("max_views", "max_length")})
         processor = cls(image_processor, tokenizer, **init)
-        return (processor, {k: kwargs[k] for k in unknown}) if return_unused_kwargs else processor
+        return (processor, unused) if return_unused_kwargs else processor
 
     @staticmethod
     def _load_parts(

@@ -35,6 +35,7 @@ from benchmarks.sections import (  # noqa: E402
     build_model,
     build_section,
     data_section,
+    dtype_name,
     gpu_section,
     peak_rss_mb,
     temporary_workdir,
@@ -321,7 +322,7 @@ def previous_reference_rate(
         previous.get("machine", {}).get(key) != machine.get(key) for key in _SAME_MACHINE_KEYS
     ):
         return None
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    name = dtype_name(dtype)
     # Files from before the reference was kept hold only the summary of the bracketing rates.
     rate = rates.get(f"{name}_reference") or (rates.get("bf16", {}).get("max") if name == "bf16" else None)
     return float(rate) if isinstance(rate, (int, float)) else None

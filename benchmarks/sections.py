@@ -395,7 +395,7 @@ def train_section(
         "setup": {
             "preset": settings.preset,
             "device": device.type,
-            "precision": _dtype_name(amp_dtype),
+            "precision": dtype_name(amp_dtype),
             "batch_size": batch_size,
             "text_tokens": settings.text_tokens,
             "views": config.max_views,
@@ -413,9 +413,9 @@ def train_section(
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1
             ),
             "xraycap_side": (
-                f"run_captioning --cache_features: features encoded once ({_dtype_name(amp_dtype)} autocast, "
+                f"run_captioning --cache_features: features encoded once ({dtype_name(amp_dtype)} autocast, "
                 f"channels_last), one-off cost spread over {epochs} epochs; step under "
-                f"{_dtype_name(amp_dtype)} autocast, grad clipping 1.0; optimizer: {optimizer_name}; forward: "
+                f"{dtype_name(amp_dtype)} autocast, grad clipping 1.0; optimizer: {optimizer_name}; forward: "
                 "run_captioning.training_loss (logits on the report positions only)"
             ),
             "seed_side": (
@@ -449,13 +449,11 @@ def train_section(
             "xraycap_decoder_analytic": analytic,
         },
         "matmul_flops_per_second": {
-            _dtype_name(mm_dtype): summarize(rates["amp"], unit="FLOP/s"),
-            f"{_dtype_name(mm_dtype)}_reading_after_over_before": summarize(
-                rates["amp_spread"], unit="ratio"
-            ),
-            f"{_dtype_name(mm_dtype)}_highest_reading": max(rates["amp_readings"]),
-            f"{_dtype_name(mm_dtype)}_reference": peak_rate,
-            f"{_dtype_name(mm_dtype)}_reference_given": reference_rate,
+            dtype_name(mm_dtype): summarize(rates["amp"], unit="FLOP/s"),
+            f"{dtype_name(mm_dtype)}_reading_after_over_before": summarize(rates["amp_spread"], unit="ratio"),
+            f"{dtype_name(mm_dtype)}_highest_reading": max(rates["amp_readings"]),
+            f"{dtype_name(mm_dtype)}_reference": peak_rate,
+            f"{dtype_name(mm_dtype)}_reference_given": reference_rate,
             "fp32": summarize(rates["fp32"], unit="FLOP/s"),
             "matrix_side": settings.matmul_size,
             **bf16_probe,
@@ -498,7 +496,7 @@ def train_section(
     return result
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
+def dtype_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
@@ -565,7 +563,7 @@ def beam_section(
     result = {
         "setup": {
             "device": device.type,
-            "precision": _dtype_name(amp_dtype),
+            "precision": dtype_name(amp_dtype),
             "batch_size": batch_size,
             "num_beams": settings.num_beams,
             "new_tokens": int(out_cached.shape[1]),
@@ -795,7 +793,7 @@ def gpu_section(settings: BenchSettings) -> dict[str, Any]:
         return {"skipped": "no CUDA device"}
     device = torch.device("cuda")
     half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "amp_dtype": _dtype_name(half)}
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "amp_dtype": dtype_name(half)}
     size = 8192
     rates = {}
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -18,7 +18,7 @@ from benchmarks.baselines import (  # noqa: E402
     generate_without_cache,
     seed_language_model,
 )
-from benchmarks.flops import compute_fraction_figures  # noqa: E402
+from benchmarks.flops import compute_fraction_figures, matmul_rate  # noqa: E402
 from benchmarks.sections import SMOKE, train_section  # noqa: E402
 from benchmarks.timing import ratio_summary, summarize  # noqa: E402
 
@@ -229,3 +229,10 @@ def test_summaries():
         ratio_summary([1.0], [1.0, 2.0])
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_bf16_hardware_check_agrees_with_a_measured_matmul():
+    """run_captioning's check (what `--mixed_precision auto` follows on CPU) says what a timing shows: without
+    bf16 matmul hardware a bf16 matmul is far slower than fp32 (torch's scalar fallback)."""
+    slowdown = matmul_rate(torch.float32, 256)[0] / matmul_rate(torch.bfloat16, 256)[0]
+    assert (slowdown < 10) is run_captioning.cpu_has_bf16_matmuls(), slowdown
