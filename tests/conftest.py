@@ -46,3 +46,23 @@ def loaded(model_dir):
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     return model, processor
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops run several times faster on one thread on a busy shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny XrayCap model (random weights, 64-px images, two view slots) in eval mode, and its processor."""
+    from testing_utils import make_tiny_model_and_processor
+
+    model, processor = make_tiny_model_and_processor(image_size=64)
+    return model.eval(), processor

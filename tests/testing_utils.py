@@ -129,3 +129,11 @@ def make_phantom_image(
     if mode == "I;16":
         return Image.fromarray(array.astype(np.uint16) * 257)
     return out.convert(mode) if mode != "L" else out
+
+
+def phantom_batch(processor, findings: Iterable[str] = FINDINGS[:2], text: bool = True, size: int = 64):
+    """A processor batch of one phantom frontal image per finding, with its report when `text` is True."""
+    findings = list(findings)
+    images = [make_phantom_image(f, size=size) for f in findings]
+    texts = [PHANTOM_REPORTS[f] for f in findings] if text else None
+    return processor(images=images, text=texts, return_tensors="pt")
