@@ -173,36 +173,9 @@ class RadiologyReport(evaluate.Metric):
             ],
         )
 
-    def _compute(
-        self,
-        predictions,
-        references,
-        normalization: str = "r2gen",
-        bertscore: bool = True,
-        bertscore_model_type: str | None = None,
-        bertscore_num_layers: int | None = None,
-        bertscore_batch_size: int = 64,
-        bertscore_num_threads: int | None = None,
-        meteor: bool = True,
-        meteor_timeout: float = 120.0,
-        meteor_max_tokens: int | None = 256,
-        ce_uncertain: str = "positive",
-    ):
-        return compute_radiology_report_scores(
-            predictions,
-            references,
-            normalization=normalization,
-            bertscore=bertscore,
-            bertscore_model_type=bertscore_model_type,
-            bertscore_num_layers=bertscore_num_layers,
-            bertscore_batch_size=bertscore_batch_size,
-            bertscore_num_threads=bertscore_num_threads,
-            meteor=meteor,
-            meteor_timeout=meteor_timeout,
-            meteor_max_tokens=meteor_max_tokens,
-            ce_uncertain=ce_uncertain,
-        )
-
+    def _compute(self, predictions, references, **options):
+        # The options and their defaults are those of `compute_radiology_report_scores` (_KWARGS_DESCRIPTION).
+        return compute_radiology_report_scores(predictions, references, **options)
 
 def compute_radiology_report_scores(
     predictions: list[str],
