@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -25,8 +24,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 __all__ = ["plot_training_curves", "write_samples_sheet"]
 
@@ -239,31 +239,11 @@ def write_samples_sheet(
         ax_img.axis("off")
         ax_txt.axis("off")
         differing = list(record.get("differing_findings") or [])
-        ax_txt.text(
-            0,
-            1.0,
-            "reference: " + _wrap(str(record["reference"]), 95),
-            va="top",
-            fontsize=8,
-            family="monospace",
-        )
-        ax_txt.text(
-            0,
-            0.55,
-            "prediction: " + _wrap(str(record["prediction"]), 95),
-            va="top",
-            fontsize=8,
-            family="monospace",
-            color="navy",
-        )
-        ax_txt.text(
-            0,
-            0.08,
-            "differing findings: " + (", ".join(differing) if differing else "none"),
-            va="top",
-            fontsize=8,
-            color="firebrick" if differing else "darkgreen",
-        )
+        for y, key, color in ((1.0, "reference", "black"), (0.55, "prediction", "navy")):
+            text = f"{key}: " + _wrap(str(record[key]), 95)
+            ax_txt.text(0, y, text, va="top", fontsize=8, family="monospace", color=color)
+        summary = "differing findings: " + (", ".join(differing) if differing else "none")
+        ax_txt.text(0, 0.08, summary, va="top", fontsize=8, color="firebrick" if differing else "darkgreen")
     fig.tight_layout()
     fig.savefig(path_png, dpi=80)
     plt.close(fig)

@@ -1,8 +1,8 @@
-"""Training checkpoints for run_captioning.py: written atomically, the last K kept, `latest` resolved.
+"""Training checkpoints: `accelerator.save_state` written atomically, the last K kept, `latest` resolved.
 
-A checkpoint is `accelerator.save_state` plus `trainer_state.json` (steps done, loss history). It is
-written into `checkpoint-N.tmp` and renamed to `checkpoint-N` in one step, so a process killed while
-writing never leaves a folder that `--resume_from_checkpoint latest` would pick up.
+A checkpoint is `accelerator.save_state` plus `trainer_state.json` (steps done, loss history). It is written
+into `checkpoint-N.tmp` and renamed to `checkpoint-N` in one step, so a process killed while writing never
+leaves a folder that `--resume_from_checkpoint latest` would pick up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder still being written carries a `.tmp` suffix and is ignored."""
+    """Complete checkpoints in `root`, oldest first; a folder still being written (`.tmp` suffix) is not one."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
@@ -39,8 +39,11 @@ def save_checkpoint(
         accelerator (`Accelerator`): holds the prepared model, optimizer, scheduler, samplers and RNG states.
         root (`Path`): the checkpoints folder.
         step (`int`): optimizer steps done.
-        state (`dict`): JSON-serialisable loop state saved as `trainer_state.json`.
+        state (`dict[str, Any]`): JSON-serialisable loop state, saved as `trainer_state.json`.
         keep (`int`): how many checkpoints to keep (0 keeps all).
+
+    Returns:
+        `Path`: the checkpoint folder.
     """
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
@@ -49,21 +52,22 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every process writes its own RNG state file
-    # The rename must wait for every process's files: save_state has no barrier at its end, and a rank
-    # still writing into `tmp` after the main process renamed it fails with "Parent directory does not exist".
+    # save_state has no barrier at its end: a rank still writing into `tmp` after the main process renamed it
+    # fails with "Parent directory does not exist".
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in list_checkpoints(root)[: -keep or None] if keep else []:
+        for old in list_checkpoints(root)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def resolve_checkpoint(requested: str | None, root: Path) -> Path | None:
-    """`--resume_from_checkpoint`: None, "latest" (the newest complete checkpoint in `root`) or a folder."""
+    """The checkpoint `--resume_from_checkpoint` names: None, `"latest"` (the newest complete one in `root`,
+    or None with a warning when there is none) or a folder."""
     if requested is None:
         return None
     if requested != "latest":

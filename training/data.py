@@ -1,0 +1,210 @@
+"""How studies become batches: row indices kept, processor applied, encoder features optionally cached.
+
+- `IndexedStudies` pairs each study with its row index, so generated reports can be matched to their studies
+  after `gather_for_metrics`.
+- `StudyCollator` runs the processor (images -> pixel_values / view_mask, reports -> input_ids / labels),
+  optionally with mid-grey images (the ablation) or with precomputed encoder features.
+- `study_dataloader` is the DataLoader of a split, with its own seeded generator.
+- `precompute_features` runs a frozen encoder once over a split (`--cache_features`).
+- `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from dataset_builder import build_dataset, download, synthesize
+from processing_xraycap import XrayCapProcessor
+
+logger = logging.get_logger(__name__)
+
+
+class IndexedStudies(Dataset):
+    """A split with each study's row index attached, so predictions can be matched after a gather.
+
+    Args:
+        split (`datasets.Dataset`): a split built by `dataset_builder` (`uid`, `images`, `report`).
+    """
+
+    def __init__(self, split: datasets.Dataset):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return index, self.split[index]
+
+
+class StudyCollator:
+    """Turns `(index, study)` items into model inputs with the processor.
+
+    Args:
+        processor (`XrayCapProcessor`): images -> pixel_values / view_mask, reports -> input_ids / labels.
+        max_views (`int`): views kept per study (the builder orders frontal first).
+        max_target_length (`int`): report tokens kept, bos and eos included.
+        with_text (`bool`, *optional*, defaults to `True`): tokenize the reports (training).
+        ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
+        feature_cache (`dict[int, tuple[torch.Tensor, torch.Tensor]]`, *optional*): precomputed encoder
+            features and view masks by row index; when given, images are not decoded at all.
+    """
+
+    def __init__(
+        self,
+        processor: XrayCapProcessor,
+        max_views: int,
+        max_target_length: int,
+        with_text: bool = True,
+        ablate: bool = False,
+        feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.processor = processor
+        self.max_views = max_views
+        self.max_target_length = max_target_length
+        self.with_text = with_text
+        self.ablate = ablate
+        self.feature_cache = feature_cache
+
+    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        indices = [index for index, _ in items]
+        text = [example["report"] for _, example in items] if self.with_text else None
+        if self.feature_cache is not None:
+            batch = {}
+            if text:
+                batch = dict(
+                    self.processor(text=text, return_tensors="pt", max_length=self.max_target_length)
+                )
+            batch["image_features"] = torch.stack([self.feature_cache[i][0] for i in indices])
+            batch["view_mask"] = torch.stack([self.feature_cache[i][1] for i in indices])
+        else:
+            images = [example["images"][: self.max_views] for _, example in items]
+            if self.ablate:
+                images = [[Image.new("L", view.size, 128) for view in views] for views in images]
+            batch = dict(
+                self.processor(
+                    images=images, text=text, return_tensors="pt", max_length=self.max_target_length
+                )
+            )
+        batch["index"] = torch.tensor(indices)
+        return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch without its row indices: the keyword arguments of the model's `forward` / `generate`."""
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def study_dataloader(
+    split: datasets.Dataset,
+    collator: StudyCollator,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The DataLoader of a split's `(index, study)` items.
+
+    It has its own generator: creating an iterator never draws from the global RNG, so dropout after a resume
+    (RNG states restored, iterator re-created) matches the uninterrupted run bit for bit.
+
+    Args:
+        split (`datasets.Dataset`): the studies.
+        collator (`StudyCollator`): turns items into model inputs.
+        batch_size (`int`): studies per batch (per process).
+        shuffle (`bool`, *optional*, defaults to `False`): shuffle each epoch (training).
+        num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes.
+        seed (`int`, *optional*, defaults to 0): seed of the loader's generator (the shuffling order).
+        pin_memory (`bool`, *optional*, defaults to `False`): pin batches for faster copies to a GPU.
+    """
+    return DataLoader(
+        IndexedStudies(split),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@torch.no_grad()
+def precompute_features(
+    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Runs the frozen encoder once over a split; returns `(features, view_mask)` by row index, on CPU.
+
+    All processes get the whole split's features (gathered), whichever shard each one encoded.
+
+    Args:
+        model (`XrayCapForConditionalGeneration`): the prepared model (its `get_image_features` is used).
+        dataloader (`DataLoader`): the prepared loader of the split, with images and without text.
+        accelerator (`Accelerator`): the run's accelerator.
+    """
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    indices, features, view_masks = [], [], []
+    for batch in tqdm(dataloader, desc="encoding images once", disable=not accelerator.is_local_main_process):
+        encoded = unwrapped.get_image_features(
+            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
+        )
+        gathered = accelerator.gather_for_metrics((batch["index"], encoded, batch["view_mask"]))
+        for store, values in zip((indices, features, view_masks), gathered):
+            store.extend(values.cpu())
+    return {int(i): (f, m) for i, f, m in zip(indices, features, view_masks)}
+
+
+def load_studies(
+    data_args, views: str, seed: int, accelerator: Accelerator
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """The train / validation / test studies and the build report.
+
+    Without `data_dir`, `dataset_dir` or `download` this is the embedded default: synthetic phantom studies,
+    generated once (cached by size and seed) and built with `dataset_builder` like real data. The main process
+    builds first; the others then read its cache.
+
+    Args:
+        data_args (`DataArguments`):
+            run_captioning's data arguments: `data_dir`, `dataset_dir`, `download`, `synthetic_studies`,
+            `cache_dir` (default `$XRAYCAP_CACHE` or `~/.cache/xraycap`), `section`, `min_images`,
+            `build_image_size`, `r2gen`, `split_file`.
+        views (`str`): `"frontal"`, `"pair"` or `"all"`.
+        seed (`int`): the seed of the synthetic studies and of the split.
+        accelerator (`Accelerator`): the run's accelerator.
+    """
+    if data_args.dataset_dir is not None:
+        report_path = Path(data_args.dataset_dir) / "build_report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return datasets.load_from_disk(data_args.dataset_dir), report
+    cache = Path(data_args.cache_dir or os.environ.get("XRAYCAP_CACHE", Path.home() / ".cache" / "xraycap"))
+    with accelerator.main_process_first():
+        if data_args.download:
+            data_dir = Path(download(cache / "kaggle"))
+        elif data_args.data_dir is not None:
+            data_dir = Path(data_args.data_dir)
+        else:
+            data_dir = cache / f"synthetic-{data_args.synthetic_studies}-seed{seed}"
+            if not (data_dir / "indiana_projections.csv").is_file():
+                logger.info(f"Synthesizing {data_args.synthetic_studies} phantom studies into {data_dir}")
+                synthesize(data_dir, num_studies=data_args.synthetic_studies, seed=seed)
+        return build_dataset(
+            data_dir,
+            section=data_args.section,
+            views=views,
+            min_images=data_args.min_images,
+            image_size=data_args.build_image_size,
+            seed=seed,
+            r2gen=data_args.r2gen,
+            split_file=data_args.split_file,
+            cache_dir=str(cache / "datasets"),
+        )
