@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"precision {mixed_precision}, torch.compile {'off' if compiled == 'no' else f'on ({compiled})'}",
         main_process_only=False,
     )
+    if train_args.torch_compile and accelerator.device.type == "cpu" and mixed_precision == "bf16":
+        logger.warning(
+            "--torch_compile with bf16 on CPU: torch 2.14's Inductor fails to build some bf16 backward kernels "
+            "(CppCompileError); if it does here, add --mixed_precision no."
+        )
     set_seed(train_args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
