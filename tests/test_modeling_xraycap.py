@@ -45,7 +45,7 @@ def test_forward_returns_loss_and_logits_over_prefix_and_text(tiny):
 
 
 def test_logits_to_keep_with_labels_gives_the_same_loss(tiny):
-    """The training forward (run_captioning.training_loss) computes logits on the report positions only."""
+    """The training forward (training.optimization.training_loss) computes logits on the report positions only."""
     model, processor = tiny
     batch = phantom_batch(processor)
     full = model(**batch)
