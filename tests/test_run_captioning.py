@@ -68,6 +68,16 @@ def trained_run(cache_dir, tmp_path_factory) -> Path:
     return out
 
 
+def run_outside_repo(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python whose import path holds neither the repository nor the working directory, as a
+    user who only has the saved folder would; offline."""
+    code = f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n" + code
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 def test_outputs_follow_the_contract(trained_run: Path):
     """The model folder, eval_results.json, predictions.jsonl, the card, the figures and run_args.json."""
     for name in (
@@ -132,8 +142,7 @@ def test_saved_folder_regenerates_predictions_outside_the_repo(trained_run: Path
     predictions from the test images."""
     # Regenerate a few test studies from their images and compare with predictions.jsonl.
     regen = f"""
-import json, sys
-sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+import json
 import torch
 from transformers import AutoModel, AutoProcessor
 from datasets import load_from_disk
@@ -166,14 +175,7 @@ print(json.dumps({{"regenerated": texts, "saved": [r["prediction"] for r in rows
         cache_dir=str(cache / "datasets"),
     )
     dataset["test"].save_to_disk(str(trained_run / "test_split"))
-    proc = subprocess.run(
-        [sys.executable, "-c", regen],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
-    )
+    proc = run_outside_repo(regen, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["regenerated"] == out["saved"]
@@ -304,7 +306,6 @@ def test_torch_compile_trains_and_saves_a_loadable_folder(cache_dir, tmp_path: P
     losses = json.loads((out / "trainer_history.json").read_text())["loss"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
     code = (
-        f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
         "import torch\n"
         "from transformers import AutoModel\n"
         f"model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
@@ -312,10 +313,7 @@ def test_torch_compile_trains_and_saves_a_loadable_folder(cache_dir, tmp_path: P
         "ids = model.generate(pixel_values=pixels, max_new_tokens=4, do_sample=False)\n"
         "print(type(model).__name__, ids.shape[0])"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
-    )
+    loaded = run_outside_repo(code, tmp_path)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.split()[-2:] == ["XrayCapForConditionalGeneration", "1"]
 
@@ -507,20 +505,12 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(
     uploaded = {str(p.relative_to(hub)) for p in hub.rglob("*") if p.is_file()}
     assert uploaded == saved and "model.safetensors" in uploaded and "modeling_xraycap.py" in uploaded
     code = (
-        f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
         "from transformers import AutoModel, AutoProcessor\n"
         f"m = AutoModel.from_pretrained({str(hub)!r}, trust_remote_code=True)\n"
         f"AutoProcessor.from_pretrained({str(hub)!r}, trust_remote_code=True)\n"
         "print(type(m).__name__)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
-    )
+    proc = run_outside_repo(code, tmp_path)
     assert proc.returncode == 0 and "XrayCapForConditionalGeneration" in proc.stdout, proc.stderr[-3000:]
 
 
