@@ -4,7 +4,8 @@ studies in the same layout; the pinned kagglehub download.
     from dataset_builder import build_dataset, synthesize, download
 """
 
-from .builder import IndianaXrayBuilder, IndianaXrayConfig, build_dataset
+from .builder import IndianaXrayBuilder, build_dataset
+from .configuration import IndianaXrayConfig
 from .download import KAGGLE_HANDLE, download
 from .synthesize import synthesize
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from .builder import SECTIONS, VIEWS, build_dataset
+from .builder import build_dataset
+from .configuration import SECTIONS, VIEWS
 from .download import KAGGLE_HANDLE, download
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .synthesize import synthesize

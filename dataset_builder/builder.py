@@ -1,17 +1,16 @@
-"""The Indiana University chest X-ray collection (Kaggle layout) as a `datasets` builder.
+"""The Indiana University chest X-ray collection (Kaggle layout) as a `datasets` builder, and `build_dataset`.
 
-`IndianaXrayBuilder` is a `datasets.GeneratorBasedBuilder` used in-process (loading scripts no longer
-exist in datasets >= 4). It reads `indiana_reports.csv` + `indiana_projections.csv` +
-`images/images_normalized/` and yields one example per study (uid), with each image decoded once,
-converted to 8-bit grayscale and re-encoded as PNG bytes (never paths).
+`IndianaXrayBuilder` is a `datasets.GeneratorBasedBuilder` used in-process (loading scripts no longer exist in
+datasets >= 4). It follows the plan of `study_plan.make_plan` and yields one example per study (uid), with
+each image decoded once, converted to 8-bit grayscale and re-encoded as PNG bytes (never paths).
 
-`build_dataset` is the entry point: it fingerprints the inputs (CSV bytes, the image folder's names,
-sizes and mtimes, the split file, every option) so that rebuilding with the same inputs and options
-reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`.
+`build_dataset` is the entry point: it fingerprints the inputs (CSV bytes, the image folder's names, sizes and
+mtimes, the split file, every option) so that rebuilding with the same inputs and options reuses the `datasets`
+cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir` it also writes
+the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`.
 
-Every report row and every projection row ends up either in an example or in `build_report["skipped"]`
-(`{"uid", "filename", "reason", "detail"}`; `filename` is None for a study-level entry about a report
-row). `build_report["accounting"]` shows that the counts add up.
+Every report row and every projection row ends up either in an example or in `build_report["skipped"]`;
+`build_report["accounting"]` shows that the counts add up.
 """
 
 from __future__ import annotations
@@ -21,41 +20,32 @@ import json
 import logging
 import os
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from collections import Counter
 from pathlib import Path
 
 import datasets
-import pandas as pd
-from tqdm.auto import tqdm
 
 from . import images as img
+from .configuration import IndianaXrayConfig
 from .saving import save_dataset_dict
-from .split_file import read_split_file
-from .splits import SPLIT_NAMES, assign_splits, split_sizes
-from .text_cleaning import XXXX_MODES, clean_text, join_sections
+from .splits import SPLIT_NAMES
+from .study_plan import (
+    IMAGE_SUBDIR,
+    MISSING_LAYOUT_HINT,
+    PROJECTIONS_CSV,
+    PROJECTIONS_REQUIRED,
+    REASON_TOO_FEW_IMAGES,
+    REPORTS_CSV,
+    REPORTS_REQUIRED,
+    PlannedStudy,
+    make_plan,
+    read_csv_checked,
+    skip_entry,
+)
 
 logger = logging.getLogger(__name__)
 
-REPORTS_CSV = "indiana_reports.csv"
-PROJECTIONS_CSV = "indiana_projections.csv"
-IMAGE_SUBDIR = os.path.join("images", "images_normalized")
-REPORTS_REQUIRED = ("uid", "findings", "impression", "MeSH", "Problems", "indication")
-PROJECTIONS_REQUIRED = ("uid", "filename", "projection")
-SECTIONS = ("findings", "impression", "findings+impression")
-VIEWS = ("frontal", "pair", "all")
 SIDECAR = "xraycap_build_report.json"
-
-# study-level skip reasons (image-level ones live in images.py)
-REASON_EMPTY_SECTION = "empty target section"
-REASON_NO_PROJECTIONS = "no projection rows"
-REASON_NOT_IN_REPORTS = "uid not in reports CSV"
-REASON_DUPLICATE_REPORT = "duplicate uid in reports CSV"
-REASON_DUPLICATE_ROW = "duplicate projection row"
-REASON_TOO_FEW_IMAGES = "too few usable images"
-REASON_NO_FRONTAL = "no frontal view"
-REASON_VIEW_NOT_SELECTED = "view not selected"
-REASON_NOT_IN_SPLIT_FILE = "not in split file"
 
 FEATURES = datasets.Features(
     {
@@ -71,263 +61,6 @@ FEATURES = datasets.Features(
         "indication": datasets.Value("string"),
     }
 )
-
-
-@dataclass
-class IndianaXrayConfig(datasets.BuilderConfig):
-    """Options of the Indiana builder (all part of the cache key).
-
-    Args:
-        section (`str`, defaults to "findings"): the `report` target: "findings", "impression" or
-            "findings+impression" (joined with a space; skipped only when both are empty).
-        views (`str`, defaults to "pair"): "frontal" (the first frontal view), "pair" (the first frontal
-            and the first lateral; a study with one of them keeps one) or "all" (every usable image).
-        min_images (`int`, defaults to 1): studies with fewer usable images (before view selection) are
-            skipped. `r2gen=True` raises it to 2.
-        image_size (`int`, defaults to 512): re-encoded images have their longer side at most this.
-        seed (`int`, defaults to 42): seed of the study-level split permutation.
-        r2gen (`bool`, defaults to False): the R2Gen population (findings only, >= 2 images) and 70/10/20.
-        split_file (`str`, *optional*): an R2Gen `annotation.json` giving the split membership.
-        xxxx (`str`, defaults to "keep"): `XXXX` tokens in `report`: "keep", "drop" or "marker".
-        max_image_pixels (`int`, defaults to 50,000,000): larger images are skipped (decompression bombs).
-        fingerprint (`str`): hash of the inputs, set by `build_dataset`.
-    """
-
-    data_dir: str | None = None
-    section: str = "findings"
-    views: str = "pair"
-    min_images: int = 1
-    image_size: int = 512
-    seed: int = 42
-    r2gen: bool = False
-    split_file: str | None = None
-    xxxx: str = "keep"
-    max_image_pixels: int = img.DEFAULT_MAX_IMAGE_PIXELS
-    fingerprint: str = ""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.validate()
-
-    def validate(self) -> None:
-        """Checks the options (datasets sets config kwargs with setattr after construction, so the builder
-        calls this again before building) and applies `r2gen` (section findings, min_images >= 2)."""
-        if self.section not in SECTIONS:
-            raise ValueError(f"section must be one of {SECTIONS}, got {self.section!r}")
-        if self.views not in VIEWS:
-            raise ValueError(f"views must be one of {VIEWS}, got {self.views!r}")
-        if self.xxxx not in XXXX_MODES:
-            raise ValueError(f"xxxx must be one of {XXXX_MODES}, got {self.xxxx!r}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 px, got {self.image_size}")
-        if self.min_images < 0:
-            raise ValueError(f"min_images must be >= 0, got {self.min_images}")
-        if self.r2gen:
-            if self.section != "findings":
-                raise ValueError(
-                    f"r2gen=True reproduces the findings-only protocol; got section={self.section!r} "
-                    "(drop --r2gen or use --section findings)"
-                )
-            self.min_images = max(self.min_images, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# CSV reading
-# --------------------------------------------------------------------------------------------------
-
-
-def read_csv_checked(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Reads a CSV as strings ("" for empty cells; quoted multi-line fields are supported).
-
-    Raises:
-        FileNotFoundError: when the file is absent.
-        ValueError: naming the file and the missing columns.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: --data_dir must hold {REPORTS_CSV}, {PROJECTIONS_CSV} and {IMAGE_SUBDIR}/ "
-            "(the Kaggle layout; `python -m dataset_builder download` fetches it)"
-        )
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a readable CSV ({err}); expected columns {list(required)}") from None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"{path} is missing required column(s) {missing}; it has {list(df.columns)} and needs {list(required)}"
-        )
-    for col in df.columns:
-        df[col] = df[col].astype(str)
-    df["uid"] = df["uid"].str.strip()
-    return df
-
-
-# --------------------------------------------------------------------------------------------------
-# The build plan: which study goes where, and why rows are skipped (header checks only, no decoding)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PlannedStudy:
-    uid: str
-    split: str
-    filenames: list[str]
-    projections: list[str]
-    findings: str
-    impression: str
-    report: str
-    mesh: str
-    problems: str
-    indication: str
-
-
-def _skip(uid, filename, reason, detail="") -> dict:
-    return {"uid": uid, "filename": filename, "reason": reason, "detail": detail}
-
-
-def _select_views(rows: list[tuple[str, str]], views: str) -> list[tuple[str, str]] | None:
-    """rows: usable (filename, projection) in CSV order. Returns the selection, or None (no frontal)."""
-    frontal = [r for r in rows if r[1].strip().lower() == "frontal"]
-    lateral = [r for r in rows if r[1].strip().lower() == "lateral"]
-    if views == "all":
-        return list(rows)
-    if views == "frontal":
-        return frontal[:1] or None
-    chosen = frontal[:1] + lateral[:1]
-    return chosen or rows[:1]
-
-
-def make_plan(cfg: IndianaXrayConfig, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict]:
-    """Reads the CSVs, checks every referenced file's header, applies the options and assigns splits.
-
-    Returns:
-        (planned studies, skipped entries, stats)
-    """
-    reports = read_csv_checked(data_dir / REPORTS_CSV, REPORTS_REQUIRED)
-    projections = read_csv_checked(data_dir / PROJECTIONS_CSV, PROJECTIONS_REQUIRED)
-    image_dir = data_dir / IMAGE_SUBDIR
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} not found: --data_dir must hold {IMAGE_SUBDIR}/")
-    skipped: list[dict] = []
-
-    report_rows: dict[str, dict] = {}
-    for row in reports.to_dict("records"):
-        uid = row["uid"]
-        if uid in report_rows:
-            skipped.append(_skip(uid, None, REASON_DUPLICATE_REPORT, "a later row with the same uid"))
-            continue
-        report_rows[uid] = row
-
-    by_uid: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    seen_rows: set[tuple[str, str]] = set()
-    probe_bar = tqdm(
-        projections[["uid", "filename", "projection"]].itertuples(index=False),
-        total=len(projections),
-        desc="Checking image files",
-        unit="img",
-        disable=len(projections) < 2000 or None,
-    )
-    for uid, filename, projection in probe_bar:
-        filename = filename.strip()
-        if (uid, filename) in seen_rows:
-            skipped.append(_skip(uid, filename, REASON_DUPLICATE_ROW))
-            continue
-        seen_rows.add((uid, filename))
-        if uid not in report_rows:
-            skipped.append(_skip(uid, filename, REASON_NOT_IN_REPORTS))
-            continue
-        try:
-            path = img.resolve_image_path(image_dir, filename)
-            img.probe_image(path, cfg.max_image_pixels)
-        except img.ImageProblem as problem:
-            skipped.append(_skip(uid, filename, problem.reason, problem.detail))
-            continue
-        by_uid[uid].append((filename, projection))
-
-    all_rows_of: dict[str, int] = Counter(projections["uid"])
-
-    def skip_study(uid: str, reason: str, detail: str = "", rows: list[tuple[str, str]] = ()) -> None:
-        skipped.append(_skip(uid, None, reason, detail))
-        skipped.extend(_skip(uid, fn, reason, detail) for fn, _ in rows)
-
-    candidates: list[PlannedStudy] = []
-    min_images = max(cfg.min_images, 1)
-    for uid, row in report_rows.items():
-        rows = by_uid.get(uid, [])
-        if all_rows_of.get(uid, 0) == 0:
-            skip_study(uid, REASON_NO_PROJECTIONS, f"uid {uid} has no row in {PROJECTIONS_CSV}")
-            continue
-        findings = clean_text(row["findings"], cfg.xxxx)
-        impression = clean_text(row["impression"], cfg.xxxx)
-        target = {
-            "findings": findings,
-            "impression": impression,
-            "findings+impression": join_sections(findings, impression),
-        }[cfg.section]
-        if not target:
-            skip_study(uid, REASON_EMPTY_SECTION, f"section={cfg.section}", rows)
-            continue
-        if len(rows) < min_images:
-            skip_study(uid, REASON_TOO_FEW_IMAGES, f"{len(rows)} usable < min_images={min_images}", rows)
-            continue
-        chosen = _select_views(rows, cfg.views)
-        if chosen is None:
-            skip_study(uid, REASON_NO_FRONTAL, "views=frontal", rows)
-            continue
-        chosen_names = {fn for fn, _ in chosen}
-        skipped.extend(
-            _skip(uid, fn, REASON_VIEW_NOT_SELECTED, f"views={cfg.views}")
-            for fn, _ in rows
-            if fn not in chosen_names
-        )
-        candidates.append(
-            PlannedStudy(
-                uid=uid,
-                split="",
-                filenames=[fn for fn, _ in chosen],
-                projections=[p.strip() for _, p in chosen],
-                findings=row["findings"].strip(),
-                impression=row["impression"].strip(),
-                report=target,
-                mesh=row["MeSH"].strip(),
-                problems=row["Problems"].strip(),
-                indication=row["indication"].strip(),
-            )
-        )
-
-    stats: dict = {}
-    if cfg.split_file:
-        membership, unmatched, how = read_split_file(cfg.split_file, list(report_rows), projections)
-        stats["split_file"] = {"path": cfg.split_file, "unmatched_ids": unmatched, "matched_by": how}
-        kept = []
-        for study in candidates:
-            split = membership.get(study.uid)
-            if split is None:
-                skip_study(
-                    study.uid,
-                    REASON_NOT_IN_SPLIT_FILE,
-                    cfg.split_file,
-                    list(zip(study.filenames, study.projections)),
-                )
-                continue
-            study.split = split
-            kept.append(study)
-        candidates = kept
-    else:
-        assignment = assign_splits([s.uid for s in candidates], seed=cfg.seed)
-        for study in candidates:
-            study.split = assignment[study.uid]
-        stats["split_sizes"] = dict(zip(SPLIT_NAMES, split_sizes(len(candidates))))
-    stats["num_reports"] = len(reports)
-    stats["num_projection_rows"] = len(projections)
-    return candidates, skipped, stats
-
-
-# --------------------------------------------------------------------------------------------------
-# The builder
-# --------------------------------------------------------------------------------------------------
 
 
 class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
@@ -382,7 +115,9 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
                 try:
                     data, _ = img.encode_image(image_dir / filename, cfg.image_size, cfg.max_image_pixels)
                 except img.ImageProblem as problem:
-                    self.runtime_skipped.append(_skip(study.uid, filename, problem.reason, problem.detail))
+                    self.runtime_skipped.append(
+                        skip_entry(study.uid, filename, problem.reason, problem.detail)
+                    )
                     continue
                 self.num_encoded += 1
                 encoded.append({"bytes": data, "path": None})
@@ -390,9 +125,9 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
                 names.append(filename)
             if len(encoded) < min_images:
                 detail = f"{len(encoded)} readable image(s) after decoding"
-                self.runtime_skipped.append(_skip(study.uid, None, REASON_TOO_FEW_IMAGES, detail))
+                self.runtime_skipped.append(skip_entry(study.uid, None, REASON_TOO_FEW_IMAGES, detail))
                 self.runtime_skipped.extend(
-                    _skip(study.uid, fn, REASON_TOO_FEW_IMAGES, detail) for fn in names
+                    skip_entry(study.uid, fn, REASON_TOO_FEW_IMAGES, detail) for fn in names
                 )
                 continue
             yield (
@@ -412,11 +147,6 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
             )
 
 
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
-
-
 def fingerprint_inputs(data_dir: Path, split_file: str | None, options: dict) -> str:
     """Hash of everything the build reads: both CSVs' bytes, the image folder listing (names, sizes,
     mtimes), the split file's bytes and the options. Computed without decoding any image."""
@@ -424,10 +154,7 @@ def fingerprint_inputs(data_dir: Path, split_file: str | None, options: dict) ->
     for name in (REPORTS_CSV, PROJECTIONS_CSV):
         path = data_dir / name
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: --data_dir must hold {REPORTS_CSV}, {PROJECTIONS_CSV} and {IMAGE_SUBDIR}/ "
-                "(the Kaggle layout; `python -m dataset_builder download` fetches it)"
-            )
+            raise FileNotFoundError(f"{path} not found: {MISSING_LAYOUT_HINT}")
         h.update(name.encode())
         h.update(path.read_bytes())
     image_dir = data_dir / IMAGE_SUBDIR
@@ -480,8 +207,8 @@ def build_dataset(
     Args:
         data_dir (`str` or `os.PathLike`): the Kaggle layout (`indiana_reports.csv`,
             `indiana_projections.csv`, `images/images_normalized/`), real or synthetic.
-        output_dir (`str` or `os.PathLike`, *optional*): when given, `save_to_disk(output_dir)` and
-            `output_dir/build_report.json` are written.
+        output_dir (`str` or `os.PathLike`, *optional*): when given, `DatasetDict.save_to_disk(output_dir)` and
+            `output_dir/build_report.json` are written (load them with `datasets.load_from_disk`).
         section (`str`, defaults to "findings"): "findings", "impression" or "findings+impression".
         views (`str`, defaults to "pair"): "frontal", "pair" or "all" (see `IndianaXrayConfig`).
         min_images (`int`, defaults to 1): minimum usable images per study.
@@ -492,7 +219,8 @@ def build_dataset(
         xxxx (`str`, defaults to "keep"): `XXXX` tokens in `report`: "keep", "drop" or "marker".
         max_image_pixels (`int`, defaults to 50,000,000): images above this are skipped.
         cache_dir (`str`, *optional*): the `datasets` cache folder (default: the HF datasets cache).
-        writer_batch_size (`int`, defaults to 64): examples buffered before an Arrow write; bounds memory.
+        writer_batch_size (`int`, defaults to 64): examples buffered before an Arrow write; bounds the memory
+            of the encoding.
         force_rebuild (`bool`, defaults to False): ignore an existing cache entry.
 
     Returns:
@@ -579,7 +307,7 @@ def build_dataset(
         },
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,
-        "options": {**asdict_options(builder.config), "data_dir": str(data_path)},
+        "options": {**builder.config.options(), "data_dir": str(data_path)},
         "split_arithmetic": "n_train = round_half_up(0.7 n), n_validation = round_half_up(0.1 n), n_test = rest",
         "fingerprint": fingerprint,
         "cache_dir": builder.cache_dir,
@@ -595,16 +323,7 @@ def build_dataset(
 
     if output_dir is not None:
         out = Path(output_dir)
-        save_dataset_dict(ds, out)
+        save_dataset_dict(ds, out, fingerprint)
         (out / "build_report.json").write_text(json.dumps(report, indent=1))
         logger.info("Saved the dataset and build_report.json to %s", out)
     return ds, report
-
-
-def asdict_options(cfg: IndianaXrayConfig) -> dict:
-    d = asdict(cfg)
-    for key in ("name", "version", "data_files", "description", "data_dir", "fingerprint"):
-        d.pop(key, None)
-    return {
-        k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in d.items()
-    }

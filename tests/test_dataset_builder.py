@@ -36,7 +36,7 @@ def _assert_adds_up(ds, report):
     assert sum(report["skipped_by_reason"].values()) == len(report["skipped"])
 
 
-# ------------------------------------------------------------------ real samples (Done means 1)
+# ------------------------------------------------------------------ real samples
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,16 @@ def test_cache_reused_without_reencoding(phantom_30, tmp_path, monkeypatch):
     # force_rebuild ignores the cache
     build_dataset(data, image_size=64, cache_dir=tmp_path / "cache", force_rebuild=True)
     assert len(calls) == 60
+
+
+def test_saved_folder_with_an_empty_split_loads_back(tmp_path):
+    """Two studies leave the validation split empty; the saved folder still loads, with every split's features."""
+    data = synthesize(tmp_path / "data", num_studies=2, seed=0, image_size=64, num_proc=1)
+    ds, report = build_dataset(data, tmp_path / "out", image_size=64, cache_dir=tmp_path / "cache")
+    assert report["num_examples"] == {"train": 1, "validation": 0, "test": 1}
+    reloaded = datasets.load_from_disk(str(tmp_path / "out"))
+    assert {name: split.num_rows for name, split in reloaded.items()} == report["num_examples"]
+    assert reloaded["validation"].features == reloaded["train"].features == ds["train"].features
 
 
 def test_r2gen_option_and_views_all(phantom_30, tmp_path):

@@ -1,4 +1,5 @@
-"""Scale: the full Indiana CSV structure (3,851 studies, 7,466 images) with placeholder PNGs.
+"""Scale: the full Indiana CSV structure (3,851 studies, 7,466 images) with placeholder PNGs builds the R2Gen
+splits, saves a `load_from_disk`-able DatasetDict, and its peak memory barely grows from 1,000 images.
 
 The structure reproduces the real counts that matter: 3,337 studies with findings, of which 2,955 have
 >= 2 images (146 of those have a third image), 382 with findings and one image, 514 without findings
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The build's own peak RSS (VmHWM): getrusage's ru_maxrss would carry over the parent's peak across fork + exec.
 RUNNER = """
-import resource, sys
+import sys
 from dataset_builder.__main__ import main
 rc = main(sys.argv[1:])
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = open("/proc/self/status").read().splitlines()
+print("PEAK_RSS_KB", next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 sys.exit(rc)
 """
 
@@ -74,7 +77,9 @@ def run_build(data: Path, out: Path, cache: Path) -> tuple[dict, float]:
     return json.loads((out / "build_report.json").read_text()), rss_kb / 1024
 
 
-def test_full_size_structure_r2gen(tmp_path):
+def test_full_indiana_structure_builds_r2gen_splits_in_bounded_memory(tmp_path):
+    """The R2Gen population and split sizes of the real collection (2,955 -> 2,069 / 296 / 590), every row
+    accounted for, no study in two splits, and a peak RSS at 7,466 images within 25% of that at 1,000."""
     n_studies, n_rows = make_structure(
         tmp_path / "full", n_pair=2955, n_triple=146, n_single=382, n_empty=514
     )

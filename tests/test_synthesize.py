@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dataset_builder import build_dataset, synthesize
-from dataset_builder.synthesize import Finding, _sample_anatomy, draw_frontal
+from dataset_builder.phantom_drawing import draw_frontal, sample_anatomy
+from dataset_builder.phantom_findings import Finding
 
 # ------------------------------------------------------------------ an independent report checker
 
@@ -163,7 +164,7 @@ def test_findings_visible_at_128px():
 
     def draw(findings):
         # the same anatomy draws (the heart size follows a cardiomegaly finding) and the same noise
-        anatomy = _sample_anatomy(np.random.default_rng(0), findings)
+        anatomy = sample_anatomy(np.random.default_rng(0), findings)
         return draw_frontal(findings, anatomy, np.random.default_rng(1), 256)
 
     normal = draw([])
