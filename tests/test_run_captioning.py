@@ -33,6 +33,9 @@ SMALL = [
     "--logging_steps",
     "1",
 ]
+# `accelerate launch` without a saved accelerate config; the script itself picks the precision.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+ACCELERATE_LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 FAST_EVAL = ["--num_beams", "2", "--max_new_tokens", "12", "--per_device_eval_batch_size", "8"]
 # The metric keys eval_results.json carries for each test run (docs/DESIGN.md).
 METRIC_KEYS = "bleu_1 bleu_2 bleu_3 bleu_4 meteor rouge_l cider bertscore_f1 ce_micro_f1 ce_macro_f1 ce_example_f1".split()
@@ -237,20 +240,7 @@ def test_two_cpu_processes_score_every_test_study_once(cache_dir, tmp_path: Path
         ],
         cache_dir,
         cwd=tmp_path,
-        launcher=[
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
+        launcher=[*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"],
         env={"ACCELERATE_USE_CPU": "1"},
     )
     log = proc.stdout + proc.stderr
@@ -530,19 +520,7 @@ def test_default_run_reads_the_images(tmp_path: Path):
         ["--output_dir", str(out)],
         cache,
         cwd=tmp_path,
-        launcher=[
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
+        launcher=[*ACCELERATE_LAUNCH, "--num_processes", "1"],
         timeout=1200,
     )
     wall = time.perf_counter() - start
