@@ -24,10 +24,8 @@ except ImportError:  # the repository root on sys.path (`import modeling_xraycap
 
 logger = logging.get_logger(__name__)
 
-# Room left for the report when the default generation length is derived from `n_positions`.
-DEFAULT_MAX_NEW_TOKENS = 256
-# Inputs that carry the image; `generate` passes them to the model at prefill only (see
-# `prepare_inputs_for_generation`).
+DEFAULT_MAX_NEW_TOKENS = 256  # the default report length, where `n_positions` leaves room for it
+# Inputs that carry the image: `generate` hands them to the model at prefill only.
 IMAGE_INPUTS = ("pixel_values", "image_features", "view_mask")
 
 
@@ -42,10 +40,8 @@ class XrayCapCausalLMOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, prefix_length + text_length, vocab_size)`):
             Decoder scores for every position, image prefix included (the last `logits_to_keep` positions
             when that is given).
-        cache (`Cache`, *optional*):
-            The decoder's key/value cache (when `use_cache=True`).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*), attentions (`tuple(torch.FloatTensor)`, *optional*):
-            As returned by GPT-2 when requested.
+        cache (`Cache`, *optional*), hidden_states (`tuple`, *optional*), attentions (`tuple`, *optional*):
+            As returned by GPT-2 (the KV cache when `use_cache=True`; the others when requested).
         prefix_length (`int`, *optional*):
             Number of image-prefix positions at the front of `logits` (0 when no image was given).
     """
@@ -60,11 +56,9 @@ class XrayCapCausalLMOutput(ModelOutput):
 
 class XrayCapProjection(nn.Module):
     """
-    Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd).
-
-    `"linear"`: LayerNorm(C) then Linear(C, n_embd); `"mlp"`: LayerNorm(C), Linear, GELU, Linear. The
-    LayerNorm makes the prefix scale independent of the encoder's raw activation scale (ResNet features
-    after ReLU are large and all positive).
+    Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd): LayerNorm(C), then Linear
+    (`"linear"`) or Linear-GELU-Linear (`"mlp"`). The LayerNorm makes the prefix scale independent of the
+    encoder's raw activations (ResNet features after ReLU are large and all positive).
     """
 
     def __init__(self, in_features: int, config: XrayCapConfig):
@@ -462,11 +456,17 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                     f"{batch} studies of images but {inputs_embeds.shape[0]} texts: pass one report per study."
                 )
             if attention_mask is None:
-                attention_mask = torch.ones(
-                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-                )
-            if attention_mask.shape[1] == inputs_embeds.shape[1]:
+                attention_mask = prefix_mask.new_ones(inputs_embeds.shape[:2])
+            if (
+                attention_mask.shape[1] == inputs_embeds.shape[1]
+            ):  # the text's mask: the prefix's goes in front
                 attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+            elif attention_mask.shape[1] != prefix_length + inputs_embeds.shape[1]:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} positions: give one per text token "
+                    f"({inputs_embeds.shape[1]}) or per image-prefix + text position ({prefix_length} + "
+                    f"{inputs_embeds.shape[1]})."
+                )
             inputs_embeds = torch.cat([prefix_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)
             if labels is not None:
                 labels = torch.cat([labels.new_full((batch, prefix_length), -100), labels], dim=1)
@@ -552,9 +552,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         """
         if pixel_values is None and image_features is None:
             if generate_kwargs.get("input_ids") is None and generate_kwargs.get("inputs_embeds") is None:
-                raise ValueError(
-                    "generate needs pixel_values or image_features (or input_ids for text only)."
-                )
+                raise ValueError("generate needs pixel_values, image_features or (text only) input_ids.")
             return super().generate(**generate_kwargs)  # text only: plain GPT-2 continuation
         for key in ("input_ids", "attention_mask", "labels"):
             generate_kwargs.pop(key, None)

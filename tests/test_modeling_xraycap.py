@@ -422,6 +422,18 @@ def test_error_on_bad_view_mask_and_batch_mismatch(tiny):
         model(pixel_values=batch["pixel_values"], image_features=torch.zeros(2, 2, 4, 256))
 
 
+def test_error_on_attention_mask_of_another_length(tiny):
+    """A mask must cover the text, or the image prefix + text (as `generate` passes it)."""
+    model, processor = tiny
+    batch = phantom_batch(processor)
+    with pytest.raises(ValueError, match="attention_mask has"):
+        model(**{**batch, "attention_mask": batch["attention_mask"][:, :-1]})
+    prefix_mask = torch.ones(2, model.max_prefix_length, dtype=torch.long)
+    prefix_mask[:, model.tokens_per_view :] = 0  # the second view slot is empty
+    full = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
+    torch.testing.assert_close(model(**{**batch, "attention_mask": full}).logits, model(**batch).logits)
+
+
 def test_error_on_text_longer_than_positions(tiny):
     """The model raises (the processor truncates with a warning, see test_processing_xraycap)."""
     model, processor = tiny
