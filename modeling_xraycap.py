@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticCache
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
@@ -198,8 +198,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then re-applies `config.freeze_vision_encoder` (loading
-        materialises fresh parameters that would otherwise require grad)."""
+        """`PreTrainedModel.from_pretrained`, then `config.freeze_vision_encoder` (loaded parameters require grad)."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.set_vision_encoder_frozen(model.config.freeze_vision_encoder)
@@ -227,10 +226,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         """
         self.config.freeze_vision_encoder = bool(frozen)
         self.vision_model.requires_grad_(not frozen)
-        if frozen:
-            self.vision_model.eval()
-        else:
-            self.vision_model.train(self.training)
+        self.vision_model.train(self.training and not frozen)
 
     def train(self, mode: bool = True) -> XrayCapForConditionalGeneration:
         super().train(mode)
@@ -457,15 +453,16 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 )
             if attention_mask is None:
                 attention_mask = prefix_mask.new_ones(inputs_embeds.shape[:2])
-            if (
-                attention_mask.shape[1] == inputs_embeds.shape[1]
-            ):  # the text's mask: the prefix's goes in front
+            # A mask over the text gets the prefix's in front; one over prefix + text (from `generate`) is kept.
+            if attention_mask.ndim == 2 and attention_mask.shape[1] == inputs_embeds.shape[1]:
                 attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-            elif attention_mask.shape[1] != prefix_length + inputs_embeds.shape[1]:
+            elif (
+                attention_mask.ndim != 2 or attention_mask.shape[1] != prefix_length + inputs_embeds.shape[1]
+            ):
                 raise ValueError(
-                    f"attention_mask has {attention_mask.shape[1]} positions: give one per text token "
-                    f"({inputs_embeds.shape[1]}) or per image-prefix + text position ({prefix_length} + "
-                    f"{inputs_embeds.shape[1]})."
+                    f"attention_mask has shape {tuple(attention_mask.shape)}: give a 2D mask with one entry per "
+                    f"text token ({inputs_embeds.shape[1]}) or per image-prefix + text position ({prefix_length} "
+                    f"+ {inputs_embeds.shape[1]})."
                 )
             inputs_embeds = torch.cat([prefix_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)
             if labels is not None:
@@ -516,8 +513,9 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             input_ids, is_first_iteration=is_first_iteration, **kwargs
         )
         if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs.update(image_inputs)
-            model_inputs.pop("position_ids", None)  # they cover the text; `forward` counts prefix + text
+            # `forward` puts the prefix in front and derives positions and the mask from the 2D prefix + text mask
+            model_inputs.update(image_inputs, attention_mask=kwargs.get("attention_mask"))
+            model_inputs.pop("position_ids", None)
         return model_inputs
 
     @torch.no_grad()
@@ -550,10 +548,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             (no prefix, no bos), padded with `pad_token_id` after eos; or a `GenerateOutput` whose `sequences`
             are those tokens, with `return_dict_in_generate=True`.
         """
-        if pixel_values is None and image_features is None:
-            if generate_kwargs.get("input_ids") is None and generate_kwargs.get("inputs_embeds") is None:
-                raise ValueError("generate needs pixel_values, image_features or (text only) input_ids.")
-            return super().generate(**generate_kwargs)  # text only: plain GPT-2 continuation
+        if pixel_values is None and image_features is None:  # text only: a plain GPT-2 continuation
+            return super().generate(**generate_kwargs)
         for key in ("input_ids", "attention_mask", "labels"):
             generate_kwargs.pop(key, None)
         if image_features is None:
@@ -569,6 +565,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
 
         room = self.config.text_config.n_positions - attention_mask.shape[1]
         generation_config = generate_kwargs.get("generation_config") or self.generation_config
+        if generate_kwargs.get("max_length") is not None and "max_new_tokens" not in generate_kwargs:
+            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - 1  # the prompt is bos
         max_new = generate_kwargs.get("max_new_tokens", generation_config.max_new_tokens) or room
         if max_new > room:
             logger.warning(
@@ -576,6 +574,10 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 f"{attention_mask.shape[1]}-token image prefix + bos; capping it."
             )
         generate_kwargs["max_new_tokens"] = min(max_new, room)
+        if generate_kwargs.get("cache_implementation") == "static":  # sized for the prefix too, which
+            del generate_kwargs["cache_implementation"]  # transformers would not count in the prompt
+            max_cache_len = attention_mask.shape[1] + generate_kwargs["max_new_tokens"]
+            generate_kwargs["cache"] = StaticCache(self.config.text_config, max_cache_len=max_cache_len)
         generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
         generate_kwargs.setdefault("bos_token_id", bos_id)

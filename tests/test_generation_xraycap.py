@@ -71,7 +71,20 @@ def test_generate_returns_new_tokens_only(tiny):
     torch.manual_seed(0)
     sampled = model.generate(**batch, do_sample=True, top_p=0.9, max_new_tokens=6, no_repeat_ngram_size=2)
     assert sampled.shape[0] == 2 and sampled.shape[1] <= 6
-    assert isinstance(processor.batch_decode(ids)[0], str)
+    # max_length counts the bos prompt, as for any decoder-only model; the image prefix is not counted.
+    assert model.generate(**batch, max_length=6, eos_token_id=None).shape == (2, 5)
+    out = model.generate(
+        **batch, max_new_tokens=5, eos_token_id=None, return_dict_in_generate=True, output_scores=True
+    )
+    assert out.sequences.shape == (2, 5) and len(out.scores) == 5
+
+
+def test_static_cache_generates_what_the_dynamic_cache_does(overfit):
+    """`cache_implementation="static"` (the cache compiled decoding uses) is sized for the image prefix too."""
+    model, _, batch = overfit
+    for kwargs in ({"do_sample": False}, {"num_beams": 3}):
+        kwargs |= {"pixel_values": batch["pixel_values"], "max_new_tokens": 20}
+        assert torch.equal(model.generate(**kwargs, cache_implementation="static"), model.generate(**kwargs))
 
 
 def test_overfits_four_pairs_and_reads_the_image(overfit):
