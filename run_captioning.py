@@ -177,7 +177,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     else:
         model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
 
-    # Fail fast, naming the bad value and the fix, on what would break later.
+    # Fail fast, naming the bad value and the fix, on what would break later (argument files skip `choices`).
+    if model_args.preset not in XrayCapConfig.PRESETS:
+        raise ValueError(f"--preset {model_args.preset!r}: choose one of {XrayCapConfig.PRESETS}.")
+    if train_args.mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise ValueError(
+            f"--mixed_precision {train_args.mixed_precision!r}: choose one of {MIXED_PRECISION_CHOICES}."
+        )
     if train_args.num_beams < 1:
         raise ValueError(f"--num_beams must be >= 1, got {train_args.num_beams}.")
     if train_args.max_new_tokens < 1:
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_dataloader = study_dataloader(val_split, eval_collator, eval_batch, num_workers=workers)
 
     # Optimizer and schedule; the prepared scheduler steps once per process, so its steps are scaled.
-    optimizer = build_optimizer(model, train_args.learning_rate, train_args.weight_decay)
+    optimizer = build_optimizer(model, train_args.learning_rate, train_args.weight_decay, accelerator.device)
     batches_per_epoch = math.ceil(
         len(train_split) / (train_args.per_device_train_batch_size * accelerator.num_processes)
     )

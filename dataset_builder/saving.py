@@ -19,18 +19,24 @@ import datasets
 from datasets import config
 
 
-def save_split(split: datasets.Dataset, folder: Path, fingerprint: str) -> None:
+def _save_split(split: datasets.Dataset, folder: Path, fingerprint: str) -> None:
     """Writes one split as `Dataset.save_to_disk(folder)` would, copying its Arrow files.
 
     Args:
-        split (`datasets.Dataset`): a split as `DatasetBuilder.as_dataset` returns it.
+        split (`datasets.Dataset`): a split as `DatasetBuilder.as_dataset` returns it: its rows are its files'
+            rows, in order (no `select` / `shuffle` on top; a split whose files hold other rows is saved with
+            `save_to_disk`).
         folder (`Path`): the split's folder (created).
         fingerprint (`str`): the build's input fingerprint; the split's is derived from it and its name.
     """
-    if not split.cache_files:
-        split.save_to_disk(str(folder), num_shards=1)  # one (empty) shard: `load_from_disk` needs a file
+    file_rows = sum(datasets.Dataset.from_file(f["filename"]).num_rows for f in split.cache_files)
+    if not split.cache_files or file_rows != split.num_rows:
+        # an empty split gets one (empty) shard: `load_from_disk` needs a file
+        split.save_to_disk(str(folder), num_shards=None if len(split) else 1)
         return
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("data-*.arrow"):  # an earlier build's files
+        stale.unlink()
     names = [f"data-{i:05d}-of-{len(split.cache_files):05d}.arrow" for i in range(len(split.cache_files))]
     for cache_file, name in zip(split.cache_files, names):
         shutil.copyfile(cache_file["filename"], folder / name)
@@ -52,11 +58,11 @@ def save_dataset_dict(dataset: datasets.DatasetDict, output_dir: str | Path, fin
     """Writes `dataset` to `output_dir` in the `DatasetDict.save_to_disk` layout (loads with `load_from_disk`).
 
     Args:
-        dataset (`datasets.DatasetDict`): the built splits.
+        dataset (`datasets.DatasetDict`): the built splits, as `DatasetBuilder.as_dataset` returns them.
         output_dir (`str` or `Path`): the target folder (created).
         fingerprint (`str`): the build's input fingerprint.
     """
     out = Path(output_dir)
     for name, split in dataset.items():
-        save_split(split, out / name, fingerprint)
+        _save_split(split, out / name, fingerprint)
     (out / config.DATASETDICT_JSON_FILENAME).write_text(json.dumps({"splits": list(dataset)}))

@@ -203,6 +203,20 @@ def test_saved_folder_with_an_empty_split_loads_back(tmp_path):
     assert reloaded["validation"].features == reloaded["train"].features == ds["train"].features
 
 
+def test_saving_copies_the_built_files_and_keeps_a_selection_exact(phantom_30, tmp_path):
+    """The saved splits are the built ones row for row; a split narrowed with `select` saves only its rows."""
+    from dataset_builder.saving import save_dataset_dict
+
+    ds, report = build_dataset(phantom_30, tmp_path / "out", image_size=64, cache_dir=tmp_path / "cache")
+    reloaded = datasets.load_from_disk(str(tmp_path / "out"))
+    for name, split in ds.items():
+        assert reloaded[name]["uid"] == split["uid"] and reloaded[name]["images"] == split["images"], name
+    save_dataset_dict(datasets.DatasetDict({"train": ds["train"].select([2, 0])}), tmp_path / "narrow", "x")
+    assert datasets.load_from_disk(str(tmp_path / "narrow"))["train"]["uid"] == [
+        ds["train"]["uid"][i] for i in (2, 0)
+    ]
+
+
 def test_r2gen_option_and_views_all(phantom_30, tmp_path):
     ds, report = build_dataset(phantom_30, r2gen=True, views="all", image_size=64, cache_dir=tmp_path)
     assert report["options"]["min_images"] == 2 and report["options"]["section"] == "findings"

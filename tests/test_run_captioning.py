@@ -387,6 +387,11 @@ def test_arguments_come_from_a_yaml_or_json_file(tmp_path: Path):
         assert model_args.preset == "resnet50-gpt2" and data_args.synthetic_studies == 60, name
         assert train_args.learning_rate == 3e-4 and train_args.torch_compile is True, name
         assert train_args.max_steps == -1, name  # unset keys keep their defaults
+    # A file skips argparse's `choices`: the same values are still refused by name before any work.
+    for key, value in (("preset", "gigantic"), ("mixed_precision", "fp8")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**values, key: value}))
+        with pytest.raises(ValueError, match=f"--{key} '{value}'"):
+            run_captioning.parse_args([str(tmp_path / "bad.yaml")])
 
 
 def test_unknown_preset_is_refused(capsys):

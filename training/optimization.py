@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float, device: torch.device | None = None
+) -> torch.optim.AdamW:
     """`torch.optim.AdamW` over the trainable parameters, with no weight decay on biases and norms.
 
-    The fused implementation (one kernel per step instead of several per tensor) is used where the parameters
-    live on CPU or CUDA.
+    The fused implementation (one kernel per step instead of several per tensor) is used where training runs
+    on CPU or CUDA.
 
     Args:
         model (`nn.Module`):
@@ -19,6 +21,8 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
             The peak learning rate.
         weight_decay (`float`):
             Decoupled weight decay for the weight matrices.
+        device (`torch.device`, *optional*):
+            Where training runs (`accelerator.device`); by default where the parameters are now.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -27,7 +31,7 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
         (no_decay if param.ndim < 2 or "norm" in name or "ln_" in name else decay).append(param)
     if not decay and not no_decay:
         raise ValueError("The model has no trainable parameters: unfreeze a part of it before training.")
-    device = (decay or no_decay)[0].device
+    device = torch.device(device) if device is not None else (decay or no_decay)[0].device
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, fused=device.type in ("cpu", "cuda"))
 

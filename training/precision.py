@@ -18,8 +18,11 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 
 def cpu_has_bf16_matmuls() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16), as
-    `torch.cpu.get_capabilities()` reports it."""
-    capabilities = torch.cpu.get_capabilities()
+    `torch.cpu.get_capabilities()` reports it; torch releases without that function ask oneDNN instead."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    capabilities = get_capabilities()
     return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
