@@ -52,8 +52,7 @@ def test_smoke_run_reports_every_figure_in_json_and_a_markdown_table(tmp_path, c
         assert 0 < figure["min"] <= figure["median"] <= figure["max"] and figure["n"] == 2, name
     series = results["sections"]["build"]["series"]
     assert [row["images"] for row in series] == [40, 80]
-    # The build's own peak (a Python process with datasets loaded), read in MB, and the growth made of it.
-    assert all(100 < row["peak_rss_mb"] < 1000 for row in series), series
+    # The growth is the largest build's peak over the smallest's.
     growth = series[-1]["peak_rss_mb"] / series[0]["peak_rss_mb"] - 1
     assert figures["build_rss_growth"]["median"] == pytest.approx(growth)
     # The 1.5x training target applies where training runs in bf16 (this CPU has bf16 matmul hardware) only.
@@ -102,8 +101,8 @@ def test_seed_baseline_adds_the_image_vector_to_every_token_with_stock_gpt2():
 
 
 def test_xraycap_step_trains_fp32_weights_and_lowers_the_loss():
-    """The benchmarked step is run_captioning's: fp32 weights stay fp32 (autocast, no master weights), and repeated
-    steps on one batch lower the loss."""
+    """The benchmarked step is run_captioning's: fp32 weights stay fp32 under autocast, and repeated steps on one
+    batch lower the loss."""
     model, _ = make_tiny_model_and_processor()
     model.set_vision_encoder_frozen(True)
     model.train()
@@ -116,24 +115,3 @@ def test_xraycap_step_trains_fp32_weights_and_lowers_the_loss():
     losses = [float(step()) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.5, losses
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-
-
-def test_no_cache_baseline_reruns_the_whole_sequence_and_gives_the_same_beams():
-    model, _ = make_tiny_model_and_processor()
-    model.eval()
-    lengths = []
-    hook = model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
-    )
-    batch = random_batch(model.config, batch_size=2, text_tokens=2)
-    kwargs = {"pixel_values": batch["pixel_values"], "view_mask": batch["view_mask"], "num_beams": 2}
-    kwargs |= {"max_new_tokens": 5, "min_new_tokens": 5}
-    with torch.no_grad():
-        cached = model.generate(**kwargs)
-        assert lengths[1:] == [1] * 4  # one new token per step after the prefill
-        lengths.clear()
-        uncached = model.generate(**kwargs, use_cache=False)
-    hook.remove()
-    prefill = model.max_prefix_length + 1  # image tokens + bos
-    assert lengths == [prefill + step for step in range(5)]
-    assert torch.equal(cached, uncached)

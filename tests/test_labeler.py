@@ -133,7 +133,7 @@ SENTENCES: list[tuple[str, dict]] = [
 
 @pytest.mark.parametrize("text,expected", SENTENCES, ids=[f"{i:02d}" for i in range(len(SENTENCES))])
 def test_sentence_table(text, expected):
-    """Done means 3 (hand-written part): negation, uncertainty and scope."""
+    """Hand-written sentences: negation, uncertainty and their scope are labelled as a reader would."""
     labels = label_report(text)
     wrong = {o: (labels[o], v) for o, v in expected.items() if labels[o] != v}
     assert not wrong, f"{text!r}: (got, expected) {wrong}"
@@ -185,7 +185,7 @@ IU_EXPECTED: dict[str, dict] = {
 
 
 def test_real_indiana_phrasing(shared_data):
-    """Done means 3 (real phrasing part): selected Indiana reports labelled as a reader would."""
+    """Selected real Indiana reports are labelled as a reader would."""
     with open(
         shared_data / "iu_xray_reports_sample" / "indiana_reports.csv", newline="", encoding="utf-8"
     ) as f:
@@ -222,7 +222,7 @@ def test_mesh_mapping():
 
 
 def test_agreement_with_indiana_mesh(shared_data):
-    """Done means 3 (agreement): labeler vs the human-coded MeSH column of the 409-report sample, per
+    """Agreement of the labeler vs the human-coded MeSH column of the 409-report sample, per
     observation and macro over 9 observations; the table is printed (run with -s to see it)."""
     csv_path = shared_data / "iu_xray_reports_sample" / "indiana_reports.csv"
     table = agreement_table(csv_path, uncertain="positive")

@@ -102,7 +102,7 @@ def _direct_pycocoevalcap(gts, res, meteor):
 
 
 def test_language_metrics_equal_direct_pycocoevalcap():
-    """Done means 1: BLEU-1..4, METEOR, ROUGE-L, CIDEr equal pycocoevalcap's scorers to 1e-9."""
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr equal pycocoevalcap's scorers to 1e-9."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     predictions = [p for p, _ in PAIRS]
@@ -149,7 +149,7 @@ def test_r2gen_normalization():
 
 
 def test_perfect_predictions_score_one():
-    """Done means 2: perfect predictions give 1.0 for BLEU, ROUGE-L, BERTScore and CE F1."""
+    """Perfect predictions give 1.0 for BLEU, ROUGE-L, BERTScore and CE F1."""
     references = [r if isinstance(r, str) else r[0] for _, r in PAIRS if r]
     results = compute_radiology_report_scores(references, references)
     for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4"):
@@ -163,7 +163,7 @@ def test_perfect_predictions_score_one():
 
 
 def test_empty_prediction_scores_zero_and_is_not_dropped():
-    """Done means 2: an empty prediction scores 0, not an exception, and is never dropped."""
+    """An empty prediction scores 0, not an exception, and is never dropped."""
     alone = compute_radiology_report_scores([""], ["Heart size is normal. No pleural effusion."])
     for key in (
         "bleu_1",
@@ -337,7 +337,7 @@ def _run_python(code: str, cwd, extra_env=None, timeout=300):
 
 
 def test_evaluate_load_offline_relative_and_absolute(repo_root, tmp_path):
-    """Done means 4: evaluate.load works offline (HF_HUB_OFFLINE=1) from a directory outside the repo
+    """evaluate.load works offline (HF_HUB_OFFLINE=1) from a directory outside the repo
     (absolute path) and from the repo root (relative path), in a fresh process with an empty modules cache."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -392,7 +392,7 @@ def _speed_pairs(n: int = 500) -> tuple[list[str], list[str]]:
 
 @pytest.mark.slow
 def test_500_pairs_under_60_seconds(repo_root, tmp_path):
-    """Done means 5: 500 pairs, BERTScore and METEOR included, in a fresh process (metric load, BERTScore
+    """500 pairs, BERTScore and METEOR included, in a fresh process (metric load, BERTScore
     model load and Java start counted). The machine is shared, so the wall time depends on the other
     jobs: the test asserts the CPU time of the scoring process and its Java child is under 60 s, and the
     wall time too unless the load average is over twice the core count; it prints both and the load."""

@@ -7,7 +7,6 @@ dataset cache so the phantoms are synthesized and built once per test session.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -276,9 +275,9 @@ def test_cache_features_gives_the_same_losses(cache_dir, tmp_path: Path):
 
 @pytest.mark.slow
 def test_torch_compile_trains_and_saves_a_loadable_folder(cache_dir, tmp_path: Path):
-    """--torch_compile compiles the model (logged), trains two steps and saves a folder that loads in a fresh
-    process. fp32: torch 2.14.1's Inductor emits C++ that does not compile for this model's bf16 backward on CPU.
-    Slow: compiling takes about a minute on two cores."""
+    """--torch_compile compiles the model (logged), trains two steps with the losses of an eager run, and saves a
+    folder that loads in a fresh process. fp32: torch 2.14.1's Inductor emits C++ that does not compile for this
+    model's bf16 backward on CPU. Slow: compiling takes about a minute on two cores."""
     out = tmp_path / "compiled"
     args = [
         *SMALL,
@@ -294,7 +293,11 @@ def test_torch_compile_trains_and_saves_a_loadable_folder(cache_dir, tmp_path: P
     proc = run_script([*args, "--torch_compile", "true"], cache_dir, cwd=tmp_path, timeout=590)
     assert "torch.compile on (inductor)" in proc.stdout + proc.stderr
     losses = json.loads((out / "trainer_history.json").read_text())["loss"]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+    eager_args = [a if a != str(out) else str(tmp_path / "eager") for a in args]
+    run_script(eager_args, cache_dir, cwd=tmp_path, timeout=590)
+    eager = json.loads((tmp_path / "eager" / "trainer_history.json").read_text())["loss"]
+    # The same training, compiled; Inductor draws its own dropout masks, so they agree to that noise only.
+    assert losses == pytest.approx(eager, rel=2e-2), (losses, eager)
     code = (
         "import torch\n"
         "from transformers import AutoModel\n"

@@ -266,7 +266,9 @@ def test_model_card_round_trips_through_huggingface_hub(tmp_path: Path):
     build_model_card(results, RUN_INFO).save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.model_name == "xraycap-test" and card.data.base_model == ["gpt2"]
-    assert card.data.datasets == ["synthetic-phantom-cxr"]
+    assert card.data.datasets is None  # phantoms are no Hub dataset; an Indiana run names the Kaggle copy
+    indiana = build_model_card(results, {**RUN_INFO, "dataset_id": "raddar/chest-xrays-indiana-university"})
+    assert indiana.data.datasets == ["raddar/chest-xrays-indiana-university"]
     assert {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
         ("bleu_4", 0.125, "test"),
         ("ce_macro_f1", 0.75, "test"),

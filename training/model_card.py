@@ -20,8 +20,7 @@ INDIANA_DATASET = "raddar/chest-xrays-indiana-university"
 _BODY = """
 # {model_name}
 
-A chest X-ray report generator: {architecture}. Built with
-[xraycap](https://pypi.org/project/xraycap/) (`run_captioning.py`).
+A chest X-ray report generator: {architecture}. Trained with xraycap's `run_captioning.py`.
 
 ```python
 from transformers import AutoModel, AutoProcessor
@@ -108,7 +107,7 @@ def build_model_card(results: dict[str, dict[str, Any]], run_info: dict[str, Any
         library_name="transformers",
         pipeline_tag="image-to-text",
         tags=["radiology-report-generation", "chest-x-ray", "image-captioning", "medical"],
-        datasets=[run_info["dataset_id"]],
+        datasets=None if run_info["dataset_id"] == SYNTHETIC_DATASET else [run_info["dataset_id"]],
         base_model=run_info.get("base_model") or None,
         metrics=["bleu", "meteor", "rouge", "cider", "bertscore"],
         eval_results=eval_results or None,

@@ -177,6 +177,7 @@ class RadiologyReport(evaluate.Metric):
         # The options and their defaults are those of `compute_radiology_report_scores` (_KWARGS_DESCRIPTION).
         return compute_radiology_report_scores(predictions, references, **options)
 
+
 def compute_radiology_report_scores(
     predictions: list[str],
     references: list[str] | list[list[str]],
