@@ -4,7 +4,7 @@
     in fp32, its pooled image vector is added to EVERY token embedding of a stock GPT-2 (no prefix), the labels
     are the input ids themselves, no autocast, the default (for-loop) AdamW.
 (b) `model.generate(..., use_cache=False)`: every beam-search step re-runs the whole sequence (no KV cache).
-(c) `full_size_png_studies`: an epoch that decodes the original full-size PNGs instead of the built dataset.
+(c) in `sections.data_section`: an epoch that decodes the original full-size PNGs instead of the built dataset.
 """
 
 from __future__ import annotations
@@ -58,20 +58,3 @@ def seed_train_step(model: SeedCaptioner, optimizer, batch: dict[str, torch.Tens
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def full_size_png_studies(
-    paths: dict[str, list[str]], uids: list, reports: list[str]
-) -> list[tuple[int, dict]]:
-    """Baseline (c): the studies with their views as the ORIGINAL full-size PNG files, which the collator's
-    processor decodes at every access. Items have the shape of `training.data.IndexedStudies`' (`(index, study)`),
-    so only where the images come from differs from xraycap's data path.
-
-    Args:
-        paths (`dict[str, list[str]]`): uid -> the paths of the study's views, frontal first.
-        uids (`list`), reports (`list[str]`): the studies, in the built dataset's order.
-    """
-    return [
-        (i, {"images": paths[str(uid)][:2], "report": report})
-        for i, (uid, report) in enumerate(zip(uids, reports))
-    ]

@@ -13,15 +13,8 @@ from dataset_builder import synthesize
 
 
 def random_batch(config, batch_size: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A training batch shaped like `XrayCapProcessor` output: every view present, bos + `text_tokens - 1`
-    report tokens with no padding (every position costs), labels -100 on the bos.
-
-    Args:
-        config (`XrayCapConfig`): gives `max_views`, `image_size`, `vocab_size` and `bos_token_id`.
-        batch_size (`int`): studies in the batch.
-        text_tokens (`int`): tokens per report, bos included.
-        seed (`int`, *optional*, defaults to 0): seed of the random images and tokens.
-    """
+    """A training batch shaped like `XrayCapProcessor` output for `config`: every view present, bos +
+    `text_tokens - 1` report tokens with no padding (every position costs), labels -100 on the bos."""
     gen = torch.Generator().manual_seed(seed)
     size, views = config.image_size, config.max_views
     input_ids = torch.randint(2, max(config.vocab_size - 2, 3), (batch_size, text_tokens), generator=gen)

@@ -34,7 +34,7 @@ from training.data import IndexedStudies, StudyCollator
 from training.optimization import build_optimizer, training_loss
 from training.precision import resolve_mixed_precision
 
-from .baselines import SeedCaptioner, full_size_png_studies, seed_train_step
+from .baselines import SeedCaptioner, seed_train_step
 from .inputs import make_full_size_studies, random_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,18 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Sizes and repeat counts of one run.
-
-    Args:
-        preset (`str`): the `XrayCapConfig` preset; "resnet50-gpt2" is the real size (random weights).
-        batch_size (`int`), text_tokens (`int`): studies per batch, report tokens per study (bos included).
-        repeats (`int`), warmup_steps (`int`): timed and untimed training steps of each side.
-        amortize_epochs (`int`): epochs the one-off feature encoding is spread over (run_captioning's default).
-        matmul_size (`int`): side of the square matrices whose product gives the machine's matmul rate.
-        num_beams (`int`), new_tokens (`int`), beam_repeats (`int`), nocache_repeats (`int`): the beam search.
-        data_studies (`int`), full_size (`tuple[int, int]`), data_repeats (`int`): the data-loading epochs.
-        build_sizes (`tuple[int, ...]`), build_image_px (`int`), build_repeats (`int`): the dataset builds.
-    """
+    """Sizes and repeat counts of one run: the model preset ("resnet50-gpt2" is the real size, random weights),
+    the training batch (`batch_size` studies, `text_tokens` report tokens; `repeats` timed and `warmup_steps`
+    untimed steps; the feature encoding spread over `amortize_epochs`; `matmul_size` for the matmul rate), the
+    beam search, the data-loading epochs (`data_studies` studies of `full_size` px) and the dataset builds."""
 
     preset: str = "resnet50-gpt2"
     batch_size: int = 8
@@ -286,7 +278,11 @@ def data_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
     collator = StudyCollator(processor, max_views=2, max_target_length=128)
     studies = {
         "built_dataset": IndexedStudies(built),
-        "full_size_png": full_size_png_studies(paths, built["uid"], built["report"]),
+        # (c): the same studies as `IndexedStudies` items, their views the original PNG files
+        "full_size_png": [
+            (i, {"images": paths[str(uid)][:2], "report": report})
+            for i, (uid, report) in enumerate(zip(built["uid"], built["report"]))
+        ],
     }
     loaders = {
         name: DataLoader(s, batch_size=settings.batch_size, collate_fn=collator)
