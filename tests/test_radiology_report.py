@@ -239,6 +239,44 @@ def test_clinical_efficacy_averaging():
     assert ones["ce_example_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     zeros = clinical_efficacy_scores(predictions, references, uncertain="negative")
     assert zeros["ce_f1_edema"] == 0.0 and ones["ce_f1_edema"] == pytest.approx(2 / 3)
+    # Support beside every per-observation score: references positive for it.
+    assert ones["ce_support_cardiomegaly"] == 2.0 and ones["ce_support_edema"] == 2.0
+    assert ones["ce_support_fracture"] == 0.0 and zeros["ce_support_edema"] == 2.0
+    from metrics.radiology_report.clinical_efficacy import observation_key
+    from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+
+    for observation in CHEXPERT_OBSERVATIONS:
+        assert f"ce_support_{observation_key(observation)}" in ones
+
+
+def test_ce_with_several_references_uses_all_of_them():
+    """CE labels every reference and merges the labels (positive > uncertain > negative): a finding any
+    reference states counts, and No Finding is recomputed from the merged labels."""
+    prediction = ["Small left pleural effusion. Mild cardiomegaly."]
+    refs = [["Small left pleural effusion. Heart size is normal.", "Mild cardiomegaly. No pneumothorax."]]
+    several = compute_radiology_report_scores(prediction, refs, bertscore=False, meteor=False)
+    first_only = compute_radiology_report_scores(prediction, [refs[0][0]], bertscore=False, meteor=False)
+    assert several["ce_f1_pleural_effusion"] == 1.0 and several["ce_f1_cardiomegaly"] == 1.0
+    assert several["ce_support_cardiomegaly"] == 1.0 and several["ce_support_pneumothorax"] == 0.0
+    assert first_only["ce_f1_cardiomegaly"] == 0.0 and first_only["ce_support_cardiomegaly"] == 0.0
+    # Order of the references does not matter.
+    swapped = compute_radiology_report_scores(prediction, [refs[0][::-1]], bertscore=False, meteor=False)
+    assert {k: v for k, v in swapped.items() if k.startswith("ce_")} == {
+        k: v for k, v in several.items() if k.startswith("ce_")
+    }
+
+
+def test_merge_reference_labels():
+    from metrics.radiology_report.clinical_efficacy import merge_reference_labels
+    from metrics.radiology_report.labeler import label_reports
+
+    normal, uncertain, empty = label_reports(["No acute disease.", "Possible small effusion.", ""])
+    merged = merge_reference_labels([normal, uncertain])
+    assert merged["Pleural Effusion"] == -1 and merged["No Finding"] == 0
+    assert merge_reference_labels([normal, empty]) == normal
+    assert merge_reference_labels([empty, empty]) == empty
+    with pytest.raises(ValueError, match="at least one reference"):
+        merge_reference_labels([])
 
 
 def test_meteor_survives_hostile_input_and_closes():

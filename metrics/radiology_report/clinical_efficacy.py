@@ -17,13 +17,21 @@ observation over all examples:
   over reports; a report whose prediction and reference both have no positive observation scores 1.
 
 Where a ratio has a zero denominator it is 0 (e.g. the precision of an observation never predicted).
+Beside each per-observation score, `ce_support_<observation>` is the number of examples whose
+reference is positive for it, so a macro average over observations with 2 positives shows as such.
+
+Several references per example: each reference is labelled, and the labels are merged per observation
+with the CheXpert labeler's own aggregation rule (positive > uncertain > negative > not mentioned;
+`merge_reference_labels`). An observation is thus positive for the example when any reference states
+it. "No Finding" is recomputed from the merged labels (1 when none of the 12 pathologies is positive or
+uncertain).
 """
 
 from __future__ import annotations
 
 import re
 
-from .labeler import CHEXPERT_OBSERVATIONS
+from .labeler import CHEXPERT_OBSERVATIONS, NEGATIVE, PATHOLOGY_OBSERVATIONS, POSITIVE, UNCERTAIN
 
 UNCERTAIN_POLICIES = ("positive", "negative")
 
@@ -35,6 +43,30 @@ def observation_key(observation: str) -> str:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
+
+
+def merge_reference_labels(labels: list[dict[str, int | None]]) -> dict[str, int | None]:
+    """Merges the labels of several references of one example into one set of labels.
+
+    Args:
+        labels (`list[dict[str, int | None]]`): the `label_report` output of each reference (at least one).
+
+    Returns:
+        `dict[str, int | None]`: per observation the strongest label over the references (positive >
+        uncertain > negative > None, the CheXpert aggregation rule); "No Finding" is 1 when no merged
+        pathology is positive or uncertain, 0 otherwise, and None when every reference is empty.
+    """
+    if not labels:
+        raise ValueError("merge_reference_labels needs the labels of at least one reference, got none.")
+    if len(labels) == 1:
+        return dict(labels[0])
+    order = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1, None: 0}
+    merged = {o: max((lab.get(o) for lab in labels), key=order.__getitem__) for o in CHEXPERT_OBSERVATIONS}
+    if all(lab.get("No Finding") is None for lab in labels):
+        return merged
+    finding = any(merged[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
+    merged["No Finding"] = NEGATIVE if finding else POSITIVE
+    return merged
 
 
 def binarize(labels: dict[str, int | None], uncertain: str = "positive") -> list[bool]:
@@ -66,7 +98,8 @@ def clinical_efficacy_scores(
         `dict[str, float]`: `ce_micro_{precision,recall,f1}`, `ce_macro_{precision,recall,f1}`,
         `ce_macro_{precision,recall,f1}_14`, `ce_example_{precision,recall,f1}`, `ce_num_observations`
         (observations positive in at least one reference) and per observation
-        `ce_{precision,recall,f1}_<observation>` (e.g. `ce_f1_pleural_effusion`).
+        `ce_{precision,recall,f1}_<observation>` (e.g. `ce_f1_pleural_effusion`) with
+        `ce_support_<observation>` (how many references are positive).
     """
     if len(prediction_labels) != len(reference_labels):
         raise ValueError(
@@ -91,6 +124,7 @@ def clinical_efficacy_scores(
         scores[f"ce_precision_{key}"] = precision
         scores[f"ce_recall_{key}"] = recall
         scores[f"ce_f1_{key}"] = f1
+        scores[f"ce_support_{key}"] = float(tp + fn)
 
     scores["ce_micro_precision"] = _ratio(total_tp, total_tp + total_fp)
     scores["ce_micro_recall"] = _ratio(total_tp, total_tp + total_fn)

@@ -1,11 +1,11 @@
-"""A rule-based CheXpert-style labeler for chest X-ray reports (no model, no download).
+"""A rule-based labeler for chest X-ray reports following the CheXpert labeler's conventions (no model, no download).
 
 It reads a free-text report and assigns each of the 14 CheXpert observations one of
 `1` (positive), `0` (negative), `-1` (uncertain) or `None` (not mentioned), following the three stages of
 the CheXpert labeler (Irvin et al., 2019):
 
 1. **Mention extraction.** Each observation has a list of mention phrases (regular expressions, e.g.
-   "pleural effusion", "pleural fluid", "hydrothorax" for Pleural Effusion; "the heart is enlarged",
+   "effusion" (not "pericardial effusion"), "pleural fluid" for Pleural Effusion; "the heart is enlarged",
    "cardiomegaly" for Cardiomegaly). Organ statements such as "heart size is normal" or "normal cardiac
    silhouette" are negative mentions of the matching observation.
 2. **Classification of each mention** inside its *sentence* and its *clause* (a sentence is cut into
@@ -16,6 +16,7 @@ the CheXpert labeler (Irvin et al., 2019):
    "may represent", "suggestive of", "cannot exclude", "likely", "versus"...) gives -1. Cues after the
    mention ("... is not seen", "... has resolved", "... cannot be excluded", "... is suspected") are
    read next. Pseudo-negations ("no change in", "no interval increase") are ignored.
+   CheXpert's "A or B" and always-uncertain congestion rules apply (README lists every departure).
 3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
    negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
    (all but "No Finding" and "Support Devices") is positive or uncertain, and 0 otherwise, as in
@@ -139,107 +140,95 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         ),
         (r"\bsize is normal limits\b", NEGATIVE),
     ],
+    # CheXpert's Lung Opacity list (its "airspace opacity" phrases); "pleural scar" is unmentioned.
     "Lung Opacity": [
-        (r"\bopaci(?:ty|ties|fication|fications|fied)\b", None),
+        (r"\bopaci[a-z]*", None),
+        (r"\b(?:decreased translucency|increased densit(?:y|ies))\b", None),
+        (r"\bair[ -]?space disease\b", None),
+        (r"\binfiltrat(?:e|es|ion|ions)\b", None),
+        (r"\binterstitial (?:markings?|pattern|lung)\b", None),
+        (r"\breticular (?:pattern|markings?)\b|\breticulation\b", None),
+        (r"\b(?:peribronchial|wall) thickening\b", None),
         (
-            r"\b(?:air ?space|alveolar|interstitial|parenchymal) (?:disease|process|opacit(?:y|ies)|markings?|prominence|pattern)\b",
+            r"(?<!pleural )(?<!pleural-)(?<!pleural parenchymal )(?<!pleural-parenchymal )(?<!pleuroparenchymal )"
+            r"(?<!pleuro-parenchymal )(?<!pleuro-pericardial )\bscar[a-z]*",
             None,
         ),
-        (r"\binfiltrat(?:e|es|ion|ive)\b", None),
-        (
-            r"\b(?:increased|prominent|coarse|coarsened|reticular|reticulonodular) (?:\w+ )?(?:interstitial |lung |pulmonary )?markings\b",
-            None,
-        ),
-        (
-            r"\b(?:pulmonary|lung|parenchymal|airspace|basilar|basal|patchy|streaky|hazy|focal) (?:\w+ )?densit(?:y|ies)\b",
-            None,
-        ),
-        (r"\bhaz(?:y|iness)\b", None),
-        (r"\breticul(?:ar|onodular)\b", None),
     ],
+    # CheXpert's Lung Lesion list; "calcified nodule", "massive" and "Massengale" are unmentioned.
+    # Granulomas and metastases are not Lung Lesion mentions in CheXpert (they are "other findings").
     "Lung Lesion": [
-        (r"\bnodul(?:e|es|ar|arity)\b", None),
-        (r"\bmass(?:es)?\b(?! effect)", None),
-        (r"\b(?<!bone )(?<!bony )(?<!lytic )(?<!sclerotic )(?<!osseous )(?<!skin )lesions?\b", None),
-        (r"\bgranulom(?:a|as|ata|atous)\b", None),
-        (r"\bhistoplasmom(?:a|as)\b", None),
-        (r"\b(?:neoplasm|neoplastic|tumou?rs?|carcinoma|malignancy|metasta(?:sis|ses|tic))\b", None),
-        (r"\bcavitary (?:lesion|mass|nodule)", None),
+        (r"\bmass(?:es)?\b", None),
+        (r"(?<!calcified )\bnodules?\b", None),
+        (r"\bnodular (?:densit(?:y|ies)|opaci(?:ty|ties|fication))\b", None),
+        (r"\blumps?\b", None),
+        (r"\bcavitary lesions?\b", None),
+        (r"\b(?:carcinomas?|neoplasms?|tumou?rs?)\b", None),
     ],
+    # CheXpert's Edema list. Its congestion / prominence / indistinctness phrases are always uncertain
+    # unless negated (`_ALWAYS_UNCERTAIN`).
     "Edema": [
-        (r"\b(?<!laryngeal )(?<!soft tissue )(?<!subcutaneous )edema\b", None),
-        (r"\b(?:vascular|pulmonary|venous|interstitial) congestion\b", None),
-        (r"\bcongestive (?:heart failure|failure|changes?)\b", None),
-        (r"\bcongestion\b", None),
-        (r"\b(?:heart failure|chf|fluid overload|volume overload|kerley b lines?|cephalization)\b", None),
-        (r"\bvenous (?:engorgement|hypertension)\b", None),
-        (r"\b(?:central )?(?:pulmonary )?vascular (?:prominence|engorgement|redistribution)\b", None),
-        (
-            r"\bprominen(?:ce|t) (?:of )?(?:the )?(?:central )?(?:pulmonary )?"
-            r"(?:vasculature|vascularity|vascular markings|vessels|xxxx)\b",
-            None,
-        ),
+        (r"\bedema\b", None),
+        (r"\b(?:heart failure|chf)\b", None),
+        (r"\b(?:vascular|pulmonary) congestion\b", None),
+        (r"\bindistinctness\b", None),
+        (r"\bvascular prominence\b", None),
     ],
     "Consolidation": [
-        (r"\bconsolidat(?:ion|ions|ive|ed)\b", None),
+        (r"\bconsolidat[a-z]*", None),
     ],
+    # CheXpert's Pneumonia list; a (prior) granulomatous infection is not read as pneumonia (README).
     "Pneumonia": [
-        (r"\b(?:broncho)?pneumonias?\b", None),
-        (r"\b(?:infection|infectious|infective) (?:process|etiology|disease|infiltrate)\b", None),
-        (r"\b(?<!granulomatous )(?:acute |active )?infection\b", None),
+        (r"\bpneumonia[a-z]*", None),
+        (r"(?<!granulomatous )\binfecti(?:on|ons|ous)(?: process)?\b", None),
     ],
     "Atelectasis": [
-        (r"\batelecta(?:sis|ses|tic)\b", None),
-        (r"\b(?:lobar |segmental |lung |lobe )?collapse[ds]?\b", None),
-        (
-            r"\b(?:plate|plate-like|platelike|discoid)(?: atelectasis| opacit(?:y|ies)| densit(?:y|ies))?\b(?! atelecta)",
-            None,
-        ),
+        (r"\batelecta[a-z]*", None),
+        (r"\bcollapse[a-z]*", None),
     ],
     "Pneumothorax": [
-        (r"\b(?:hydro)?pneumothora(?:x|ces|xes)\b", None),
+        (r"pneumothora(?:x|ces|xes)\b", None),
     ],
+    # "pericardial effusion" is unmentioned.
     "Pleural Effusion": [
-        (r"\b(?<!pericardial )effusions?\b", None),
+        (r"(?<!pericardial )\beffusions?\b", None),
         (r"\bpleural fluid\b", None),
-        (r"\bhydrothorax\b", None),
-        (r"\bfluid (?:in|within) (?:the )?(?:\w+ )?(?:pleural space|fissures?)\b", None),
     ],
     "Pleural Other": [
-        (r"\bpleural (?:thickening|plaques?|calcifications?|scarring|scar|reaction|fibrosis)\b", None),
-        (r"\bpleural(?:[ -]parenchymal)? (?:thickening|scarring)\b", None),
-        (r"\bfibrothorax\b", None),
-        (r"\bapical (?:pleural )?(?:cap|capping|thickening)\b", None),
+        (r"\bpleural thickening\b", None),
+        (r"\bfibrosis\b|\bfibrothorax\b", None),
+        (r"\b(?:pleural|pleural[ -]parenchymal|pleuro-?parenchymal|pleuro-?pericardial) scar[a-z]*", None),
     ],
+    # A broken catheter, lead or wire is not a bone fracture (README).
     "Fracture": [
-        (r"\b(?<!catheter )(?<!line )(?<!lead )(?<!wire )fractur(?:e|es|ed)\b", None),
-        (r"\bfx\b", None),
+        (r"(?<!catheter )(?<!line )(?<!lead )(?<!wire )(?<!port )\bfractur[a-z]*", None),
     ],
+    # CheXpert's Support Devices list, read as whole words; "line(s)", "valve" and "plate" only where
+    # they name a device (README).
     "Support Devices": [
-        (r"\b(?:pacemaker|pacer|aicd|icd|defibrillator|stimulator|loop recorder|generator)s?\b", None),
         (
-            r"\b(?:catheters?|picc|port-?a-?cath|mediport|portacath|central (?:venous )?line|(?:venous|dialysis|swan-ganz) catheter)\b",
+            r"\b(?:pacers?|pacemakers?|picc|catheters?|mediports?|cannulas?|apparatus|coils?|equipment)\b",
             None,
         ),
+        (r"\b(?:devices?|a?icds?|defib[a-z]*|hardware|arthroplast[a-z]*|screws?|markers?|support)\b", None),
+        (r"\btubes?\b", None),
+        (r"\bdrains?\b", None),
+        (r"(?<!pleural )(?<!kerley )(?<!b )(?<!b-)(?<!septal )(?<!skin )(?<!lung )\blines?\b(?! of)", None),
+        # Beyond CheXpert's list: implanted devices and a device tip (README).
+        (r"\b(?:stimulators?|generators?|bone anchors?|surgical clips?|port-?a-?caths?|ports?)\b", None),
+        (r"\b(?:distal )?tips? (?:projects?|projecting|overl(?:ies|ying)|terminat\w*|in|at|within)\b", None),
         (
-            r"\b(?:chest|endotracheal|et|ng|nasogastric|orogastric|og|feeding|tracheostomy|enteric|dobhoff|gastric|gastrostomy|suction|drainage|thoracostomy) tubes?\b",
+            r"\b(?:prosthetic|mechanical|replaced|bioprosthetic) (?:\w+ )?valves?\b|\bvalve (?:replacement|prosthes[ie]s)\b",
             None,
         ),
-        (r"\btracheostomy\b", None),
-        (
-            r"\b(?:stents?|(?:surgical|vascular|metallic) clips?|clips|sutures?|suture material|sternotomy (?:wires?|sutures?)|sternal (?:wires?|sutures?)|cerclage)\b",
-            None,
-        ),
-        (
-            r"\b(?:prosthetic|mechanical|replaced) (?:\w+ )?valves?\b|\bvalve (?:replacement|prosthesis)\b",
-            None,
-        ),
-        (
-            r"\b(?:hardware|fixation|rods?|screws?|bone anchor|implanted|prosthes[ie]s|arthroplasty|device|devices|leads|wires|coils?|ivc filter|drains?|shunt|tips?)\b",
-            None,
-        ),
+        (r"\bplates?\b(?![ -]?like)", None),
     ],
 }
+
+# Mentions that CheXpert always reads as uncertain unless negated.
+_ALWAYS_UNCERTAIN = re.compile(
+    r"\b(?:(?:vascular|pulmonary) congestion|indistinctness|vascular prominence)\b"
+)
 
 # --------------------------------------------------------------------------------------------------
 # Cues. "Pre" cues act on mentions after them in the same clause, the nearest one deciding;
@@ -258,7 +247,7 @@ _DOUBLE_NEGATIVE_UNCERTAIN = re.compile(
 )
 _PRE_NEGATION = re.compile(
     r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
-    r"removal of|removed|clearing of|cleared|(?:rather|xxxx) than|no evidence of|no signs? of|nor|neither|never|"
+    r"removal of|removed|clearing of|cleared|history of|(?:rather|xxxx) than|no evidence of|no signs? of|nor|neither|never|"
     r"no (?:radiographic |definite |convincing |acute |focal |visible |large |significant )*evidence (?:of|for)|"
     r"no (?:\w+ )?findings? (?:to suggest|suggest(?:ive|ing) of|of|for)|(?:is|are) negative|negative)\b"
 )
@@ -288,6 +277,8 @@ _POST_UNCERTAIN = re.compile(
     # "A versus B" / "A?": only right after the mention.
     r"|^ (?:versus|vs)\b|^ ?\?"
 )
+_OR_BEFORE = re.compile(r"\b(?:and/)?or (?:[a-z-]+ ){0,2}$")
+_OR_AFTER = re.compile(r"^ (?:and/)?or\b")
 # Clause boundaries: the negation/uncertainty of one clause does not reach the next.
 _CLAUSE_BOUNDARY = re.compile(
     r";|:| but | however| although | though | whereas | while | except | aside from | apart from |"
@@ -392,6 +383,11 @@ class _Clause:
         if index:
             nearest = self.cue_ends[index - 1]
             return max(label for e, label in self.cues[:index] if e == nearest)
+        # CheXpert: "A or B" (and "A and/or B") makes both uncertain unless a cue before decides.
+        if _OR_BEFORE.search(self.masked[max(0, start - 40) : start]) or _OR_AFTER.match(
+            self.masked[end : end + 40]
+        ):
+            return UNCERTAIN
         after = self.masked[end : end + 120]
         if _POST_NEGATION.match(after):
             return NEGATIVE
@@ -417,7 +413,16 @@ def find_mentions(text: str) -> list[Mention]:
                 for pattern, fixed in patterns:
                     for m in pattern.finditer(clause_text):
                         label = fixed if fixed is not None else clause.classify(m.start(), m.end())
+                        if label == POSITIVE and _ALWAYS_UNCERTAIN.fullmatch(m.group(0)):
+                            label = UNCERTAIN
                         mentions.append(Mention(observation, label, m.group(0), clause_text))
+                        # CheXpert: a non-negated heart failure also makes Cardiomegaly uncertain.
+                        if (
+                            observation == "Edema"
+                            and label != NEGATIVE
+                            and m.group(0) in ("chf", "heart failure")
+                        ):
+                            mentions.append(Mention("Cardiomegaly", UNCERTAIN, m.group(0), clause_text))
     return mentions
 
 

@@ -1,19 +1,22 @@
 """Agreement of the rule-based labeler with the human-coded MeSH column of the Indiana reports.
 
-The Indiana University collection (Open-i) comes with a `MeSH` column coded by people from each
-report, e.g. `"Cardiomegaly/mild;Pleural Effusion/right/small"` or `"normal"`. Mapping MeSH headings
-to CheXpert observations gives an independent reference for the labeler. The mapping
-(`MESH_TO_CHEXPERT`) is ours and is stated in full so the figures can be checked:
+The Indiana University collection (Open-i) comes with a `MeSH` column coded by people from each report,
+e.g. `"Cardiomegaly/mild;Pleural Effusion/right/small"` or `"normal"`. The labeler's rules were not
+written on it, so it is an independent reference. The mapping of MeSH headings to CheXpert observations
+is fixed in advance (issue 21) and is not tuned to the labeler:
 
-- a MeSH term counts for an observation when its heading (the part before the first "/") is listed;
-- "No Finding" is positive when no MeSH term of the report maps to one of the 12 pathology
-  observations (the CheXpert definition, so devices, spine degeneration or hyperinflation do not
-  break it); the stricter reading "MeSH says exactly `normal`" is reported as an extra row;
-- the labeler's uncertain labels count as positive (U-Ones, the metric's CE default) or as negative
-  (U-Zeros), `agreement_table(..., uncertain=...)`; Indiana's coders mostly leave hedged findings
-  ("may represent atelectasis") uncoded, so U-Zeros agrees better with MeSH.
+- a study is positive for an observation when any of its MeSH terms has a heading (the part before the
+  first "/") listed for that observation in `MESH_TO_CHEXPERT`;
+- the labeler is positive when its label is 1; uncertain (-1) counts as **not** positive (Indiana's
+  coders code what the report asserts);
+- the macro F1 is the mean F1 over the 8 observations of `MESH_TO_CHEXPERT`. No Finding is left out:
+  MeSH "normal" and CheXpert's No Finding mean different things.
 
-Usage:
+Run it from the repository root (the CSV defaults to `../shared/data/iu_xray_reports_sample`):
+
+```bash
+python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv]
+```
 
 ```python
 >>> from metrics.radiology_report.mesh_agreement import agreement_table, format_table
@@ -25,89 +28,56 @@ Usage:
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .labeler import CHEXPERT_OBSERVATIONS, PATHOLOGY_OBSERVATIONS, label_reports
+from .labeler import POSITIVE, UNCERTAIN, label_reports
 
 MESH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
     "Cardiomegaly": ("Cardiomegaly",),
-    "Cardiac Shadow": ("Cardiomegaly",),  # only coded as "Cardiac Shadow/enlarged" in the sample
     "Pleural Effusion": ("Pleural Effusion",),
-    "Pulmonary Atelectasis": ("Atelectasis",),
-    "Atelectases": ("Atelectasis",),
+    "Atelectasis": ("Pulmonary Atelectasis",),
     "Pneumothorax": ("Pneumothorax",),
-    "Fractures, Bone": ("Fracture",),
-    "Pulmonary Edema": ("Edema",),
-    "Pulmonary Congestion": ("Edema",),
-    "Heart Failure": ("Edema",),
-    "Nodule": ("Lung Lesion",),
-    "Mass": ("Lung Lesion",),
-    "Granuloma": ("Lung Lesion",),
-    "Calcified Granuloma": ("Lung Lesion",),
-    "Granulomatous Disease": ("Lung Lesion",),
-    "Lung Neoplasms": ("Lung Lesion",),
-    "Catheters, Indwelling": ("Support Devices",),
-    "Implanted Medical Device": ("Support Devices",),
-    "Medical Device": ("Support Devices",),
-    "Stents": ("Support Devices",),
-    "Tube, Inserted": ("Support Devices",),
-    "Surgical Instruments": ("Support Devices",),
-    "Sutures": ("Support Devices",),
-    "Pacemaker, Artificial": ("Support Devices",),
-    "Heart Valve Prosthesis": ("Support Devices",),
-    "Prostheses and Implants": ("Support Devices",),
-    "Electrodes": ("Support Devices",),
-    "Consolidation": ("Consolidation",),
-    "Pneumonia": ("Pneumonia",),
-    "Opacity": ("Lung Opacity",),
-    "Infiltrate": ("Lung Opacity",),
-    "Airspace Disease": ("Lung Opacity",),
-    "Pleura": ("Pleural Other",),
-    "Lung Diseases, Interstitial": ("Lung Opacity",),
+    "Fracture": ("Fractures, Bone",),
+    "Edema": ("Pulmonary Edema", "Pulmonary Congestion"),
+    "Lung Lesion": ("Nodule", "Mass"),
+    "Support Devices": (
+        "Catheters, Indwelling",
+        "Surgical Instruments",
+        "Implanted Medical Device",
+        "Medical Device",
+        "Tube, Inserted",
+        "Pacemaker, Artificial",
+    ),
 }
-"""MeSH heading -> CheXpert observations it implies."""
+"""CheXpert observation -> the MeSH headings that make a study positive for it (fixed, issue 21)."""
 
-MACRO_OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Cardiomegaly",
-    "Pleural Effusion",
-    "Atelectasis",
-    "Pneumothorax",
-    "Fracture",
-    "Edema",
-    "Lung Lesion",
-    "Support Devices",
+MACRO_OBSERVATIONS: tuple[str, ...] = tuple(MESH_TO_CHEXPERT)
+"""The 8 observations averaged into the macro F1."""
+
+DEFAULT_REPORTS_CSV = (
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "iu_xray_reports_sample" / "indiana_reports.csv"
 )
-"""The observations averaged into the macro agreement (those MeSH codes reliably)."""
+"""`../shared/data/iu_xray_reports_sample/indiana_reports.csv` next to the checkout."""
 
-EXTRA_OBSERVATIONS: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia")
-"""Reported in the table but not averaged: MeSH codes them loosely ("Opacity", "Airspace Disease")."""
+
+def mesh_headings(mesh: str) -> set[str]:
+    """The MeSH headings of one `MeSH` cell: `"Cardiomegaly/mild;Nodule/right"` -> `{"Cardiomegaly", "Nodule"}`."""
+    return {term.split("/")[0].strip() for term in (mesh or "").split(";") if term.strip()}
 
 
 def mesh_to_observations(mesh: str) -> set[str]:
-    """Maps a MeSH cell ("Cardiomegaly/mild;Pleural Effusion/right") to the CheXpert observations it implies.
+    """The observations of `MACRO_OBSERVATIONS` a `MeSH` cell makes positive.
 
     Args:
         mesh (`str`): the `MeSH` cell of one report.
 
     Returns:
-        `set[str]`: the positive observations, "No Finding" included when no pathology is coded.
+        `set[str]`: the positive observations (empty for `"normal"`).
     """
-    found: set[str] = set()
-    for term in (mesh or "").split(";"):
-        parts = [p.strip().lower() for p in term.split("/")]
-        heading = term.split("/")[0].strip()
-        found.update(MESH_TO_CHEXPERT.get(heading, ()))
-        # Qualified headings: interstitial markings are a Lung Opacity in CheXpert, a prominent or
-        # widened mediastinum an Enlarged Cardiomediastinum.
-        if heading in ("Markings", "Lung") and "interstitial" in parts:
-            found.add("Lung Opacity")
-        if heading == "Mediastinum" and {"prominent", "widened", "enlarged"} & set(parts):
-            found.add("Enlarged Cardiomediastinum")
-    if not found.intersection(PATHOLOGY_OBSERVATIONS):
-        found.add("No Finding")
-    return found
+    headings = mesh_headings(mesh)
+    return {obs for obs, listed in MESH_TO_CHEXPERT.items() if headings.intersection(listed)}
 
 
 @dataclass
@@ -115,9 +85,9 @@ class AgreementRow:
     """Agreement of the labeler with MeSH for one observation.
 
     Args:
-        observation (`str`): the observation (or an extra row's name).
+        observation (`str`): the observation.
         mesh_positive (`int`): reports MeSH codes positive.
-        labeler_positive (`int`): reports the labeler calls positive (or uncertain, under U-Ones).
+        labeler_positive (`int`): reports the labeler calls positive.
         both (`int`): reports positive for both.
         n (`int`): reports compared.
     """
@@ -140,22 +110,6 @@ class AgreementRow:
     def f1(self) -> float:
         denominator = self.mesh_positive + self.labeler_positive
         return 2 * self.both / denominator if denominator else 0.0
-
-    @property
-    def accuracy(self) -> float:
-        disagreements = self.mesh_positive + self.labeler_positive - 2 * self.both
-        return 1.0 - disagreements / self.n if self.n else 0.0
-
-    @property
-    def kappa(self) -> float:
-        """Cohen's kappa of the two binary codings."""
-        if not self.n:
-            return 0.0
-        p_o = self.accuracy
-        p_yes = (self.mesh_positive / self.n) * (self.labeler_positive / self.n)
-        p_no = (1 - self.mesh_positive / self.n) * (1 - self.labeler_positive / self.n)
-        p_e = p_yes + p_no
-        return (p_o - p_e) / (1 - p_e) if p_e < 1 else 1.0
 
 
 def read_reports(reports_csv: str | Path) -> list[dict[str, str]]:
@@ -182,47 +136,43 @@ def report_text(row: dict[str, str]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def agreement_table(reports_csv: str | Path, uncertain: str = "positive") -> list[AgreementRow]:
-    """Labels every report of an Indiana CSV and compares with its MeSH column.
+def agreement_table(
+    reports_csv: str | Path = DEFAULT_REPORTS_CSV, uncertain: str = "negative"
+) -> list[AgreementRow]:
+    """Labels every non-empty report of an Indiana CSV and compares it with its MeSH column.
 
     Args:
-        reports_csv (`str` or `Path`): an `indiana_reports.csv`.
-        uncertain (`str`, *optional*, defaults to `"positive"`): whether the labeler's uncertain (-1) labels
-            count as `"positive"` or `"negative"`.
+        reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
+        uncertain (`str`, *optional*, defaults to `"negative"`): whether the labeler's uncertain (-1) labels
+            count as `"negative"` (the issue-21 figure) or `"positive"`.
 
     Returns:
-        `list[AgreementRow]`: one row per observation of `MACRO_OBSERVATIONS`, then
-        `EXTRA_OBSERVATIONS`, then "No Finding (MeSH 'normal')".
+        `list[AgreementRow]`: one row per observation of `MACRO_OBSERVATIONS`.
     """
     if uncertain not in ("positive", "negative"):
-        raise ValueError(f"uncertain={uncertain!r} is not supported: use 'positive' or 'negative'.")
-    positive = (1, -1) if uncertain == "positive" else (1,)
+        raise ValueError(f"uncertain={uncertain!r} is not supported: use 'negative' or 'positive'.")
+    positive = (POSITIVE, UNCERTAIN) if uncertain == "positive" else (POSITIVE,)
     rows = [r for r in read_reports(reports_csv) if report_text(r)]
     labels = label_reports([report_text(r) for r in rows])
     mesh = [mesh_to_observations(r.get("MeSH", "")) for r in rows]
     table = []
-    for observation in MACRO_OBSERVATIONS + EXTRA_OBSERVATIONS:
+    for observation in MACRO_OBSERVATIONS:
         gold = [observation in m for m in mesh]
         pred = [lab[observation] in positive for lab in labels]
-        table.append(_row(observation, gold, pred))
-    gold = [(r.get("MeSH") or "").strip().lower() == "normal" for r in rows]
-    pred = [lab["No Finding"] == 1 for lab in labels]
-    table.append(_row("No Finding (MeSH 'normal')", gold, pred))
+        table.append(
+            AgreementRow(
+                observation=observation,
+                mesh_positive=sum(gold),
+                labeler_positive=sum(pred),
+                both=sum(g and p for g, p in zip(gold, pred)),
+                n=len(gold),
+            )
+        )
     return table
 
 
-def _row(name: str, gold: list[bool], pred: list[bool]) -> AgreementRow:
-    return AgreementRow(
-        observation=name,
-        mesh_positive=sum(gold),
-        labeler_positive=sum(pred),
-        both=sum(g and p for g, p in zip(gold, pred)),
-        n=len(gold),
-    )
-
-
 def macro_f1(table: list[AgreementRow]) -> float:
-    """Mean F1 over `MACRO_OBSERVATIONS`."""
+    """Mean F1 over the rows of `MACRO_OBSERVATIONS`."""
     rows = [r for r in table if r.observation in MACRO_OBSERVATIONS]
     return sum(r.f1 for r in rows) / len(rows)
 
@@ -230,30 +180,43 @@ def macro_f1(table: list[AgreementRow]) -> float:
 def format_table(table: list[AgreementRow]) -> str:
     """A Markdown table of the agreement rows plus the macro F1 line."""
     lines = [
-        "| observation | MeSH + | labeler + | both | precision | recall | F1 | kappa |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| observation | MeSH + | labeler + | both | precision | recall | F1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
-        name = r.observation if r.observation in MACRO_OBSERVATIONS else f"*{r.observation}*"
         lines.append(
-            f"| {name} | {r.mesh_positive} | {r.labeler_positive} | {r.both} | {r.precision:.3f} | "
-            f"{r.recall:.3f} | {r.f1:.3f} | {r.kappa:.3f} |"
+            f"| {r.observation} | {r.mesh_positive} | {r.labeler_positive} | {r.both} | "
+            f"{r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} |"
         )
-    lines.append(
-        f"| **macro F1 ({len(MACRO_OBSERVATIONS)} observations)** | | | | | | **{macro_f1(table):.3f}** | |"
-    )
+    lines.append(f"| **macro F1 ({len(table)} observations)** | | | | | | **{macro_f1(table):.3f}** |")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Prints the agreement table of `agreement_table` for the CSV given as the only argument."""
+    argv = sys.argv[1:] if argv is None else argv
+    reports_csv = Path(argv[0]) if argv else DEFAULT_REPORTS_CSV
+    table = agreement_table(reports_csv)
+    print(
+        f"Labeler vs Indiana MeSH ({table[0].n} reports of {reports_csv}); uncertain counts as not positive:"
+    )
+    print(format_table(table))
+
+
+if __name__ == "__main__":
+    main()
+
+
 __all__ = [
-    "CHEXPERT_OBSERVATIONS",
+    "DEFAULT_REPORTS_CSV",
     "MESH_TO_CHEXPERT",
     "MACRO_OBSERVATIONS",
-    "EXTRA_OBSERVATIONS",
     "AgreementRow",
     "agreement_table",
     "format_table",
     "macro_f1",
+    "main",
+    "mesh_headings",
     "mesh_to_observations",
     "read_reports",
     "report_text",

