@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical output (default 0)")
     s.add_argument("--image_size", type=int, default=256, help="PNG side in pixels (default 256)")
     s.add_argument("--num_proc", type=int, default=None, help="worker processes (default: CPU count)")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty --output_dir"
+    )
 
     b = sub.add_parser("build", help="build the DatasetDict + build_report.json")
     b.add_argument(
@@ -51,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         "--writer_batch_size", type=int, default=64, help="examples per Arrow write (bounds memory)"
     )
     b.add_argument("--force_rebuild", action="store_true", help="ignore the cache and re-encode")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output_dir that is not an earlier build",
+    )
 
     d = sub.add_parser("download", help=f"fetch {KAGGLE_HANDLE} with kagglehub")
     d.add_argument("--output_dir", default=None, help="target folder (default: kagglehub's cache)")
@@ -61,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "synthesize":
         out = synthesize(
             args.output_dir,
@@ -68,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             image_size=args.image_size,
             num_proc=args.num_proc,
+            overwrite=args.overwrite,
         )
         print(f"Wrote {args.num_studies} phantom studies to {out}")
         print(f"Next: python -m dataset_builder build --data_dir {out} --output_dir OUT")
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         writer_batch_size=args.writer_batch_size,
         force_rebuild=args.force_rebuild,
+        overwrite=args.overwrite,
     )
     print(format_summary(report, args.output_dir))
     return 0

@@ -7,7 +7,11 @@ each image decoded once, converted to 8-bit grayscale and re-encoded as PNG byte
 `build_dataset` is the entry point: it fingerprints the inputs (CSV bytes, the image folder's names, sizes and
 mtimes, the split file, every option) so that rebuilding with the same inputs and options reuses the `datasets`
 cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir` it also writes
-the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`.
+the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`: into a temporary
+folder next to it, renamed into place once complete (an earlier build there is replaced only by a complete
+new one; a non-empty folder that is not an earlier build is refused without `overwrite=True`). The cache entry
+is prepared under an inter-process lock, so two runs on one cache build it once, and its sidecar JSON is
+written atomically.
 
 Every report row and every projection row ends up either in an example or in `build_report["skipped"]`;
 `build_report["accounting"]` shows that the counts add up.
@@ -27,6 +31,7 @@ import datasets
 
 from . import images as img
 from .configuration import IndianaXrayConfig
+from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_sibling, write_text_atomic
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
 from .study_plan import (
@@ -185,6 +190,46 @@ def _accounting(report: dict, ds: datasets.DatasetDict) -> dict:
     }
 
 
+def _is_a_build(folder: Path) -> bool:
+    """True for an earlier `build_dataset` output (replaced by a new build without asking)."""
+    return (folder / "build_report.json").is_file() and (
+        folder / datasets.config.DATASETDICT_JSON_FILENAME
+    ).is_file()
+
+
+def _prepare(
+    builder: IndianaXrayBuilder, force_rebuild: bool, start: float
+) -> tuple[datasets.DatasetDict, dict]:
+    """Builds the cache entry (or reuses it when its sidecar says it is complete): the splits and the
+    sidecar's content (skipped rows, plan statistics). Called under the cache entry's lock."""
+    sidecar = Path(builder.cache_dir) / SIDECAR
+    download_mode = (
+        "force_redownload" if force_rebuild or not sidecar.is_file() else "reuse_dataset_if_exists"
+    )
+    builder.download_and_prepare(download_mode=download_mode)
+    ds = datasets.DatasetDict()
+    for name in SPLIT_NAMES:
+        # datasets cannot read back a split with no example: give it an empty Dataset with the features
+        if builder.info.splits[name].num_examples:
+            ds[name] = builder.as_dataset(split=name)
+        else:
+            ds[name] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+
+    if builder.generated:
+        cached = {
+            "skipped": builder.plan_skipped + builder.runtime_skipped,
+            "stats": builder.plan_stats,
+            "num_images_encoded": builder.num_encoded,
+            "generation_seconds": round(time.perf_counter() - start, 2),
+        }
+        write_text_atomic(sidecar, json.dumps(cached, indent=1))
+    else:
+        cached = json.loads(sidecar.read_text())
+        logger.info("Reused the cached dataset at %s (no image re-encoded)", builder.cache_dir)
+
+    return ds, cached
+
+
 def build_dataset(
     data_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -201,6 +246,7 @@ def build_dataset(
     cache_dir: str | os.PathLike | None = None,
     writer_batch_size: int = 64,
     force_rebuild: bool = False,
+    overwrite: bool = False,
 ) -> tuple[datasets.DatasetDict, dict]:
     """Builds the study-level `DatasetDict` (train / validation / test) and its build report.
 
@@ -222,12 +268,17 @@ def build_dataset(
         writer_batch_size (`int`, defaults to 64): examples buffered before an Arrow write; bounds the memory
             of the encoding.
         force_rebuild (`bool`, defaults to False): ignore an existing cache entry.
+        overwrite (`bool`, defaults to False): replace a non-empty `output_dir` that is not an earlier build
+            (an earlier build, with its `build_report.json` and `dataset_dict.json`, is always replaced).
 
     Returns:
         `tuple[DatasetDict, dict]`: the dataset and the build report (also saved as
         `build_report.json` when `output_dir` is given).
     """
     start = time.perf_counter()
+    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+    if out is not None:  # before the (long) build
+        refuse_non_empty(out, overwrite, "the built dataset", "overwrite=True (--overwrite)", _is_a_build)
     data_path = Path(data_dir).expanduser().resolve()
     if not data_path.is_dir():
         raise FileNotFoundError(
@@ -271,30 +322,8 @@ def build_dataset(
         fingerprint=fingerprint,
         **options,
     )
-    sidecar = Path(builder.cache_dir) / SIDECAR
-    download_mode = (
-        "force_redownload" if force_rebuild or not sidecar.is_file() else "reuse_dataset_if_exists"
-    )
-    builder.download_and_prepare(download_mode=download_mode)
-    ds = datasets.DatasetDict()
-    for name in SPLIT_NAMES:
-        # datasets cannot read back a split with no example: give it an empty Dataset with the features
-        if builder.info.splits[name].num_examples:
-            ds[name] = builder.as_dataset(split=name)
-        else:
-            ds[name] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
-
-    if builder.generated:
-        cached = {
-            "skipped": builder.plan_skipped + builder.runtime_skipped,
-            "stats": builder.plan_stats,
-            "num_images_encoded": builder.num_encoded,
-            "generation_seconds": round(time.perf_counter() - start, 2),
-        }
-        sidecar.write_text(json.dumps(cached, indent=1))
-    else:
-        cached = json.loads(sidecar.read_text())
-        logger.info("Reused the cached dataset at %s (no image re-encoded)", builder.cache_dir)
+    with folder_lock(builder.cache_dir):  # another run on this cache entry waits, then reuses it
+        ds, cached = _prepare(builder, force_rebuild, start)
 
     stats = cached["stats"]
     skipped = cached["skipped"]
@@ -321,9 +350,11 @@ def build_dataset(
     if not report["accounting"]["adds_up"]:
         logger.warning("build report counts do not add up: %s", report["accounting"])
 
-    if output_dir is not None:
-        out = Path(output_dir)
-        save_dataset_dict(ds, out, fingerprint)
-        (out / "build_report.json").write_text(json.dumps(report, indent=1))
+    if out is not None:
+        with temporary_sibling(out) as tmp:
+            save_dataset_dict(ds, tmp, fingerprint)
+            (tmp / "build_report.json").write_text(json.dumps(report, indent=1))
+            refuse_non_empty(out, overwrite, "the built dataset", "overwrite=True (--overwrite)", _is_a_build)
+            move_into_place(tmp, out)
         logger.info("Saved the dataset and build_report.json to %s", out)
     return ds, report

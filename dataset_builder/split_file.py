@@ -3,7 +3,10 @@
 The file looks like `{"train": [{"id": "CXR2384_IM-0942", "image_path": [...], "report": ..., "split":
 "train"}, ...], "val": [...], "test": [...]}`. R2Gen's ids come from the Open-i file names
 `CXR<number>_IM-<series>-<image>.png`; the Kaggle copy renamed those files `<uid>_IM-<series>-<image>.dcm.png`,
-with `<uid>` = the Open-i `<number>`.
+with `<uid>` = the Open-i `<number>`. Every Open-i form is read: an extra `_<n>` after the number
+(`CXR1_1_IM-0001-3001`, as in R2Gen's own annotation.json), a trailing image number or extension, a folder in
+front (`NLMCXR_png/CXR1_1_IM-0001-4001.png`) or behind (`CXR1_1_IM-0001/0.png`), any case, and the Kaggle
+file name itself (`1_IM-0001-4001.dcm.png`).
 
 Mapping an id to a Kaggle uid (robust to either half being off):
 1. exact: a row of `indiana_projections.csv` whose uid is `<number>` and whose filename starts with
@@ -28,14 +31,16 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-_ID = re.compile(r"^\s*(?:CXR)?(\d+)_(IM-\d+)", re.IGNORECASE)
+# the id, or a path whose first part naming a study is the id: CXR<number>[_<n>...]_IM-<series>[-<image>...]
+_ID = re.compile(r"(?:^|[/\\])\s*(?:CXR)?(\d+)(?:_\d+)*_(IM-\d+)", re.IGNORECASE)
 _FILENAME = re.compile(r"^(\d+)_(IM-\d+)-", re.IGNORECASE)
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
 
 def parse_r2gen_id(example_id: str) -> tuple[str, str] | None:
-    """ "CXR2384_IM-0942" -> ("2384", "IM-0942"); None when the id has another shape."""
-    m = _ID.match(str(example_id))
+    """ "CXR2384_IM-0942" -> ("2384", "IM-0942"), "CXR1_1_IM-0001-3001.png" -> ("1", "IM-0001"); None when
+    the id has another shape."""
+    m = _ID.search(str(example_id))
     if not m:
         return None
     return str(int(m.group(1))), m.group(2).upper()

@@ -8,12 +8,17 @@ and lobe), nodule (side and zone), and normal studies (about 30%).
 
 Everything is deterministic from ``seed``: each study draws from its own ``numpy`` generator seeded with
 ``(seed, study_index)``, so the output does not depend on the number of worker processes.
+
+The studies are written to a temporary folder next to ``output_dir`` and renamed into place once complete,
+under an inter-process lock: a folder holding other files (real data) is refused unless ``overwrite=True``,
+and a folder already holding the same synthesis (``phantom_settings.json``) is returned as it is.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_sibling, write_text_atomic
 from .phantom_drawing import draw_frontal, draw_lateral, sample_anatomy
 from .phantom_findings import Finding, sample_findings
 from .phantom_report import sample_indication, write_report
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 REPORTS_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
 PROJECTIONS_COLUMNS = ["uid", "filename", "projection"]
+SETTINGS_JSON = "phantom_settings.json"
 
 
 @dataclass
@@ -100,35 +107,16 @@ def _write_csv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
     os.replace(tmp, path)
 
 
-def synthesize(
-    output_dir: str | os.PathLike,
-    num_studies: int = 2000,
-    seed: int = 0,
-    image_size: int = 256,
-    num_proc: int | None = None,
-) -> Path:
-    """Writes phantom chest X-ray studies in the Kaggle Indiana layout.
+def _settings_of(folder: Path) -> dict | None:
+    """The settings of an earlier `synthesize` into `folder`, or None."""
+    try:
+        return json.loads((folder / SETTINGS_JSON).read_text())
+    except (OSError, ValueError):
+        return None
 
-    Writes `indiana_reports.csv`, `indiana_projections.csv` and `images/images_normalized/*.png`
-    (a frontal and a lateral 8-bit grayscale PNG per study). The MeSH and Problems columns hold the
-    true drawn findings (e.g. "Pleural Effusion/right;Cardiomegaly/mild", or "normal").
 
-    Args:
-        output_dir (`str` or `os.PathLike`): folder to write (created if needed).
-        num_studies (`int`, defaults to 2000): number of studies (uids 1..num_studies).
-        seed (`int`, defaults to 0): the same seed gives byte-identical CSVs and images.
-        image_size (`int`, defaults to 256): side of the square PNGs in pixels.
-        num_proc (`int`, *optional*): worker processes; defaults to the CPU count for >= 200 studies.
-            The output does not depend on it.
-
-    Returns:
-        `Path`: the output folder, ready for `build_dataset(data_dir=...)`.
-    """
-    if num_studies < 1:
-        raise ValueError(f"num_studies must be >= 1, got {num_studies}")
-    if image_size < 64:
-        raise ValueError(f"image_size must be >= 64 px for visible findings, got {image_size}")
-    out = Path(output_dir)
+def _write_studies(out: Path, num_studies: int, seed: int, image_size: int, num_proc: int | None) -> None:
+    """Writes the images, then the two CSVs, into the (new, empty) folder `out`."""
     image_dir = out / "images" / "images_normalized"
     image_dir.mkdir(parents=True, exist_ok=True)
     if num_proc is None:
@@ -169,5 +157,50 @@ def synthesize(
     _write_csv_atomic(out / "indiana_reports.csv", REPORTS_COLUMNS, report_rows)
     projection_rows = [[s.uid, fn, proj] for s, images in results for fn, proj in images]
     _write_csv_atomic(out / "indiana_projections.csv", PROJECTIONS_COLUMNS, projection_rows)
+
+
+def synthesize(
+    output_dir: str | os.PathLike,
+    num_studies: int = 2000,
+    seed: int = 0,
+    image_size: int = 256,
+    num_proc: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes phantom chest X-ray studies in the Kaggle Indiana layout.
+
+    Writes `indiana_reports.csv`, `indiana_projections.csv` and `images/images_normalized/*.png`
+    (a frontal and a lateral 8-bit grayscale PNG per study). The MeSH and Problems columns hold the
+    true drawn findings (e.g. "Pleural Effusion/right;Cardiomegaly/mild", or "normal").
+
+    Args:
+        output_dir (`str` or `os.PathLike`): folder to write (created if needed).
+        num_studies (`int`, defaults to 2000): number of studies (uids 1..num_studies).
+        seed (`int`, defaults to 0): the same seed gives byte-identical CSVs and images.
+        image_size (`int`, defaults to 256): side of the square PNGs in pixels.
+        num_proc (`int`, *optional*): worker processes; defaults to the CPU count for >= 200 studies.
+            The output does not depend on it.
+        overwrite (`bool`, defaults to False): replace the contents of a non-empty `output_dir`. Without it,
+            a folder holding the same synthesis (same `num_studies`, `seed`, `image_size`) is returned as it
+            is and any other non-empty folder raises `FileExistsError`.
+
+    Returns:
+        `Path`: the output folder, ready for `build_dataset(data_dir=...)`.
+    """
+    if num_studies < 1:
+        raise ValueError(f"num_studies must be >= 1, got {num_studies}")
+    if image_size < 64:
+        raise ValueError(f"image_size must be >= 64 px for visible findings, got {image_size}")
+    out = Path(output_dir).expanduser().resolve()
+    settings = {"num_studies": num_studies, "seed": seed, "image_size": image_size}
+    with folder_lock(out):
+        if not overwrite and _settings_of(out) == settings:
+            logger.info("%s already holds these %d phantom studies; nothing written", out, num_studies)
+            return out
+        refuse_non_empty(out, overwrite, "phantom studies", "overwrite=True (--overwrite)")
+        with temporary_sibling(out) as tmp:
+            _write_studies(tmp, num_studies, seed, image_size, num_proc)
+            write_text_atomic(tmp / SETTINGS_JSON, json.dumps(settings, indent=1))
+            move_into_place(tmp, out)
     logger.info("Wrote %d phantom studies (%d images) to %s", num_studies, 2 * num_studies, out)
     return out

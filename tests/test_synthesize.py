@@ -149,7 +149,7 @@ def test_same_seed_byte_identical_and_independent_of_workers(tmp_path):
     b = synthesize(tmp_path / "b", num_studies=12, seed=7, num_proc=2)
     c = synthesize(tmp_path / "c", num_studies=12, seed=8, num_proc=1)
     assert _tree_digest(a) == _tree_digest(b)
-    assert len(_tree_digest(a)) == 2 + 24
+    assert len(_tree_digest(a)) == 3 + 24  # two CSVs, phantom_settings.json, 24 PNGs
     assert _tree_digest(a) != _tree_digest(c)
 
 
