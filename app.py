@@ -9,10 +9,16 @@ Run it:
     python app.py                                   # model folder outputs/xraycap-demo
     python app.py --model path/to/folder --port 7860
     XRAYCAP_MODEL=path/to/folder python app.py      # what a Space sets as a variable
+    python app.py --model user/xraycap-iu --trust_remote_code --revision <commit sha>   # a Hub repo
 
-The model folder comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else
-`outputs/xraycap-demo` (written by `python run_captioning.py`). Host and port follow Gradio's
-`GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` unless `--host` / `--port` are given.
+The model comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else
+`outputs/xraycap-demo` (written by `python run_captioning.py`). A Hub repo id runs that repo's code, so it
+needs `--trust_remote_code` (or `XRAYCAP_TRUST_REMOTE_CODE=1`); `--revision` / `XRAYCAP_REVISION` pins the
+commit, the safe way. A name that looks like a path and does not exist is an error, never a download.
+Uploads reach the processor as uploaded (16-bit films keep their depth), up to `MAX_FILE_SIZE`. For a
+model whose card says it was trained on the synthetic phantoms, a warning stands beside the report.
+Host and port follow Gradio's `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` unless `--host` / `--port` are
+given.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -31,11 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inference.model_source import DEFAULT_MODEL, resolve_model_source, training_data_warning
 from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
 logger = logging.getLogger("xraycap.app")
 
-DEFAULT_MODEL = "outputs/xraycap-demo"
+MAX_FILE_SIZE = "100mb"  # per upload: a 50-megapixel 16-bit film fits, anything far larger is refused
 _FINDING_WORDS = {1: "positive", 0: "negative", -1: "uncertain", None: "not mentioned"}
 OVERLAY_SIDE = 320  # px of each view in the heat-map picture
 # System fonts: the default theme fetches web fonts, which offline machines cannot. Gradio 6 takes the
@@ -46,10 +53,32 @@ _THEME_AT_LAUNCH = "theme" in inspect.signature(gr.Blocks.launch).parameters
 
 def resolve_model_dir(argv: list[str] | None = None) -> str:
     """`--model` in `argv`, else `$XRAYCAP_MODEL`, else `outputs/xraycap-demo`."""
+    return resolve_model_options(argv).model
+
+
+@dataclass
+class ModelOptions:
+    """Which model the app serves and what the user allowed for it."""
+
+    model: str
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+def resolve_model_options(argv: list[str] | None = None) -> ModelOptions:
+    """`--model` / `--trust_remote_code` / `--revision` in `argv`, else `$XRAYCAP_MODEL` /
+    `$XRAYCAP_TRUST_REMOTE_CODE` (1, true or yes) / `$XRAYCAP_REVISION`, else the default folder."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--revision")
     args, _ = parser.parse_known_args(argv or [])
-    return args.model or os.environ.get("XRAYCAP_MODEL") or DEFAULT_MODEL
+    trust_env = os.environ.get("XRAYCAP_TRUST_REMOTE_CODE", "").strip().lower() in ("1", "true", "yes")
+    return ModelOptions(
+        model=args.model or os.environ.get("XRAYCAP_MODEL") or DEFAULT_MODEL,
+        trust_remote_code=args.trust_remote_code or trust_env,
+        revision=args.revision or os.environ.get("XRAYCAP_REVISION") or None,
+    )
 
 
 class Captioner:
@@ -57,32 +86,44 @@ class Captioner:
     Loads an XrayCap folder once (thread-safe, on first use) and writes reports with attention maps.
 
     Args:
-        model_dir (`str`): a saved XrayCap folder (or Hub id).
+        model_dir (`str`): a saved XrayCap folder, or a Hub repo id with `trust_remote_code`.
         device (`str`, *optional*): torch device; cuda when available, else cpu.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow a Hub repo's code to run.
+        revision (`str`, *optional*): the Hub commit to load (pin one: the safe way).
     """
 
-    def __init__(self, model_dir: str, device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ):
         self.model_dir = model_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any] | None = None
 
     def load(self) -> tuple[Any, Any]:
+        """The `(model, processor)`, loaded on first use.
+
+        Raises:
+            `FileNotFoundError` for a path-like name that does not exist; `ModelSourceError` for a Hub repo id
+            without `trust_remote_code`.
+        """
         with self._lock:
             if self._loaded is None:
                 from transformers import AutoModel, AutoProcessor
 
-                if not Path(self.model_dir).exists() and self.model_dir == DEFAULT_MODEL:
-                    raise FileNotFoundError(
-                        f"model folder {self.model_dir} not found: train one with `python run_captioning.py`, "
-                        "or start the app with --model DIR / XRAYCAP_MODEL=DIR."
-                    )
-                # Eager attention: the SDPA kernels return no attention weights, which the heat map needs.
-                model = AutoModel.from_pretrained(
-                    self.model_dir, trust_remote_code=True, attn_implementation="eager"
+                source, load_kwargs = resolve_model_source(
+                    self.model_dir, self.trust_remote_code, self.revision
                 )
+                # Eager attention: the SDPA kernels return no attention weights, which the heat map needs.
+                model = AutoModel.from_pretrained(source, attn_implementation="eager", **load_kwargs)
                 model = model.to(self.device).eval()
-                processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+                processor = AutoProcessor.from_pretrained(source, **load_kwargs)
                 self._loaded = (model, processor)
                 logger.info("Loaded %s on %s", self.model_dir, self.device)
             return self._loaded
@@ -249,17 +290,22 @@ def caption_study(
     return result["report"], rows, heat_picture
 
 
-def build_demo(model_dir: str | None = None) -> gr.Blocks:
+def build_demo(model_dir: str | None = None, options: ModelOptions | None = None) -> gr.Blocks:
     """
-    Build the Gradio Blocks for a model folder (loaded on the first request).
+    Build the Gradio Blocks for a model (loaded on the first request).
 
     Args:
-        model_dir (`str`, *optional*): defaults to `resolve_model_dir()` (env `XRAYCAP_MODEL`).
+        model_dir (`str`, *optional*): the model; defaults to `options.model`.
+        options (`ModelOptions`, *optional*): defaults to `resolve_model_options()` (the environment).
 
     Returns:
         `gr.Blocks`
     """
-    captioner = Captioner(model_dir or resolve_model_dir())
+    options = options or resolve_model_options()
+    captioner = Captioner(
+        model_dir or options.model, trust_remote_code=options.trust_remote_code, revision=options.revision
+    )
+    warning = training_data_warning(captioner.model_dir, captioner.revision)
 
     def run(frontal, lateral, num_beams):
         return caption_study(captioner, frontal, lateral, num_beams)
@@ -274,15 +320,24 @@ def build_demo(model_dir: str | None = None) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column():
-                frontal = gr.Image(type="filepath", label="Frontal view", elem_id="frontal", height=300)
+                # image_mode=None: the file as uploaded (a 16-bit film stays 16-bit; the processor reads it).
+                frontal = gr.Image(
+                    type="filepath", image_mode=None, label="Frontal view", elem_id="frontal", height=300
+                )
                 lateral = gr.Image(
-                    type="filepath", label="Lateral view (optional)", elem_id="lateral", height=300
+                    type="filepath",
+                    image_mode=None,
+                    label="Lateral view (optional)",
+                    elem_id="lateral",
+                    height=300,
                 )
                 num_beams = gr.Slider(
                     1, 8, value=1, step=1, label="Number of beams (1 = greedy)", elem_id="beams"
                 )
                 button = gr.Button("Write report", variant="primary", elem_id="run")
             with gr.Column():
+                if warning:
+                    gr.Markdown(f"**Warning: {warning}**", elem_id="training-data-warning")
                 report = gr.Textbox(label="Report", lines=6, elem_id="report", interactive=False)
                 findings = gr.Dataframe(
                     headers=["Observation", "Finding"],
@@ -302,14 +357,27 @@ def build_demo(model_dir: str | None = None) -> gr.Blocks:
     return demo
 
 
-demo = build_demo(resolve_model_dir(sys.argv[1:] if __name__ == "__main__" else None))
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None) -> None:
+    """Serve `demo` on `host:port` (Gradio's defaults when None), each upload at most `MAX_FILE_SIZE`."""
+    launch_kwargs = {"theme": THEME} if _THEME_AT_LAUNCH else {}
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, **launch_kwargs)
+
+
+demo = build_demo(options=resolve_model_options(sys.argv[1:] if __name__ == "__main__" else None))
 
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description="XrayCap Gradio demo.")
-    cli.add_argument("--model", help=f"model folder (default: $XRAYCAP_MODEL or {DEFAULT_MODEL})")
+    cli.add_argument(
+        "--model", help=f"model folder or Hub repo id (default: $XRAYCAP_MODEL or {DEFAULT_MODEL})"
+    )
+    cli.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow --model to be a Hub repo id, whose code runs here (or XRAYCAP_TRUST_REMOTE_CODE=1)",
+    )
+    cli.add_argument("--revision", help="Hub commit sha to load, the safe way (or XRAYCAP_REVISION)")
     cli.add_argument("--host", default=None, help="server name (default: Gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
     cli_args = cli.parse_args()
-    launch_kwargs = {"theme": THEME} if _THEME_AT_LAUNCH else {}
-    demo.launch(server_name=cli_args.host, server_port=cli_args.port, **launch_kwargs)
+    launch(demo, cli_args.host, cli_args.port)

@@ -10,36 +10,53 @@ Examples:
     xraycap-caption frontal.png --lateral lateral.png
     # many pairs: a CSV with columns frontal,lateral (lateral may be empty; optional id column)
     xraycap-caption --pairs studies.csv --batch_size 16 --num_beams 3 --output reports.csv
+    # a model on the Hub: its code runs on this machine, so say so, and pin the commit you reviewed
+    xraycap-caption --model user/xraycap-iu --trust_remote_code --revision 4f1c2e0... chest.png
 
-Each output record holds `id`, `frontal`, `lateral`, `report`, `error` and the labeler's finding for each
-of the 14 CheXpert observations (1 positive, 0 negative, -1 uncertain, empty/null not mentioned).
-A file that is missing, unreadable or not an image is reported on stderr (and as a record whose
-`error` says why) and the other studies still run.
+`--model` is a local folder or, only with `--trust_remote_code`, a Hub repo id; a name that looks like a
+path (`./x`, `~/x`, `/x`, `outputs/x` when `outputs/` exists, the default folder) and does not exist is an
+error, never a download. `--revision` (a commit sha) is the safe way to load a Hub repo's code.
+
+Each output record holds `id`, `frontal`, `lateral`, `report`, `error`, `warning` and the labeler's finding
+for each of the 14 CheXpert observations (1 positive, 0 negative, -1 uncertain, empty/null not mentioned).
+A file that is missing, unreadable, not an image in an accepted format, or too large (a decompression
+bomb included) is reported on stderr (and as a record whose `error` says why) and the other studies still
+run. Records are written as each batch finishes (the file is flushed), so an interrupted run keeps what
+it did. For a model whose card says it was trained on the synthetic phantoms, every record's `warning`
+says its reports describe phantoms only (and stderr says so once).
 
 Exit status: 0 when every study was captioned; 1 when at least one input failed (missing, unreadable or
 not an image, or a glob that matched nothing); 2 on a usage error (bad arguments, no inputs, model
-folder not found, unknown output format).
+folder not found, Hub id without --trust_remote_code, unknown output format, a --pairs CSV not in UTF-8).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import json
 import logging
-import re
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from inference.model_source import (
+    DEFAULT_MODEL,
+    ModelSourceError,
+    resolve_model_source,
+    training_data_warning,
+)
 from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
 logger = logging.getLogger("xraycap.caption")
 
-DEFAULT_MODEL = "outputs/xraycap-demo"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +75,7 @@ class Study:
     error: str | None = None  # set when the inputs could not even be listed (e.g. an empty glob)
     report: str | None = None
     findings: dict[str, int | None] | None = field(default=None)
+    warning: str | None = None  # what the reader must know about the model (e.g. phantom-trained)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -67,6 +85,7 @@ class Study:
             "report": self.report,
             "findings": self.findings,
             "error": self.error,
+            "warning": self.warning,
         }
 
 
@@ -121,18 +140,28 @@ def read_pairs(csv_path: str | Path) -> list[Study]:
     A relative path is taken as given when it exists from the current folder, otherwise relative to the
     CSV's folder. An empty `lateral` means a frontal-only study.
 
+    The CSV is read as UTF-8; a byte-order mark (as Excel writes) is skipped.
+
     Raises:
-        `UsageError`: when the CSV is missing or lacks a `frontal` column.
+        `UsageError`: when the CSV is missing, not UTF-8, or lacks a `frontal` column.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UsageError(f"--pairs {csv_path}: file not found.")
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        if "frontal" not in fields:
-            raise UsageError(f"--pairs {csv_path}: needs a 'frontal' column (and 'lateral'), found {fields}.")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            if "frontal" not in fields:
+                raise UsageError(
+                    f"--pairs {csv_path}: needs a 'frontal' column (and 'lateral'), found {fields}."
+                )
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"--pairs {csv_path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}): save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) and run again."
+        ) from None
 
     def resolve(value: str) -> str:
         candidate = Path(value)
@@ -174,39 +203,41 @@ def _check_readable(path: str) -> None:
         raise ValueError(f"{path}: is a folder, not an image")
 
 
-def caption_studies(
+def caption_batches(
     studies: list[Study],
     model,
     processor,
     batch_size: int = 8,
     progress: bool = True,
     **generate_kwargs: Any,
-) -> list[Study]:
+) -> Iterator[list[Study]]:
     """
-    Caption studies in batches; a study whose images cannot be read gets `error` set, the rest still run.
+    Caption studies in batches, yielding each batch (in input order) as soon as it is done; a study whose
+    images cannot be read gets `error` set, the rest still run.
 
     Args:
         studies (`list[Study]`): from `expand_inputs` / `read_pairs` (studies with `error` already set are
-            left alone).
+            yielded as they are, in their place).
         model: an `XrayCapForConditionalGeneration` (eval mode).
         processor: its `XrayCapProcessor`.
         batch_size (`int`, *optional*, defaults to 8): studies per `generate` call.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar on stderr.
         **generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
 
-    Returns:
-        The same `studies`, with `report` or `error` filled in.
+    Yields:
+        `list[Study]`: the next studies, with `report` or `error` filled in.
     """
     import torch
     from tqdm.auto import tqdm
 
     load_image = _image_loader()
-    todo = [s for s in studies if s.error is None]
     device = next(model.parameters()).device
-    with tqdm(total=len(todo), desc="captioning", unit="study", disable=not progress, file=sys.stderr) as bar:
-        for batch in _batches(todo, max(1, batch_size)):
+    todo = sum(s.error is None for s in studies)
+    with tqdm(total=todo, desc="captioning", unit="study", disable=not progress, file=sys.stderr) as bar:
+        for chunk in _batches(studies, max(1, batch_size)):
+            pending = [study for study in chunk if study.error is None]
             ready, views = [], []
-            for study in batch:
+            for study in pending:
                 try:
                     _check_readable(study.frontal)
                     if study.lateral:
@@ -216,7 +247,7 @@ def caption_studies(
                         raise ValueError(
                             f"{study.id}: a lateral was given but this model takes max_views={model.config.max_views}"
                         )
-                except (OSError, ValueError) as error:
+                except (OSError, ValueError, Image.DecompressionBombError) as error:
                     study.error = str(error)
                     continue
                 ready.append(study)
@@ -234,7 +265,16 @@ def caption_studies(
                 per_study = len(texts) // len(ready)  # num_return_sequences > 1: keep the first (best)
                 for i, study in enumerate(ready):
                     study.report = texts[i * per_study].strip()
-            bar.update(len(batch))
+            bar.update(len(pending))
+            yield chunk
+
+
+def caption_studies(
+    studies: list[Study], model, processor, batch_size: int = 8, progress: bool = True, **generate_kwargs: Any
+) -> list[Study]:
+    """`caption_batches` run to the end: the same `studies`, with `report` or `error` filled in."""
+    for _ in caption_batches(studies, model, processor, batch_size, progress, **generate_kwargs):
+        pass
     return studies
 
 
@@ -264,9 +304,13 @@ def write_jsonl(studies: list[Study], handle) -> None:
         handle.write(json.dumps(study.record(), ensure_ascii=False) + "\n")
 
 
-def write_csv(studies: list[Study], handle) -> None:
+CSV_COLUMNS = ["id", "frontal", "lateral", "report", "error", "warning", *CHEXPERT_OBSERVATIONS]
+
+
+def write_csv(studies: list[Study], handle, header: bool = True) -> None:
     writer = csv.writer(handle)
-    writer.writerow(["id", "frontal", "lateral", "report", "error", *CHEXPERT_OBSERVATIONS])
+    if header:
+        writer.writerow(CSV_COLUMNS)
     for study in studies:
         findings = study.findings or {}
         writer.writerow(
@@ -276,9 +320,50 @@ def write_csv(studies: list[Study], handle) -> None:
                 study.lateral or "",
                 study.report or "",
                 study.error or "",
+                study.warning or "",
                 *["" if findings.get(name) is None else findings[name] for name in CHEXPERT_OBSERVATIONS],
             ]
         )
+
+
+@contextlib.contextmanager
+def record_sink(output: str | None) -> Iterator[Callable[[list[Study]], None]]:
+    """
+    Where finished batches go, written and flushed one batch at a time (a crash keeps the earlier ones).
+
+    Args:
+        output (`str`, *optional*): a `.jsonl` or `.csv` file, `"-"` (JSONL on stdout) or None (text on
+            stdout, successful studies only).
+
+    Yields:
+        A function that writes one batch of studies.
+    """
+    if output is None or output == "-":
+        stream = sys.stdout
+
+        def write(batch: list[Study]) -> None:
+            if output == "-":
+                write_jsonl(batch, stream)
+            else:
+                for study in batch:
+                    if study.error is None:
+                        stream.write(format_text(study) + "\n\n")
+            stream.flush()
+
+        yield write
+        return
+    is_csv = output.lower().endswith(".csv")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="" if is_csv else None, encoding="utf-8") as handle:
+        if is_csv:
+            csv.writer(handle).writerow(CSV_COLUMNS)
+
+        def write(batch: list[Study]) -> None:
+            (write_csv(batch, handle, header=False) if is_csv else write_jsonl(batch, handle))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        yield write
 
 
 _WORDS = {1: "positive", 0: "negative", -1: "uncertain"}
@@ -302,7 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="*", help="Image files, folders (their image files) or quoted globs.")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Saved XrayCap folder or Hub id (default: {DEFAULT_MODEL})."
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Saved XrayCap folder, or a Hub repo id with --trust_remote_code (default: {DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Allow --model to be a Hub repo id: its Python code is downloaded and run here.",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="Hub commit sha (or tag/branch) to load: pinning a reviewed commit is the safe way to run Hub code.",
     )
     parser.add_argument("--lateral", help="Lateral view of the single frontal image given as input.")
     parser.add_argument("--pairs", help="CSV with columns frontal,lateral (optional id): one study per row.")
@@ -346,22 +443,30 @@ def _collect_studies(args: argparse.Namespace) -> list[Study]:
     return studies
 
 
-def load_model_and_processor(model_name: str, device: str | None = None):
-    """Load an XrayCap folder (or Hub id) with its processor, in eval mode on `device`."""
+def load_model_and_processor(
+    model_name: str,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **model_kwargs: Any,
+):
+    """
+    Load an XrayCap folder (or, with `trust_remote_code`, a Hub repo) with its processor, in eval mode.
+
+    Args:
+        model_name (`str`): see `resolve_model_source`.
+        device (`str`, *optional*): torch device (default: cuda when available, else cpu).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): allow a Hub repo's code.
+        revision (`str`, *optional*): the Hub commit to load.
+        **model_kwargs: passed to `AutoModel.from_pretrained` (e.g. `attn_implementation`).
+    """
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    looks_like_hub_id = (
-        re.fullmatch(r"[\w.-]+/[\w.-]+", model_name) is not None and model_name != DEFAULT_MODEL
-    )
-    if not Path(model_name).exists() and not looks_like_hub_id:
-        raise FileNotFoundError(
-            f"model folder {model_name} not found: train one with `python run_captioning.py` (writes "
-            f"{DEFAULT_MODEL}) or pass --model DIR."
-        )
+    source, load_kwargs = resolve_model_source(model_name, trust_remote_code, revision)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(model_name, trust_remote_code=True).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=True)
+    model = AutoModel.from_pretrained(source, **load_kwargs, **model_kwargs).to(device).eval()
+    processor = AutoProcessor.from_pretrained(source, **load_kwargs)
     return model, processor
 
 
@@ -391,34 +496,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         studies = _collect_studies(args)
-        model, processor = load_model_and_processor(args.model, args.device)
-    except (UsageError, OSError) as error:  # OSError: model folder / Hub id not loadable
+        model, processor = load_model_and_processor(
+            args.model, args.device, trust_remote_code=args.trust_remote_code, revision=args.revision
+        )
+    except (UsageError, ModelSourceError, OSError) as error:  # OSError: model folder / Hub id not loadable
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    warning = training_data_warning(args.model, args.revision)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
     generate_kwargs: dict[str, Any] = {}
     if args.num_beams is not None:
         generate_kwargs["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    caption_studies(
+    batches = caption_batches(
         studies, model, processor, batch_size=args.batch_size, progress=not args.quiet, **generate_kwargs
     )
-    if not args.no_findings:
-        add_findings(studies)
-
-    if output == "-":
-        write_jsonl(studies, sys.stdout)
-    elif output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with open(
-            output, "w", newline="" if output.lower().endswith(".csv") else None, encoding="utf-8"
-        ) as handle:
-            (write_csv if output.lower().endswith(".csv") else write_jsonl)(studies, handle)
-    else:
-        for study in studies:
-            if study.error is None:
-                print(format_text(study) + "\n")
+    with record_sink(output) as write:
+        for batch in batches:
+            if not args.no_findings:
+                add_findings(batch)
+            for study in batch:
+                if study.report is not None:
+                    study.warning = warning
+            write(batch)
 
     failed = [s for s in studies if s.error is not None]
     for study in failed:

@@ -14,13 +14,14 @@ and which holds this file makes `pipeline("image-to-text", model=dir, trust_remo
 the built-in ones, so the redirect never happens. `add_pipeline_to_folder(dir)` writes both.
 
 This file travels alone with the model folder (the remote-code loader copies it into its module cache):
-it imports only torch and transformers.
+it imports only torch, transformers and the standard library.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,36 @@ CUSTOM_PIPELINES = {
     }
 }
 
-__all__ = ["XrayCapImageToTextPipeline", "add_pipeline_to_folder", "CUSTOM_PIPELINES", "PIPELINE_TASK"]
+# An image URL is fetched with this timeout (seconds) unless the call passes `timeout=`, and at most this
+# many bytes are read from it.
+URL_TIMEOUT_S = 30.0
+URL_MAX_BYTES = 200_000_000
+
+__all__ = [
+    "XrayCapImageToTextPipeline",
+    "add_pipeline_to_folder",
+    "fetch_image_bytes",
+    "CUSTOM_PIPELINES",
+    "PIPELINE_TASK",
+]
+
+
+def fetch_image_bytes(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
+    """
+    The encoded bytes of an image URL, for the processor to decode as it decodes files (16-bit kept).
+
+    Args:
+        url (`str`): an http(s) URL.
+        timeout (`float`, *optional*, defaults to `URL_TIMEOUT_S`): seconds to wait for the server.
+
+    Raises:
+        `ValueError` naming the URL when it sends more than `URL_MAX_BYTES`.
+    """
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked by caller
+        data = response.read(URL_MAX_BYTES + 1)
+    if len(data) > URL_MAX_BYTES:
+        raise ValueError(f"{url} sent more than {URL_MAX_BYTES:,} bytes: download and downscale it first.")
+    return data
 
 
 def _views_of(item: Any) -> list[Any]:
@@ -65,7 +95,8 @@ class XrayCapImageToTextPipeline(Pipeline):
     """
     Chest X-ray -> radiology report.
 
-    Inputs: an image (PIL image, numpy array, local path or URL), a study `{"frontal": img, "lateral": img}`
+    Inputs: an image (PIL image, numpy array, local path or http(s) URL, fetched with `timeout=` seconds,
+    default `URL_TIMEOUT_S`), a study `{"frontal": img, "lateral": img}`
     (lateral optional) or a `(frontal, lateral)` tuple, or a list of those (a batch; `batch_size=` groups
     them for the model). Every `generate()` keyword (`num_beams`, `max_new_tokens`, `do_sample`,
     `no_repeat_ngram_size`, `num_return_sequences`, ...) passes through, at construction or per call, or
@@ -94,7 +125,18 @@ class XrayCapImageToTextPipeline(Pipeline):
     _load_tokenizer = False
     _pipeline_calls_generate = True
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(
+        self, *args: Any, trust_remote_code: bool | None = None, revision: str | None = None, **kwargs: Any
+    ):
+        """
+        Args:
+            trust_remote_code (`bool`, *optional*):
+                Whether the processor, when it has to be loaded here, may run its folder's code. Defaults to what
+                the caller already allowed for the model: true only when the model's own class was loaded as
+                remote code (`pipeline(..., trust_remote_code=True)`).
+            revision (`str`, *optional*):
+                The Hub commit of that processor; defaults to the commit the model was loaded from.
+        """
         super().__init__(*args, **kwargs)
         if self.processor is None:
             source = getattr(self.model, "name_or_path", None) or getattr(
@@ -106,7 +148,12 @@ class XrayCapImageToTextPipeline(Pipeline):
                 )
             from transformers import AutoProcessor
 
-            self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+            if trust_remote_code is None:
+                trust_remote_code = type(self.model).__module__.startswith("transformers_modules.")
+            revision = revision or getattr(self.model.config, "_commit_hash", None)
+            self.processor = AutoProcessor.from_pretrained(
+                source, trust_remote_code=trust_remote_code, revision=revision
+            )
         if self.tokenizer is None:
             self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.image_processor is None:
@@ -143,9 +190,7 @@ class XrayCapImageToTextPipeline(Pipeline):
         loaded = []
         for view in views:
             if isinstance(view, str) and view.startswith(("http://", "https://")):
-                from transformers.image_utils import load_image
-
-                view = load_image(view, timeout=timeout)
+                view = fetch_image_bytes(view, URL_TIMEOUT_S if timeout is None else timeout)
             loaded.append(view)
         encoded = self.processor(images=[loaded], return_tensors="pt")
         model_inputs = {"pixel_values": encoded["pixel_values"].to(self.dtype or torch.float32)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,11 @@ _HUB_KWARGS = frozenset(
 _LOADER_KWARGS = ("dtype", "torch_dtype", "device_map", "device")
 # The saved settings `from_pretrained` reads from processor_config.json (and takes as overrides).
 _PROCESSOR_SETTINGS = ("max_views", "max_length")
+
+# The raster formats an X-ray arrives in; anything else (EPS, which runs Ghostscript; PDF; ...) is refused.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# Pixels per image at most: the dataset builder's cap (dataset_builder.images.DEFAULT_MAX_IMAGE_PIXELS).
+MAX_IMAGE_PIXELS = 50_000_000
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -65,34 +71,47 @@ def _array_to_pil(array: np.ndarray, name: str = "array") -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = _array_to_pil(np.asarray(image))
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA"):
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))  # X-ray background is black
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> its 8-bit luminance, as 3 equal channels.
+
+    The same conversion as the dataset builder (`dataset_builder.images.to_grayscale_8bit`, which stores
+    every training image as 8-bit grayscale "L"): high-bit-depth images are scaled from their own min-max
+    range, transparency is composited on black, colour becomes luminance. So an RGB copy and an "L" copy of
+    one film give the same tensor, as they did in training.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if high <= low:
+            gray = np.zeros(array.shape, dtype=np.uint8)
+        else:
+            gray = np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+        image = Image.fromarray(gray)
+    elif image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # X-ray background is black
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L").convert("RGB")
 
 
 def load_image(path_or_image: ImageLike) -> Image.Image:
     """
-    Open an image and convert it to 8-bit RGB.
+    Open an image and convert it to its 8-bit luminance in RGB form, as the training images were stored.
 
     Args:
         path_or_image (`str`, `os.PathLike`, `bytes`, `PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
             A file path, encoded file bytes, or an image already in memory. 16-bit and float images are
-            rescaled from their own min-max range; RGBA is composited on black; palettes are expanded.
+            rescaled from their own min-max range; RGBA is composited on black; colour becomes luminance.
+            Files are opened only as one of `ACCEPTED_FORMATS` and only up to `MAX_IMAGE_PIXELS` pixels.
 
     Returns:
-        `PIL.Image.Image` in mode "RGB".
+        `PIL.Image.Image` in mode "RGB" (three equal channels).
 
     Raises:
         `FileNotFoundError` if the path does not exist; `ValueError` naming the file if it is not a readable
-        image.
+        image in an accepted format, or is larger than `MAX_IMAGE_PIXELS`.
     """
     if isinstance(path_or_image, Image.Image):
+        _check_pixels(path_or_image.size, "image")
         return _to_rgb(path_or_image)
     if isinstance(path_or_image, torch.Tensor):
         return _to_rgb(_array_to_pil(path_or_image.detach().cpu().numpy(), "tensor"))
@@ -110,11 +129,32 @@ def load_image(path_or_image: ImageLike) -> Image.Image:
             "or a numpy array."
         )
     try:
-        with Image.open(source) as image:
-            image.load()
-            return _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS is refused below, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source, formats=ACCEPTED_FORMATS) as image:
+                _check_pixels(image.size, name)
+                image.load()
+                return _to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{name} is too large to decode ({err}); the limit is {MAX_IMAGE_PIXELS:,} pixels: downscale it."
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ValueError(
+            f"{name} is not a readable image file in an accepted format ({', '.join(ACCEPTED_FORMATS)}): {err}"
+        ) from err
+    except (OSError, SyntaxError) as err:
         raise ValueError(f"{name} is not a readable image file ({err}).") from err
+
+
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse an image over `MAX_IMAGE_PIXELS` (read from its header, before any pixel is decoded)."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: "
+            "downscale it (the training images were at most that size too)."
+        )
 
 
 class XrayCapImageProcessor(ImageProcessingMixin):

@@ -8,6 +8,8 @@ generation options that keep an untrained model from answering with an empty str
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from testing_utils import make_tiny_model_and_processor
 
 from dataset_builder.synthesize import make_study
 from pipeline_xraycap import add_pipeline_to_folder
+from training.model_card import build_model_card
 
 
 def phantom_studies(num_studies: int = 4, image_size: int = 128, seed: int = 0, start: int = 0):
@@ -84,3 +87,33 @@ def save_model_folder(model, processor, folder: Path) -> Path:
     processor.save_pretrained(folder)
     add_pipeline_to_folder(folder)
     return folder
+
+
+def write_model_card(folder: Path, dataset_id: str, data_description: str) -> Path:
+    """Write the model card run_captioning writes (training/model_card.py) for a run on `dataset_id`."""
+    run_info = {
+        "model_name": folder.name,
+        "architecture": "tiny ResNet -> GPT-2",
+        "data_description": data_description,
+        "num_examples": {"train": 8, "test": 2},
+        "section": "findings",
+        "views": "frontal",
+        "training_description": "a test run",
+        "num_beams": 3,
+        "dataset_id": dataset_id,
+        "dataset_name": "a data set",
+        "base_model": None,
+    }
+    build_model_card({"test": {"bleu_4": 0.5}}, run_info).save(folder / "README.md")
+    return folder / "README.md"
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims `width` x `height` (1-bit grey) and holds no pixels: a cheap huge image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
