@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,13 +40,14 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 from configuration_xraycap import XrayCapConfig
 from pipeline_xraycap import add_pipeline_to_folder
-from training.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.checkpoints import load_checkpoint, nonfinite_parameters, resolve_checkpoint, save_checkpoint
 from training.data import StudyCollator, load_studies, model_inputs, precompute_features, study_dataloader
 from training.evaluation import generate_reports, score, write_predictions, write_samples
 from training.figures import plot_training_curves
 from training.hub import push_to_hub
 from training.model_card import build_model_card, describe_run, format_value
 from training.models import build_config, build_model, build_processor, encoder_is_frozen
+from training.nonfinite import NonFiniteSteps
 from training.optimization import build_optimizer, training_loss
 from training.precision import MIXED_PRECISION_CHOICES, resolve_mixed_precision
 
@@ -124,7 +126,17 @@ class DataArguments:
 class TrainingArguments:
     """How to train, evaluate, save and push."""
 
-    output_dir: str = arg("outputs/xraycap-demo", "Where the model folder goes.")
+    output_dir: str = arg(
+        "outputs/xraycap-demo",
+        "Where the model folder goes. A folder that holds anything is refused unless --overwrite_output_dir or "
+        "--resume_from_checkpoint is given.",
+    )
+    overwrite_output_dir: bool = arg(
+        False,
+        "Train into a non-empty --output_dir: the files this run writes replace the old ones (others stay), and an "
+        "older run's checkpoints/ is deleted at the start (its step numbers would mix with this run's in rotation "
+        "and in 'latest').",
+    )
     seed: int = arg(42, "Seed for data order, initialisation and dropout.")
     num_train_epochs: int = arg(10, "Epochs (ignored when --max_steps > 0).")
     max_steps: int = arg(-1, "Total optimizer steps; overrides --num_train_epochs.")
@@ -135,6 +147,11 @@ class TrainingArguments:
     weight_decay: float = arg(0.01, "AdamW weight decay (not on biases and norms).")
     warmup_ratio: float = arg(0.05, "Fraction of steps for linear warmup.")
     max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables it).")
+    max_nonfinite_steps: int = arg(
+        10,
+        "A step whose loss or gradient norm is NaN / inf changes no weight and is counted (trainer_history.json "
+        "'nonfinite_steps'); this many in a row stop the run with an error.",
+    )
     mixed_precision: str = arg(
         "auto",
         "Autocast over fp32 weights. auto = bf16 where the hardware has it (Ampere+ GPUs, CPUs with AMX / "
@@ -159,6 +176,12 @@ class TrainingArguments:
     push_to_hub: bool = arg(False, "Upload the saved model folder to the Hub.")
     hub_model_id: str | None = arg(None, "Hub repo id, e.g. your-name/xraycap-iu.")
     hub_private: bool = arg(False, "Create the Hub repo as private.")
+    hub_upload_extra: str | None = arg(
+        None,
+        "--push_to_hub uploads only the model repo's files (weights, configs, code, tokenizer, processor, model card). "
+        "Comma-separated file patterns to upload as well, e.g. 'predictions.jsonl,eval_results.json,samples.*' "
+        "(run_args.json holds local paths; checkpoints/ never goes up).",
+    )
     cache_features: bool = arg(
         False,
         "Run the frozen encoder once per image and train on the stored features (needs a frozen encoder; same "
@@ -192,6 +215,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1.")
     if Path(train_args.output_dir).exists() and not Path(train_args.output_dir).is_dir():
         raise ValueError(f"--output_dir {train_args.output_dir!r} is a file; give a folder path.")
+    # Only the first process looks: the others may start after it has written run_args.json there.
+    allowed = train_args.overwrite_output_dir or train_args.resume_from_checkpoint is not None
+    if os.environ.get("RANK", "0") == "0" and output_dir_in_use(train_args.output_dir) and not allowed:
+        raise ValueError(
+            f"--output_dir {train_args.output_dir!r} is not empty: give a new folder, add --overwrite_output_dir true "
+            "to replace what it holds, or --resume_from_checkpoint latest to continue its run."
+        )
+    if train_args.max_nonfinite_steps < 1:
+        raise ValueError(f"--max_nonfinite_steps must be >= 1, got {train_args.max_nonfinite_steps}.")
     if sum(bool(x) for x in (data_args.data_dir, data_args.dataset_dir, data_args.download)) > 1:
         raise ValueError("Give only one of --data_dir, --dataset_dir and --download.")
     if data_args.data_dir is not None:
@@ -223,6 +255,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             "--cache_features needs a frozen encoder: add --freeze_vision_encoder true (or use --vision_model)."
         )
     return model_args, data_args, train_args
+
+
+def output_dir_in_use(output_dir: str) -> bool:
+    """Whether `output_dir` is a folder that holds anything (`.` in a repository checkout does)."""
+    path = Path(output_dir)
+    return path.is_dir() and any(path.iterdir())
+
+
+def hub_upload_extra(train_args: TrainingArguments) -> list[str]:
+    """The file patterns of `--hub_upload_extra`, as a list."""
+    return [p.strip() for p in (train_args.hub_upload_extra or "").split(",") if p.strip()]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -260,6 +303,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     set_seed(train_args.seed)
     if accelerator.is_main_process:
+        stale = output_dir / "checkpoints"
+        if train_args.overwrite_output_dir and train_args.resume_from_checkpoint is None and stale.is_dir():
+            logger.warning(f"--overwrite_output_dir: deleting the older run's checkpoints in {stale}")
+            shutil.rmtree(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
         run_args = {"model": asdict(model_args), "data": asdict(data_args), "training": asdict(train_args)}
         run_args["training"]["mixed_precision_resolved"] = mixed_precision
@@ -330,17 +377,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers("xraycap", config=tracked)
 
     # Resume: restore model / optimizer / scheduler / RNG states, then skip the batches already consumed.
-    history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epoch_metrics": []}
+    # What a resume depends on; stored in every checkpoint and compared on resume.
+    resume_arguments = {
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "max_steps": max_steps,
+        "train_examples": len(train_split),
+        "steps_per_epoch": steps_per_epoch,
+        "seed": train_args.seed,
+    }
+    history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epoch_metrics": [], "nonfinite_steps": []}
     completed_steps, starting_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir / "checkpoints")
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        completed_steps, history = state["completed_steps"], state["history"]
+        state = load_checkpoint(accelerator, checkpoint, resume_arguments)
+        completed_steps, history = state["completed_steps"], {"nonfinite_steps": [], **state["history"]}
         starting_epoch = completed_steps // steps_per_epoch
         skip_batches = (completed_steps % steps_per_epoch) * train_args.gradient_accumulation_steps
+        if completed_steps >= max_steps:
+            logger.info(
+                f"{checkpoint} already holds all {max_steps} steps: no training, only saving and evaluation."
+            )
 
     def checkpoint_now() -> None:
-        state = {"completed_steps": completed_steps, "history": history}
+        if bad := nonfinite_parameters(model):  # the step skip keeps weights finite; never save broken ones
+            raise RuntimeError(
+                f"Not saving step {completed_steps}: non-finite weights in {bad[:3]}. Resume from the last "
+                "checkpoint (--resume_from_checkpoint latest) with a lower --learning_rate."
+            )
+        state = {"completed_steps": completed_steps, "history": history, "resume_arguments": resume_arguments}
         save_checkpoint(
             accelerator, output_dir / "checkpoints", completed_steps, state, train_args.save_total_limit
         )
@@ -357,7 +423,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         disable=not accelerator.is_local_main_process,
     )
     model.train()
-    for epoch in range(starting_epoch, num_epochs if train_args.do_train else 0):
+    nonfinite = NonFiniteSteps(train_args.max_nonfinite_steps, output_dir / "checkpoints")
+    last_epoch = num_epochs if train_args.do_train and completed_steps < max_steps else starting_epoch
+    for epoch in range(starting_epoch, last_epoch):
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         if epoch == starting_epoch and skip_batches:
@@ -366,17 +434,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 loss = training_loss(model, model_inputs(batch))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                finite = True
+                if accelerator.sync_gradients:
+                    # The norm of the synced gradients is the same on every process; the losses are gathered.
+                    max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    losses = accelerator.gather(loss.detach()).float()
+                    finite = bool(torch.isfinite(losses).all()) and math.isfinite(float(grad_norm))
+                # A non-finite step updates nothing (fp16's GradScaler skips it itself, and lowers its scale).
+                if finite or accelerator.scaler is not None:
+                    optimizer.step()
+                if finite:
+                    scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
-            step_loss = accelerator.gather(loss.detach()).float().mean().item()
+            step_loss = losses.mean().item()
+            nonfinite.record(completed_steps, finite, step_loss, float(grad_norm), history)
             lr = scheduler.get_last_lr()[0]
-            for key, value in (("step", completed_steps), ("loss", step_loss), ("lr", lr)):
+            # A skipped step's loss is recorded as None (JSON has no NaN); it is listed in nonfinite_steps.
+            loss_value = step_loss if finite else None
+            for key, value in (("step", completed_steps), ("loss", loss_value), ("lr", lr)):
                 history[key].append(value)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", epoch=epoch)
@@ -416,6 +495,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # so the autocast wrapper comes off: test generation runs in fp32, as a reloaded model does.
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    if bad := nonfinite_parameters(unwrapped):
+        raise RuntimeError(
+            f"Not saving the model to {output_dir}: non-finite weights in {bad[:3]}. Resume from the last "
+            "checkpoint (--resume_from_checkpoint latest) with a lower --learning_rate."
+        )
     if accelerator.is_main_process:
         unwrapped.config.register_for_auto_class()
         unwrapped.register_for_auto_class("AutoModel")
@@ -478,7 +562,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Push to the Hub.
     if train_args.push_to_hub and accelerator.is_main_process:
-        logger.info(f"Pushed to {push_to_hub(output_dir, train_args.hub_model_id, train_args.hub_private)}")
+        url = push_to_hub(
+            output_dir, train_args.hub_model_id, train_args.hub_private, extra=hub_upload_extra(train_args)
+        )
+        logger.info(f"Pushed to {url}")
     accelerator.wait_for_everyone()
     if train_args.report_to != "none":
         accelerator.end_training()

@@ -346,6 +346,7 @@ def fresh_accelerate_state():
         (["--cache_features", "true", "--freeze_vision_encoder", "false"], ValueError, "frozen encoder"),
         (["--views", "sideways"], ValueError, "--views 'sideways'"),
         (["--synthetic_studies", "5"], ValueError, "use >= 20"),
+        (["--max_nonfinite_steps", "0"], ValueError, "--max_nonfinite_steps must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_fast(argv, error, message, tmp_path: Path, monkeypatch):
@@ -448,11 +449,12 @@ def test_bf16_on_cpu_really_autocasts(cache_dir, tmp_path: Path, monkeypatch, fr
     assert json.loads((tmp_path / "o" / "eval_results.json").read_text())["run"]["mixed_precision"] == "bf16"
 
 
-def test_push_to_hub_uploads_exactly_the_saved_folder(
+def test_push_to_hub_uploads_the_model_files_and_the_extra_asked_for(
     cache_dir, tmp_path: Path, monkeypatch, fresh_accelerate_state
 ):
-    """--push_to_hub uploads the saved folder (no checkpoints) through HfApi, faked here; what was uploaded then
-    loads in a fresh process."""
+    """--push_to_hub uploads the saved model files through HfApi, faked here, plus --hub_upload_extra's; run
+    arguments (local paths), history, curves and checkpoints stay local. What was uploaded loads in a fresh
+    process."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
@@ -495,13 +497,18 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(
             "someone/xraycap-test",
             "--hub_private",
             "true",
+            "--hub_upload_extra",
+            "eval_results.json",
         ]
     )
     assert calls["create_repo"] == {"repo_id": "someone/xraycap-test", "private": True, "exist_ok": True}
     assert Path(calls["upload_folder"]["folder_path"]) == out
     saved = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
     uploaded = {str(p.relative_to(hub)) for p in hub.rglob("*") if p.is_file()}
-    assert uploaded == saved and "model.safetensors" in uploaded and "modeling_xraycap.py" in uploaded
+    local_only = {"run_args.json", "trainer_history.json", "training_curves.png"}
+    assert local_only <= saved and (out / "checkpoints").is_dir()
+    assert uploaded == saved - local_only
+    assert {"model.safetensors", "modeling_xraycap.py", "README.md", "eval_results.json"} <= uploaded
     code = (
         "from transformers import AutoModel, AutoProcessor\n"
         f"m = AutoModel.from_pretrained({str(hub)!r}, trust_remote_code=True)\n"

@@ -47,11 +47,24 @@ def test_fp16_on_cpu_becomes_bf16_with_a_warning(caplog):
     assert resolve_mixed_precision("no", "cpu") == "no"
 
 
-@pytest.mark.parametrize("bf16_supported", [True, False])
-def test_auto_precision_on_cuda_is_bf16_where_supported_else_fp16(bf16_supported, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    assert resolve_mixed_precision("auto", "cuda") == ("bf16" if bf16_supported else "fp16")
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")]
+)
+def test_auto_precision_on_cuda_is_bf16_only_where_native(capability, expected, monkeypatch):
+    """auto is bf16 from compute capability 8 (Ampere) on; a T4 (7.5) or V100 (7.0), where
+    `torch.cuda.is_bf16_supported()` also says yes (emulated bf16), gets fp16 (Accelerate adds the GradScaler)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    assert resolve_mixed_precision("auto", "cuda") == expected
     assert resolve_mixed_precision("fp16", "cuda") == "fp16"
+
+
+def test_explicit_bf16_on_a_cuda_gpu_without_native_bf16_warns(monkeypatch, caplog):
+    """--mixed_precision bf16 on a T4 is kept as asked, with a warning that it is emulated there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (7, 5))
+    with caplog.at_level("WARNING"):
+        assert resolve_mixed_precision("bf16", "cuda") == "bf16"
+    assert "compute capability 7.5" in caplog.text
 
 
 def test_unknown_precision_names_the_choices():

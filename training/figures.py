@@ -95,15 +95,17 @@ def plot_training_curves(history: dict[str, Any], path: str | Path, title: str |
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_loss, ax_lr, ax_val = axes
 
-    if steps:
-        ax_loss.plot(steps, loss, color="tab:blue", linewidth=1.0, alpha=0.5, label="loss")
+    kept = [(step, value) for step, value in zip(steps, loss) if value is not None]  # skipped steps: None
+    loss_steps, loss = [step for step, _ in kept], [value for _, value in kept]
+    if loss_steps:
+        ax_loss.plot(loss_steps, loss, color="tab:blue", linewidth=1.0, alpha=0.5, label="loss")
         if len(loss) >= 10:  # a moving average makes the trend readable on noisy per-step losses
             window = max(2, len(loss) // 20)
             smooth = [
                 sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
                 for i in range(len(loss))
             ]
-            ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2.0, label=f"mean of {window}")
+            ax_loss.plot(loss_steps, smooth, color="tab:blue", linewidth=2.0, label=f"mean of {window}")
         ax_loss.legend(loc="upper right")
     else:
         ax_loss.text(0.5, 0.5, "no steps logged", ha="center", va="center", transform=ax_loss.transAxes)

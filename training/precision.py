@@ -1,7 +1,8 @@
 """Which `mixed_precision` a run really trains in, from what was asked for and what the hardware has.
 
-Accelerate silently trains in fp32 when asked for fp16 on a CPU, and torch runs bf16 matmuls in a slow
-scalar fallback on CPUs without bf16 matmul hardware. `resolve_mixed_precision` makes both visible.
+`torch.cuda.is_bf16_supported()` says yes on GPUs that only emulate bf16 (T4, V100): the compute capability
+decides instead. Accelerate silently trains in fp32 when asked for fp16 on a CPU, and torch runs bf16 matmuls
+in a slow scalar fallback on CPUs without bf16 matmul hardware. `resolve_mixed_precision` makes both visible.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def cpu_has_bf16_matmuls() -> bool:
 def resolve_mixed_precision(requested: str, device_type: str | None = None) -> str:
     """Maps `--mixed_precision` to the precision that really runs, for `Accelerator(mixed_precision=...)`.
 
-    `auto` is bf16 on CUDA where supported (else fp16), and on CPU bf16 only where the CPU has bf16 matmul
+    `auto` is bf16 on a CUDA GPU that runs it natively (compute capability >= 8.0), else fp16 (Accelerate adds
+    a GradScaler), and on CPU bf16 only where the CPU has bf16 matmul
     hardware (else fp32, `"no"`). An explicit fp16 on CPU becomes bf16 (CPU autocast has no fp16 path that
     pays); an explicit bf16 on a CPU without the hardware is kept, with a warning.
 
@@ -49,8 +51,15 @@ def resolve_mixed_precision(requested: str, device_type: str | None = None) -> s
         use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         device_type = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
     if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        native_bf16 = major >= 8  # Ampere on; is_bf16_supported() also says yes on a T4 / V100 (emulated)
         if requested == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if native_bf16 else "fp16"
+        if requested == "bf16" and not native_bf16:
+            logger.warning(
+                f"--mixed_precision bf16 on a GPU of compute capability {major}.{minor}: bf16 is emulated below 8.0 "
+                "(Ampere) and runs slowly. --mixed_precision auto (or fp16) trains in fp16 with a GradScaler here."
+            )
         return requested
     if requested == "auto":
         if cpu_has_bf16_matmuls():

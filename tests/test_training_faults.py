@@ -1,0 +1,219 @@
+"""Faults a training run meets, in-process and without training: a non-empty output folder, stale checkpoints of
+an older run, a full disk while saving, what `--push_to_hub` uploads.
+
+The faults that need a real training run (NaN loss, resume with changed arguments) are in
+test_training_fault_runs.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from training.hub import push_to_hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Rank:
+    """Stands in for a one-process `Accelerator` in `save_checkpoint`; `fail_on` makes `save_state` raise."""
+
+    process_index, is_main_process = 0, True
+
+    def __init__(self, fail_on: OSError | None = None):
+        self.fail_on = fail_on
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, output_dir: str):
+        torch.save({"weights": torch.ones(3)}, Path(output_dir) / "model.bin")
+        if self.fail_on is not None:
+            raise self.fail_on
+        torch.save({"rank": 0}, Path(output_dir) / "random_states_0.pkl")
+
+
+# --------------------------------------------------------------------------------------------------
+# Output folder and checkpoints of an older run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_non_empty_output_dir_is_refused_without_overwrite_or_resume(tmp_path: Path, monkeypatch):
+    """A folder holding anything is refused, naming it and both ways out; --overwrite_output_dir or a resume
+    accepts it, and an empty or missing folder needs neither."""
+    import run_captioning
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "old_run"
+    (out / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    with pytest.raises(
+        ValueError, match=r"--output_dir .*old_run.* is not empty.*--overwrite_output_dir true"
+    ):
+        run_captioning.parse_args(["--output_dir", str(out)])
+    run_captioning.parse_args(["--output_dir", str(out), "--overwrite_output_dir", "true"])
+    run_captioning.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    (tmp_path / "empty").mkdir()
+    run_captioning.parse_args(["--output_dir", str(tmp_path / "empty")])
+    run_captioning.parse_args(["--output_dir", str(tmp_path / "new")])
+
+
+def test_output_dir_dot_in_the_repository_is_refused(monkeypatch):
+    """`--output_dir .` in a checkout would replace the repository's README with a model card."""
+    import run_captioning
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError, match=r"--output_dir '\.' is not empty"):
+        run_captioning.parse_args(["--output_dir", "."])
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path: Path):
+    """A new run's checkpoint-100 next to an older run's checkpoint-500 and -1000 survives the rotation."""
+    for step in (500, 1000):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    save_checkpoint(_Rank(), tmp_path, 100, {"completed_steps": 100}, keep=2)
+    assert "checkpoint-100" in [p.name for p in list_checkpoints(tmp_path)]
+    assert len(list_checkpoints(tmp_path)) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Crash-safe writes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path):
+    """ENOSPC raised from inside the save: the error names the checkpoint, the cause and what is kept; the
+    previous checkpoint is untouched and still `latest`, and no partial folder is left behind."""
+    save_checkpoint(_Rank(), tmp_path, 3, {"completed_steps": 3}, keep=1)
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(
+        RuntimeError, match=r"checkpoint-6.*No space left on device.*checkpoint-3 is kept"
+    ) as info:
+        save_checkpoint(_Rank(fail_on=disk_full), tmp_path, 6, {"completed_steps": 6}, keep=1)
+    assert info.value.__cause__ is disk_full
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-3"
+    assert json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["completed_steps"] == 3
+    assert torch.load(tmp_path / "checkpoint-3" / "model.bin")["weights"].sum() == 3
+
+
+def test_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path: Path, monkeypatch):
+    """Every file of the checkpoint and its folder are fsynced before the rename that makes it `latest`, and the
+    parent folder after it, so a power cut never leaves a `checkpoint-N` with empty files."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_open, real_replace = os.fsync, os.open, os.replace
+    opened: dict[int, str] = {}
+
+    def spy_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened[fd] = str(path)
+        return fd
+
+    def spy_fsync(fd):
+        events.append(("fsync", Path(opened.get(fd, "?")).name))
+        return real_fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    save_checkpoint(_Rank(), tmp_path, 4, {"completed_steps": 4}, keep=2)
+    rename = events.index(("replace", "checkpoint-4"))
+    synced_before = {name for kind, name in events[:rename] if kind == "fsync"}
+    assert {"model.bin", "random_states_0.pkl", "trainer_state.json", "checkpoint-4.tmp"} <= synced_before
+    assert ("fsync", tmp_path.name) in events[rename:]
+
+
+# --------------------------------------------------------------------------------------------------
+# What --push_to_hub uploads
+# --------------------------------------------------------------------------------------------------
+
+MODEL_FILES = [
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "configuration_xraycap.py",
+    "modeling_xraycap.py",
+    "processing_xraycap.py",
+    "pipeline_xraycap.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "README.md",
+]
+LOCAL_FILES = [
+    "predictions.jsonl",
+    "samples.png",
+    "samples.html",
+    "run_args.json",
+    "trainer_history.json",
+    "eval_results.json",
+    "training_curves.png",
+    "notes.txt",
+    "xraycap/events.out.tfevents.1.host",
+    "runs/xraycap/events.out.tfevents.2.host",
+    "checkpoints/checkpoint-8/model.safetensors",
+]
+
+
+def _fake_hub(monkeypatch, hub: Path) -> None:
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    def create_repo(self, repo_id, **kwargs):
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (hub / rel).parent.mkdir(parents=True, exist_ok=True)
+            (hub / rel).write_bytes((Path(folder_path) / rel).read_bytes())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    for name in MODEL_FILES + LOCAL_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps({"file": name}))
+    return folder
+
+
+def test_push_to_hub_uploads_only_the_model_files(run_folder: Path, tmp_path: Path, monkeypatch):
+    """Weights, configs, code, tokenizer, processor and card go up; predictions, samples, run arguments (local
+    paths), history, tracker logs wherever they are, checkpoints and stray files stay local."""
+    hub = tmp_path / "hub"
+    _fake_hub(monkeypatch, hub)
+    push_to_hub(run_folder, "someone/x")
+    assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()) == sorted(MODEL_FILES)
+
+
+def test_push_to_hub_uploads_the_extra_files_asked_for(run_folder: Path, tmp_path: Path, monkeypatch):
+    """`extra` patterns (--hub_upload_extra) add files to the upload; checkpoints stay local even then."""
+    hub = tmp_path / "hub"
+    _fake_hub(monkeypatch, hub)
+    push_to_hub(run_folder, "someone/x", extra=["predictions.jsonl", "eval_results.json", "checkpoints/*"])
+    uploaded = sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file())
+    assert uploaded == sorted([*MODEL_FILES, "predictions.jsonl", "eval_results.json"])
+
+
+def test_hub_upload_extra_argument_reaches_the_upload():
+    """--hub_upload_extra takes a comma-separated list of file patterns."""
+    import run_captioning
+
+    args = ["--hub_upload_extra", "predictions.jsonl, eval_results.json", "--output_dir", "/nonexistent/x"]
+    *_, train_args = run_captioning.parse_args(args)
+    assert run_captioning.hub_upload_extra(train_args) == ["predictions.jsonl", "eval_results.json"]
