@@ -17,21 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from testing_utils import SMALL_RUN, reset_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "run_captioning.py")
 
-# A small run: 40 studies -> 28 / 4 / 8; batch 4 -> 7 optimizer steps per epoch.
-SMALL = [
-    "--synthetic_studies",
-    "40",
-    "--per_device_train_batch_size",
-    "4",
-    "--seed",
-    "3",
-    "--logging_steps",
-    "1",
-]
+SMALL = [*SMALL_RUN, "--logging_steps", "1"]
 # `accelerate launch` without a saved accelerate config; the script itself picks the precision.
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
 ACCELERATE_LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -318,16 +309,9 @@ def test_torch_compile_trains_and_saves_a_loadable_folder(cache_dir, tmp_path: P
 
 @pytest.fixture
 def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-
-    reset()
+    reset_accelerate_state()
     yield
-    reset()
+    reset_accelerate_state()
 
 
 @pytest.mark.parametrize(

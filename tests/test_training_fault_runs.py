@@ -14,36 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from testing_utils import SMALL_RUN, reset_accelerate_state
 
-SMALL = [
-    "--synthetic_studies",
-    "40",
-    "--per_device_train_batch_size",
-    "4",
-    "--seed",
-    "3",
-    "--do_eval",
-    "false",
-]
-
-
-def _reset_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+SMALL = [*SMALL_RUN, "--do_eval", "false"]
 
 
 def train(args: list[str], output_dir: Path, cache: Path) -> dict:
     """One in-process run_captioning.main on the tiny preset; returns its `trainer_history.json`."""
     import run_captioning
 
-    _reset_accelerate_state()
+    reset_accelerate_state()
     try:
         run_captioning.main([*SMALL, *args, "--output_dir", str(output_dir), "--cache_dir", str(cache)])
     finally:
-        _reset_accelerate_state()
+        reset_accelerate_state()
     return json.loads((output_dir / "trainer_history.json").read_text())
 
 

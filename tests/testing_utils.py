@@ -137,3 +137,16 @@ def phantom_batch(processor, findings: Iterable[str] = FINDINGS[:2], text: bool 
     images = [make_phantom_image(f, size=size) for f in findings]
     texts = [PHANTOM_REPORTS[f] for f in findings] if text else None
     return processor(images=images, text=texts, return_tensors="pt")
+
+
+# A small run_captioning job: 40 phantom studies -> 28 / 4 / 8; batch 4 -> 7 optimizer steps per epoch.
+SMALL_RUN = ["--synthetic_studies", "40", "--per_device_train_batch_size", "4", "--seed", "3"]
+
+
+def reset_accelerate_state() -> None:
+    """Forgets Accelerate's process-wide state, so that the next in-process `run_captioning.main` starts fresh."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
