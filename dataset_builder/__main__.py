@@ -1,4 +1,9 @@
-"""`python -m dataset_builder synthesize|build|download ...` (see DESIGN.md for the contract)."""
+"""`python -m dataset_builder synthesize|build|download ...` (see DESIGN.md for the contract).
+
+`build --format indiana` (default) reads the Kaggle layout; `build --format mimic-cxr` reads MIMIC-CXR-JPG with
+the MIMIC-CXR reports (`--reports_dir` where they are not inside `--data_dir`); both write the same schema and
+build report.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from .builder import build_dataset
 from .configuration import SECTIONS, VIEWS
 from .download import KAGGLE_HANDLE, download
+from .formats import DEFAULT_FORMAT, FORMATS
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .synthesize import synthesize
 from .text_cleaning import XXXX_MODES
@@ -17,7 +23,10 @@ from .text_cleaning import XXXX_MODES
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dataset_builder",
-        description="Indiana chest X-ray CSVs + PNGs -> a study-level Arrow DatasetDict; phantom studies; download.",
+        description=(
+            "Chest X-ray studies (Indiana Kaggle layout, or MIMIC-CXR-JPG + reports) -> a study-level Arrow "
+            "DatasetDict; phantom studies; download."
+        ),
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -33,19 +42,45 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build the DatasetDict + build_report.json")
     b.add_argument(
-        "--data_dir", required=True, help="folder with indiana_reports.csv, indiana_projections.csv, images/"
+        "--data_dir",
+        required=True,
+        help="indiana: folder with indiana_reports.csv, indiana_projections.csv, images/; mimic-cxr: the "
+        "MIMIC-CXR-JPG folder with mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-metadata.csv.gz, files/",
     )
     b.add_argument("--output_dir", required=True, help="where to save_to_disk the DatasetDict")
+    b.add_argument(
+        "--format",
+        dest="data_format",
+        choices=tuple(FORMATS),
+        default=DEFAULT_FORMAT,
+        help=f"layout of --data_dir (default {DEFAULT_FORMAT}); mimic-cxr is credentialed PhysioNet data you bring",
+    )
+    b.add_argument(
+        "--reports_dir",
+        default=None,
+        help="mimic-cxr: folder holding the reports' files/p10/p10000032/s50414267.txt tree (default --data_dir)",
+    )
     b.add_argument("--section", choices=SECTIONS, default="findings", help="target text (default findings)")
     b.add_argument("--views", choices=VIEWS, default="pair", help="images per study (default pair)")
     b.add_argument("--min_images", type=int, default=1, help="minimum usable images per study (default 1)")
     b.add_argument(
         "--image_size", type=int, default=512, help="longer side of re-encoded images (default 512)"
     )
-    b.add_argument("--seed", type=int, default=42, help="study-level split seed (default 42)")
-    b.add_argument("--r2gen", action="store_true", help="R2Gen population: findings, >= 2 images, 70/10/20")
-    b.add_argument("--split_file", default=None, help="R2Gen annotation.json giving the split membership")
-    b.add_argument("--xxxx", choices=XXXX_MODES, default="keep", help="XXXX tokens in report (default keep)")
+    b.add_argument(
+        "--seed", type=int, default=42, help="study-level split seed (default 42; mimic-cxr: official split)"
+    )
+    b.add_argument(
+        "--r2gen", action="store_true", help="indiana: R2Gen population: findings, >= 2 images, 70/10/20"
+    )
+    b.add_argument(
+        "--split_file", default=None, help="indiana: R2Gen annotation.json giving the split membership"
+    )
+    b.add_argument(
+        "--xxxx",
+        choices=XXXX_MODES,
+        default="keep",
+        help="anonymisation tokens in report (Indiana XXXX, MIMIC ___; default keep)",
+    )
     b.add_argument(
         "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="skip larger images"
     )
@@ -67,13 +102,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        _refuse_unsupported(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _refuse_unsupported(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with the usage and an error naming the flag when a build option does not apply to --format."""
+    for option, why in FORMATS[args.data_format].unsupported_options.items():
+        if getattr(args, option):
+            parser.error(f"--{option} does not apply to --format {args.data_format}: {why}. Drop --{option}.")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -101,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     _, report = build_dataset(
         args.data_dir,
         args.output_dir,
+        data_format=args.data_format,
+        reports_dir=args.reports_dir,
         section=args.section,
         views=args.views,
         min_images=args.min_images,

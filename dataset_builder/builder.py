@@ -1,19 +1,21 @@
-"""The Indiana University chest X-ray collection (Kaggle layout) as a `datasets` builder, and `build_dataset`.
+"""Chest X-ray studies (any `--format`, see `formats.py`) as a `datasets` builder, and `build_dataset`.
 
-`IndianaXrayBuilder` is a `datasets.GeneratorBasedBuilder` used in-process (loading scripts no longer exist in
-datasets >= 4). It follows the plan of `study_plan.make_plan` and yields one example per study (uid), with
-each image decoded once, converted to 8-bit grayscale and re-encoded as PNG bytes (never paths).
+`ChestXrayBuilder` (`IndianaXrayBuilder` is its earlier name) is a `datasets.GeneratorBasedBuilder` used
+in-process (loading scripts no longer exist in datasets >= 4). It follows the plan of its format's `make_plan`
+(the Indiana Kaggle layout in `indiana.py`, MIMIC-CXR-JPG in `mimic_cxr.py`) and yields one example per study
+(uid) in one schema (`FEATURES`) whatever the format, with each image decoded once, converted to 8-bit
+grayscale and re-encoded as PNG bytes (never paths).
 
-`build_dataset` is the entry point: it fingerprints the inputs (CSV bytes, the image folder's names, sizes and
-mtimes, the split file, every option) so that rebuilding with the same inputs and options reuses the `datasets`
-cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir` it also writes
-the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`: into a temporary
-folder next to it, renamed into place once complete (an earlier build there is replaced only by a complete
-new one; a non-empty folder that is not an earlier build is refused without `overwrite=True`). The cache entry
-is prepared under an inter-process lock, so two runs on one cache build it once, and its sidecar JSON is
-written atomically.
+`build_dataset` is the entry point: it fingerprints the inputs (the format's tables, the names, sizes and mtimes
+of its images and reports, the split file, every option) so that rebuilding with the same inputs and options
+reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir`
+it also writes the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`: into
+a temporary folder next to it, renamed into place once complete (an earlier build there is replaced only by a
+complete new one; a non-empty folder that is not an earlier build is refused without `overwrite=True`). The
+cache entry is prepared under an inter-process lock, so two runs on one cache build it once, and its sidecar
+JSON is written atomically.
 
-Every report row and every projection row ends up either in an example or in `build_report["skipped"]`;
+Every report (study) and every image row ends up either in an example or in `build_report["skipped"]`;
 `build_report["accounting"]` shows that the counts add up.
 """
 
@@ -30,23 +32,12 @@ from pathlib import Path
 import datasets
 
 from . import images as img
-from .configuration import IndianaXrayConfig
+from .configuration import ChestXrayConfig
 from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_sibling, write_text_atomic
+from .formats import DEFAULT_FORMAT, get_format
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
-from .study_plan import (
-    IMAGE_SUBDIR,
-    MISSING_LAYOUT_HINT,
-    PROJECTIONS_CSV,
-    PROJECTIONS_REQUIRED,
-    REASON_TOO_FEW_IMAGES,
-    REPORTS_CSV,
-    REPORTS_REQUIRED,
-    PlannedStudy,
-    make_plan,
-    read_csv_checked,
-    skip_entry,
-)
+from .study_plan import REASON_TOO_FEW_IMAGES, PlannedStudy, skip_entry
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +59,17 @@ FEATURES = datasets.Features(
 )
 
 
-class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
-    """Indiana University chest X-rays (Kaggle layout) -> one example per study, images as PNG bytes."""
+class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
+    """Chest X-ray studies in the layout of `config.data_format` -> one example per study, images as PNG bytes.
 
-    BUILDER_CONFIG_CLASS = IndianaXrayConfig
-    BUILDER_CONFIGS = [IndianaXrayConfig(name="default")]
+    The columns are the same for every format: `uid`, `images`, `projections` ("Frontal" / "Lateral" / other),
+    `image_filenames` (relative to the format's image folder), `findings` and `impression` (raw, stripped),
+    `report` (the cleaned target section), `mesh`, `problems`, `indication` ("" where a format has no such
+    field: MIMIC-CXR has no MeSH or Problems).
+    """
+
+    BUILDER_CONFIG_CLASS = ChestXrayConfig
+    BUILDER_CONFIGS = [ChestXrayConfig(name="default")]
     DEFAULT_CONFIG_NAME = "default"
     DEFAULT_WRITER_BATCH_SIZE = 64
 
@@ -85,33 +82,33 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
         self.num_encoded = 0
 
     def _info(self) -> datasets.DatasetInfo:
+        data_format = get_format(self.config.data_format)
         return datasets.DatasetInfo(
-            description="Indiana University chest X-ray reports (Open-i, Kaggle copy): one example per study.",
+            description=data_format.description,
             features=FEATURES,
-            homepage="https://www.kaggle.com/datasets/raddar/chest-xrays-indiana-university",
-            citation=(
-                "Demner-Fushman D. et al., Preparing a collection of radiology examinations for distribution "
-                "and retrieval, JAMIA 2016;23(2):304-310."
-            ),
+            homepage=data_format.homepage,
+            citation=data_format.citation,
         )
 
     def _split_generators(self, dl_manager):
-        cfg: IndianaXrayConfig = self.config
+        cfg: ChestXrayConfig = self.config
         if not cfg.data_dir:
             raise ValueError(
-                "IndianaXrayBuilder needs data_dir= (the folder holding the Kaggle CSVs and images/)"
+                f"{type(self).__name__} needs data_dir= (the folder in the {cfg.data_format!r} layout, "
+                "e.g. the Kaggle CSVs and images/)"
             )
         cfg.validate()
         self.generated = True
-        studies, self.plan_skipped, self.plan_stats = make_plan(cfg, Path(cfg.data_dir))
+        data_format = get_format(cfg.data_format)
+        studies, self.plan_skipped, self.plan_stats = data_format.make_plan(cfg, Path(cfg.data_dir))
         by_split = {name: [s for s in studies if s.split == name] for name in SPLIT_NAMES}
         return [
             datasets.SplitGenerator(name=name, gen_kwargs={"studies": by_split[name]}) for name in SPLIT_NAMES
         ]
 
     def _generate_examples(self, studies: list[PlannedStudy]):
-        cfg: IndianaXrayConfig = self.config
-        image_dir = Path(cfg.data_dir) / IMAGE_SUBDIR
+        cfg: ChestXrayConfig = self.config
+        image_dir = get_format(cfg.data_format).image_root(Path(cfg.data_dir))
         for study in studies:
             # a study keeps at least min(min_images, number selected) readable images (and at least 1)
             min_images = max(1, min(cfg.min_images, len(study.filenames)))
@@ -152,22 +149,11 @@ class IndianaXrayBuilder(datasets.GeneratorBasedBuilder):
             )
 
 
-def fingerprint_inputs(data_dir: Path, split_file: str | None, options: dict) -> str:
-    """Hash of everything the build reads: both CSVs' bytes, the image folder listing (names, sizes,
-    mtimes), the split file's bytes and the options. Computed without decoding any image."""
+def fingerprint_inputs(data_dir: Path, cfg: ChestXrayConfig, options: dict) -> str:
+    """Hash of everything the build reads (the format's tables, its image and report listings or stats, the
+    split file: see each format's `fingerprint`) and of the options. Computed without decoding any image."""
     h = hashlib.sha256()
-    for name in (REPORTS_CSV, PROJECTIONS_CSV):
-        path = data_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {MISSING_LAYOUT_HINT}")
-        h.update(name.encode())
-        h.update(path.read_bytes())
-    image_dir = data_dir / IMAGE_SUBDIR
-    if image_dir.is_dir():
-        entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(image_dir))
-        h.update(json.dumps(entries).encode())
-    if split_file:
-        h.update(Path(split_file).read_bytes())
+    get_format(cfg.data_format).fingerprint(h, data_dir, cfg)
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -198,7 +184,7 @@ def _is_a_build(folder: Path) -> bool:
 
 
 def _prepare(
-    builder: IndianaXrayBuilder, force_rebuild: bool, start: float
+    builder: ChestXrayBuilder, force_rebuild: bool, start: float
 ) -> tuple[datasets.DatasetDict, dict]:
     """Builds the cache entry (or reuses it when its sidecar says it is complete): the splits and the
     sidecar's content (skipped rows, plan statistics). Called under the cache entry's lock."""
@@ -234,6 +220,8 @@ def build_dataset(
     data_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
     *,
+    data_format: str = DEFAULT_FORMAT,
+    reports_dir: str | os.PathLike | None = None,
     section: str = "findings",
     views: str = "pair",
     min_images: int = 1,
@@ -251,18 +239,26 @@ def build_dataset(
     """Builds the study-level `DatasetDict` (train / validation / test) and its build report.
 
     Args:
-        data_dir (`str` or `os.PathLike`): the Kaggle layout (`indiana_reports.csv`,
-            `indiana_projections.csv`, `images/images_normalized/`), real or synthetic.
+        data_dir (`str` or `os.PathLike`): the folder in the `data_format` layout: for "indiana" the Kaggle
+            layout (`indiana_reports.csv`, `indiana_projections.csv`, `images/images_normalized/`), real or
+            synthetic; for "mimic-cxr" the MIMIC-CXR-JPG folder (`mimic-cxr-2.0.0-split.csv.gz`,
+            `mimic-cxr-2.0.0-metadata.csv.gz`, `files/`; see `mimic_cxr.py`).
         output_dir (`str` or `os.PathLike`, *optional*): when given, `DatasetDict.save_to_disk(output_dir)` and
             `output_dir/build_report.json` are written (load them with `datasets.load_from_disk`).
+        data_format (`str`, defaults to "indiana"): "indiana" or "mimic-cxr" (`formats.FORMATS`). The schema and
+            the build report are the same for both.
+        reports_dir (`str` or `os.PathLike`, *optional*): mimic-cxr only: the folder holding the MIMIC-CXR
+            reports' `files/p10/p10000032/s50414267.txt` tree (default: `data_dir`).
         section (`str`, defaults to "findings"): "findings", "impression" or "findings+impression".
-        views (`str`, defaults to "pair"): "frontal", "pair" or "all" (see `IndianaXrayConfig`).
+        views (`str`, defaults to "pair"): "frontal", "pair" or "all" (see `ChestXrayConfig`).
         min_images (`int`, defaults to 1): minimum usable images per study.
         image_size (`int`, defaults to 512): longer side of the re-encoded PNGs, in pixels.
-        seed (`int`, defaults to 42): study-level split seed.
-        r2gen (`bool`, defaults to False): findings only, >= 2 images, 70/10/20 (2,955 -> 2,069/296/590).
-        split_file (`str`, *optional*): an R2Gen `annotation.json` to take split membership from.
-        xxxx (`str`, defaults to "keep"): `XXXX` tokens in `report`: "keep", "drop" or "marker".
+        seed (`int`, defaults to 42): study-level split seed (mimic-cxr keeps its official split).
+        r2gen (`bool`, defaults to False): indiana only: findings only, >= 2 images, 70/10/20 (2,955 ->
+            2,069/296/590).
+        split_file (`str`, *optional*): indiana only: an R2Gen `annotation.json` to take split membership from.
+        xxxx (`str`, defaults to "keep"): anonymisation tokens in `report` (Indiana's `XXXX`, MIMIC's `___`):
+            "keep", "drop" or "marker".
         max_image_pixels (`int`, defaults to 50,000,000): images above this are skipped.
         cache_dir (`str`, *optional*): the `datasets` cache folder (default: the HF datasets cache).
         writer_batch_size (`int`, defaults to 64): examples buffered before an Arrow write; bounds the memory
@@ -280,28 +276,32 @@ def build_dataset(
     if out is not None:  # before the (long) build
         refuse_non_empty(out, overwrite, "the built dataset", "overwrite=True (--overwrite)", _is_a_build)
     data_path = Path(data_dir).expanduser().resolve()
+    fmt = get_format(data_format)
     if not data_path.is_dir():
         raise FileNotFoundError(
-            f"data_dir {data_path} is not a folder; pass the folder holding {REPORTS_CSV}"
+            f"data_dir {data_path} is not a folder; pass the folder in the {fmt.name!r} layout (--format)"
         )
-    # fail fast on missing files / columns before hashing anything large
-    read_csv_checked(data_path / REPORTS_CSV, REPORTS_REQUIRED)
-    read_csv_checked(data_path / PROJECTIONS_CSV, PROJECTIONS_REQUIRED)
     split_file_str = str(Path(split_file).expanduser().resolve()) if split_file else None
-    if split_file_str and not Path(split_file_str).is_file():
-        raise FileNotFoundError(f"split_file {split_file_str} not found (an R2Gen annotation.json)")
-    checked = IndianaXrayConfig(
+    reports_dir_str = str(Path(reports_dir).expanduser().resolve()) if reports_dir else None
+    checked = ChestXrayConfig(
         name="default",
+        data_format=fmt.name,
+        reports_dir=reports_dir_str,
         section=section,
         views=views,
         min_images=min_images,
         image_size=image_size,
         seed=seed,
         r2gen=r2gen,
+        split_file=split_file_str,
         xxxx=xxxx,
-    )  # validates and applies r2gen before the options go into the cache key
+        max_image_pixels=max_image_pixels,
+    )  # validates (options that do not apply to the format are refused) and applies r2gen
+    fmt.check_layout(data_path, checked)  # fail fast on missing files / columns before hashing anything large
     min_images = checked.min_images
     options = {
+        "data_format": fmt.name,
+        "reports_dir": reports_dir_str,
         "section": section,
         "views": views,
         "min_images": min_images,
@@ -312,10 +312,10 @@ def build_dataset(
         "xxxx": xxxx,
         "max_image_pixels": max_image_pixels,
     }
-    fingerprint = fingerprint_inputs(data_path, split_file_str, options)
-    builder = IndianaXrayBuilder(
+    fingerprint = fingerprint_inputs(data_path, checked, options)
+    builder = ChestXrayBuilder(
         cache_dir=str(cache_dir) if cache_dir else None,
-        dataset_name="indiana_xray",
+        dataset_name=fmt.dataset_name,
         writer_batch_size=writer_batch_size,
         hash=fingerprint,
         data_dir=str(data_path),
@@ -337,7 +337,7 @@ def build_dataset(
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,
         "options": {**builder.config.options(), "data_dir": str(data_path)},
-        "split_arithmetic": "n_train = round_half_up(0.7 n), n_validation = round_half_up(0.1 n), n_test = rest",
+        "split_arithmetic": fmt.split_rule,
         "fingerprint": fingerprint,
         "cache_dir": builder.cache_dir,
         "reused_cache": not builder.generated,
@@ -358,3 +358,6 @@ def build_dataset(
             move_into_place(tmp, out)
         logger.info("Saved the dataset and build_report.json to %s", out)
     return ds, report
+
+
+IndianaXrayBuilder = ChestXrayBuilder  # the name from before other formats

@@ -1,63 +1,62 @@
-"""The build plan: which Indiana study goes into which split, and why every other row is skipped.
+"""The build plan every data format shares: which study goes into which split, and why every other input row
+is skipped.
 
-`make_plan` reads `indiana_reports.csv` and `indiana_projections.csv` (joined on `uid`; file names are never
-parsed), checks the header of every referenced image without decoding it, applies the options (target
-section, views, minimum images, split file) and assigns study-level splits. Nothing is encoded here: the
-builder encodes the planned images afterwards.
+A format module (`indiana.py`, `mimic_cxr.py`; registered in `formats.py`) reads its own layout, checks the
+header of every referenced image with `probe_row` (nothing is decoded here) and hands each study's usable
+images and report sections to `plan_study`, which applies the options all formats share (target section,
+minimum images, views). The builder encodes the planned images afterwards. `DataFormat` is what a format
+module gives the builder.
 
-Every report row and every projection row ends up either in a planned study or in the skipped list
-(`{"uid", "filename", "reason", "detail"}`; `filename` is None for a study-level entry about a report row).
+Every report (study) and every image row ends up either in a planned study or in the skipped list
+(`{"uid", "filename", "reason", "detail"}`; `filename` is None for a study-level entry).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import images as img
-from .configuration import IndianaXrayConfig
-from .split_file import read_split_file
-from .splits import SPLIT_NAMES, assign_splits, split_sizes
-from .text_cleaning import clean_text, join_sections
+from .text_cleaning import XXXX_TOKEN, clean_text, join_sections
 
-REPORTS_CSV = "indiana_reports.csv"
-PROJECTIONS_CSV = "indiana_projections.csv"
-IMAGE_SUBDIR = str(Path("images", "images_normalized"))
-REPORTS_REQUIRED = ("uid", "findings", "impression", "MeSH", "Problems", "indication")
-PROJECTIONS_REQUIRED = ("uid", "filename", "projection")
-MISSING_LAYOUT_HINT = (
-    f"--data_dir must hold {REPORTS_CSV}, {PROJECTIONS_CSV} and {IMAGE_SUBDIR}/ "
-    "(the Kaggle layout; `python -m dataset_builder download` fetches it)"
-)
-
-# study-level skip reasons (image-level ones live in images.py)
+# study-level skip reasons every format uses (image-level ones live in images.py, format-specific ones in
+# the format's module)
 REASON_EMPTY_SECTION = "empty target section"
-REASON_NO_PROJECTIONS = "no projection rows"
-REASON_NOT_IN_REPORTS = "uid not in reports CSV"
-REASON_DUPLICATE_REPORT = "duplicate uid in reports CSV"
 REASON_DUPLICATE_ROW = "duplicate projection row"
 REASON_TOO_FEW_IMAGES = "too few usable images"
 REASON_NO_FRONTAL = "no frontal view"
 REASON_VIEW_NOT_SELECTED = "view not selected"
-REASON_NOT_IN_SPLIT_FILE = "not in split file"
 
 
-def read_csv_checked(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Reads a CSV as strings ("" for empty cells; quoted multi-line fields are supported).
+def read_csv_checked(
+    path: Path, required: tuple[str, ...], hint: str = "", only_required: bool = False
+) -> pd.DataFrame:
+    """Reads a CSV (or a `.csv.gz`) as strings ("" for empty cells; quoted multi-line fields are supported).
+
+    Args:
+        path (`Path`): the file.
+        required (`tuple[str, ...]`): the columns it must have.
+        hint (`str`, defaults to ""): what the data folder should hold, for the not-found message.
+        only_required (`bool`, defaults to False): read only the required columns (bounds the memory of wide
+            files).
 
     Raises:
         FileNotFoundError: when the file is absent.
         ValueError: naming the file and the missing columns.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {MISSING_LAYOUT_HINT}")
+        raise FileNotFoundError(f"{path} not found: {hint}" if hint else f"{path} not found")
+    usecols = (lambda column: column.strip() in required) if only_required else None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        df = pd.read_csv(
+            path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8", usecols=usecols
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as err:
         raise ValueError(f"{path} is not a readable CSV ({err}); expected columns {list(required)}") from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
@@ -67,7 +66,8 @@ def read_csv_checked(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         )
     for col in df.columns:
         df[col] = df[col].astype(str)
-    df["uid"] = df["uid"].str.strip()
+    if "uid" in df.columns:
+        df["uid"] = df["uid"].str.strip()
     return df
 
 
@@ -92,8 +92,37 @@ def skip_entry(uid: str, filename: str | None, reason: str, detail: str = "") ->
     return {"uid": uid, "filename": filename, "reason": reason, "detail": detail}
 
 
-def _select_views(rows: list[tuple[str, str]], views: str) -> list[tuple[str, str]] | None:
-    """Picks the images of a study from its usable (filename, projection) rows, in CSV order.
+def skip_study(
+    skipped: list[dict], uid: str, reason: str, detail: str = "", rows: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Appends the study-level entry of `uid` and one entry per (filename, projection) row, all with `reason`."""
+    skipped.append(skip_entry(uid, None, reason, detail))
+    skipped.extend(skip_entry(uid, fn, reason, detail) for fn, _ in rows)
+
+
+def probe_row(image_root: Path, uid: str, filename: str, max_image_pixels: int, skipped: list[dict]) -> bool:
+    """Checks one referenced image's header without decoding it; a problem is appended to `skipped`.
+
+    Args:
+        image_root (`Path`): the folder `filename` is relative to (names escaping it are refused).
+        uid (`str`): the study.
+        filename (`str`): the image, relative to `image_root`.
+        max_image_pixels (`int`): larger images are skipped.
+        skipped (`list[dict]`): the build report's skipped list.
+
+    Returns:
+        `bool`: True when the image is usable.
+    """
+    try:
+        img.probe_image(img.resolve_image_path(image_root, filename), max_image_pixels)
+    except img.ImageProblem as problem:
+        skipped.append(skip_entry(uid, filename, problem.reason, problem.detail))
+        return False
+    return True
+
+
+def select_views(rows: list[tuple[str, str]], views: str) -> list[tuple[str, str]] | None:
+    """Picks the images of a study from its usable (filename, projection) rows, in the given order.
 
     Returns:
         The selection, or None when `views="frontal"` and the study has no frontal view.
@@ -108,136 +137,109 @@ def _select_views(rows: list[tuple[str, str]], views: str) -> list[tuple[str, st
     return chosen or rows[:1]
 
 
-def make_plan(cfg: IndianaXrayConfig, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict]:
-    """Reads the CSVs, checks every referenced file's header, applies the options and assigns splits.
+def plan_study(
+    cfg,
+    uid: str,
+    rows: list[tuple[str, str]],
+    findings: str,
+    impression: str,
+    skipped: list[dict],
+    *,
+    mesh: str = "",
+    problems: str = "",
+    indication: str = "",
+    token: re.Pattern = XXXX_TOKEN,
+) -> PlannedStudy | None:
+    """Applies the shared options to one study: the target section, `min_images` and the view selection.
 
     Args:
-        cfg (`IndianaXrayConfig`): the build options.
-        data_dir (`Path`): the folder in the Kaggle layout.
+        cfg (`ChestXrayConfig`): the build options (`section`, `min_images`, `views`, `xxxx`).
+        uid (`str`): the study id.
+        rows (`list[tuple[str, str]]`): the study's usable (filename, projection) rows, in the order the
+            views should be chosen from ("Frontal" / "Lateral" name the two views `views` knows).
+        findings (`str`), impression (`str`): the raw sections (kept, stripped, in their columns).
+        skipped (`list[dict]`): the build report's skipped list; a skipped study adds its entries here.
+        mesh (`str`), problems (`str`), indication (`str`): the other text columns ("" where a format has none).
+        token (`re.Pattern`, defaults to Indiana's `XXXX`): the format's anonymisation token.
 
     Returns:
-        `tuple[list[PlannedStudy], list[dict], dict]`: the planned studies (each with its split), the
-        skipped entries, and stats (`num_reports`, `num_projection_rows`, and `split_sizes` or `split_file`).
-
-    Raises:
-        FileNotFoundError: when a CSV or the image folder is missing.
-        ValueError: when a CSV lacks a required column.
+        `PlannedStudy | None`: the study without its split, or None when it was skipped.
     """
-    reports = read_csv_checked(data_dir / REPORTS_CSV, REPORTS_REQUIRED)
-    projections = read_csv_checked(data_dir / PROJECTIONS_CSV, PROJECTIONS_REQUIRED)
-    image_dir = data_dir / IMAGE_SUBDIR
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} not found: --data_dir must hold {IMAGE_SUBDIR}/")
-    skipped: list[dict] = []
-
-    report_rows: dict[str, dict] = {}
-    for row in reports.to_dict("records"):
-        uid = row["uid"]
-        if uid in report_rows:
-            skipped.append(skip_entry(uid, None, REASON_DUPLICATE_REPORT, "a later row with the same uid"))
-            continue
-        report_rows[uid] = row
-
-    by_uid: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    seen_rows: set[tuple[str, str]] = set()
-    probe_bar = tqdm(
-        projections[["uid", "filename", "projection"]].itertuples(index=False),
-        total=len(projections),
-        desc="Checking image files",
-        unit="img",
-        disable=len(projections) < 2000 or None,
-    )
-    for uid, filename, projection in probe_bar:
-        filename = filename.strip()
-        if (uid, filename) in seen_rows:
-            skipped.append(skip_entry(uid, filename, REASON_DUPLICATE_ROW))
-            continue
-        seen_rows.add((uid, filename))
-        if uid not in report_rows:
-            skipped.append(skip_entry(uid, filename, REASON_NOT_IN_REPORTS))
-            continue
-        try:
-            path = img.resolve_image_path(image_dir, filename)
-            img.probe_image(path, cfg.max_image_pixels)
-        except img.ImageProblem as problem:
-            skipped.append(skip_entry(uid, filename, problem.reason, problem.detail))
-            continue
-        by_uid[uid].append((filename, projection))
-
-    all_rows_of: dict[str, int] = Counter(projections["uid"])
-
-    def skip_study(uid: str, reason: str, detail: str = "", rows: list[tuple[str, str]] = ()) -> None:
-        skipped.append(skip_entry(uid, None, reason, detail))
-        skipped.extend(skip_entry(uid, fn, reason, detail) for fn, _ in rows)
-
-    candidates: list[PlannedStudy] = []
+    clean_findings = clean_text(findings, cfg.xxxx, token)
+    clean_impression = clean_text(impression, cfg.xxxx, token)
+    target = {
+        "findings": clean_findings,
+        "impression": clean_impression,
+        "findings+impression": join_sections(clean_findings, clean_impression),
+    }[cfg.section]
+    if not target:
+        skip_study(skipped, uid, REASON_EMPTY_SECTION, f"section={cfg.section}", rows)
+        return None
     min_images = max(cfg.min_images, 1)
-    for uid, row in report_rows.items():
-        rows = by_uid.get(uid, [])
-        if all_rows_of.get(uid, 0) == 0:
-            skip_study(uid, REASON_NO_PROJECTIONS, f"uid {uid} has no row in {PROJECTIONS_CSV}")
-            continue
-        findings = clean_text(row["findings"], cfg.xxxx)
-        impression = clean_text(row["impression"], cfg.xxxx)
-        target = {
-            "findings": findings,
-            "impression": impression,
-            "findings+impression": join_sections(findings, impression),
-        }[cfg.section]
-        if not target:
-            skip_study(uid, REASON_EMPTY_SECTION, f"section={cfg.section}", rows)
-            continue
-        if len(rows) < min_images:
-            skip_study(uid, REASON_TOO_FEW_IMAGES, f"{len(rows)} usable < min_images={min_images}", rows)
-            continue
-        chosen = _select_views(rows, cfg.views)
-        if chosen is None:
-            skip_study(uid, REASON_NO_FRONTAL, "views=frontal", rows)
-            continue
-        chosen_names = {fn for fn, _ in chosen}
-        skipped.extend(
-            skip_entry(uid, fn, REASON_VIEW_NOT_SELECTED, f"views={cfg.views}")
-            for fn, _ in rows
-            if fn not in chosen_names
-        )
-        candidates.append(
-            PlannedStudy(
-                uid=uid,
-                split="",
-                filenames=[fn for fn, _ in chosen],
-                projections=[p.strip() for _, p in chosen],
-                findings=row["findings"].strip(),
-                impression=row["impression"].strip(),
-                report=target,
-                mesh=row["MeSH"].strip(),
-                problems=row["Problems"].strip(),
-                indication=row["indication"].strip(),
-            )
-        )
+    if len(rows) < min_images:
+        skip_study(skipped, uid, REASON_TOO_FEW_IMAGES, f"{len(rows)} usable < min_images={min_images}", rows)
+        return None
+    chosen = select_views(rows, cfg.views)
+    if chosen is None:
+        skip_study(skipped, uid, REASON_NO_FRONTAL, "views=frontal", rows)
+        return None
+    chosen_names = {fn for fn, _ in chosen}
+    skipped.extend(
+        skip_entry(uid, fn, REASON_VIEW_NOT_SELECTED, f"views={cfg.views}")
+        for fn, _ in rows
+        if fn not in chosen_names
+    )
+    return PlannedStudy(
+        uid=uid,
+        split="",
+        filenames=[fn for fn, _ in chosen],
+        projections=[p.strip() for _, p in chosen],
+        findings=findings.strip(),
+        impression=impression.strip(),
+        report=target,
+        mesh=mesh.strip(),
+        problems=problems.strip(),
+        indication=indication.strip(),
+    )
 
-    stats: dict = {}
-    if cfg.split_file:
-        membership, unmatched, how = read_split_file(cfg.split_file, list(report_rows), projections)
-        stats["split_file"] = {"path": cfg.split_file, "unmatched_ids": unmatched, "matched_by": how}
-        kept = []
-        for study in candidates:
-            split = membership.get(study.uid)
-            if split is None:
-                skip_study(
-                    study.uid,
-                    REASON_NOT_IN_SPLIT_FILE,
-                    cfg.split_file,
-                    list(zip(study.filenames, study.projections)),
-                )
-                continue
-            study.split = split
-            kept.append(study)
-        candidates = kept
-    else:
-        assignment = assign_splits([s.uid for s in candidates], seed=cfg.seed)
-        for study in candidates:
-            study.split = assignment[study.uid]
-        stats["split_sizes"] = dict(zip(SPLIT_NAMES, split_sizes(len(candidates))))
-    stats["num_reports"] = len(reports)
-    stats["num_projection_rows"] = len(projections)
-    return candidates, skipped, stats
+
+@dataclass(frozen=True)
+class DataFormat:
+    """What the builder needs from one on-disk layout (`--format`); each format module defines one `FORMAT`.
+
+    Args:
+        name (`str`): the `--format` value.
+        dataset_name (`str`): the `datasets` cache folder name.
+        description (`str`), homepage (`str`), citation (`str`): the `DatasetInfo` fields.
+        check_layout (`Callable[[Path, ChestXrayConfig], None]`): fails fast (missing files or columns) before
+            anything large is read.
+        fingerprint (`Callable[[hashlib._Hash, Path, ChestXrayConfig], None]`): hashes every input the build
+            reads (file bytes or names, sizes and mtimes), without decoding an image.
+        make_plan (`Callable[[ChestXrayConfig, Path], tuple[list[PlannedStudy], list[dict], dict]]`): the
+            planned studies with their splits, the skipped entries and stats (`num_reports`,
+            `num_projection_rows`, optionally `split_file`).
+        image_root (`Callable[[Path], Path]`): the folder the planned filenames are relative to.
+        split_rule (`str`): how the splits are made, for the build report's `split_arithmetic`.
+        unsupported_options (`dict[str, str]`): option -> why it does not apply; setting it is an error.
+    """
+
+    name: str
+    dataset_name: str
+    description: str
+    homepage: str
+    citation: str
+    check_layout: Callable[..., None]
+    fingerprint: Callable[..., None]
+    make_plan: Callable[..., tuple[list[PlannedStudy], list[dict], dict]]
+    image_root: Callable[[Path], Path]
+    split_rule: str
+    unsupported_options: dict[str, str] = field(default_factory=dict)
+
+
+def hash_file_stats(h: hashlib._Hash, root: Path, relpath: str) -> None:
+    """Adds `relpath`'s name, size and mtime (or "missing") to the hash `h`, without reading the file."""
+    try:
+        st = (root / relpath).stat()
+        h.update(f"{relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except (OSError, ValueError):  # absent, unreadable, or an invalid name
+        h.update(f"{relpath}\0missing\n".encode())

@@ -7,10 +7,11 @@ report, so every change can be reproduced or undone from the raw columns.
 Cleaning steps, in order:
 1. whitespace: every run of spaces, tabs and newlines becomes one space; leading/trailing removed;
 2. repeated periods: ". ." / ".." / ". . ." become a single "."; a space before a period is removed;
-3. `XXXX` anonymisation tokens (the Indiana de-identification marker, also in "XXXX-year-old"):
-   "keep" (default: the R2Gen convention, where they stay in the text as "xxxx" after lower-casing),
-   "drop" (removed, then whitespace and punctuation are tidied), or "marker" (replaced with
-   `XXXX_MARKER`, a single token that is easy to mask in the loss or in the metrics).
+3. anonymisation tokens (each data format names its own: Indiana's `XXXX`, also in "XXXX-year-old",
+   is `XXXX_TOKEN`; MIMIC-CXR's `___` is `mimic_cxr.ANON_TOKEN`): "keep" (default: the R2Gen convention,
+   where they stay in the text, as "xxxx" after lower-casing), "drop" (removed, then whitespace and
+   punctuation are tidied), or "marker" (replaced with `XXXX_MARKER`, a single token that is easy to mask
+   in the loss or in the metrics). The option keeps its Indiana name, `xxxx`, for every format.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ XXXX_MODES = ("keep", "drop", "marker")
 XXXX_MARKER = "[ANON]"
 
 _WS = re.compile(r"\s+")
-_XXXX = re.compile(r"X{4,}")
+XXXX_TOKEN = re.compile(r"X{4,}")
 _REPEATED_PERIODS = re.compile(r"\s*\.(?:\s*\.)+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:])")
 _EMPTY_PUNCT = re.compile(r"(^|[.;:]\s*)[,;:]\s*")
 
 
-def clean_text(text: str | None, xxxx: str = "keep") -> str:
+def clean_text(text: str | None, xxxx: str = "keep", token: re.Pattern = XXXX_TOKEN) -> str:
     """Cleans one report section.
 
     Args:
         text (`str`, *optional*): the raw section (None / NaN count as empty).
-        xxxx (`str`, defaults to "keep"): what to do with `XXXX` tokens: "keep", "drop" or "marker".
+        xxxx (`str`, defaults to "keep"): what to do with anonymisation tokens: "keep", "drop" or "marker".
+        token (`re.Pattern`, defaults to `XXXX_TOKEN`): the format's anonymisation token (Indiana's `XXXX`).
 
     Returns:
         `str`: the cleaned text ("" when the section is empty).
@@ -43,9 +45,9 @@ def clean_text(text: str | None, xxxx: str = "keep") -> str:
         return ""
     out = _WS.sub(" ", text).strip()
     if xxxx == "drop":
-        out = _XXXX.sub("", out)
+        out = token.sub("", out)
     elif xxxx == "marker":
-        out = _XXXX.sub(XXXX_MARKER, out)
+        out = token.sub(XXXX_MARKER, out)
     out = _REPEATED_PERIODS.sub(".", out)
     out = _SPACE_BEFORE_PUNCT.sub(r"\1", out)
     if xxxx == "drop":

@@ -1,0 +1,344 @@
+"""MIMIC-CXR-JPG with the MIMIC-CXR free-text reports (`--format mimic-cxr`): credentialed PhysioNet data that
+the user downloads under its data use agreement; nothing here fetches it.
+
+```
+DATA_DIR/                                  (MIMIC-CXR-JPG 2.0.0 or 2.1.0, as downloaded)
+  mimic-cxr-2.0.0-split.csv.gz             dicom_id,study_id,subject_id,split  (train / validate / test)
+  mimic-cxr-2.0.0-metadata.csv.gz          dicom_id,...,ViewPosition,...
+  files/p10/p10000032/s50414267/<dicom_id>.jpg
+REPORTS_DIR/                               (--reports_dir; defaults to DATA_DIR)
+  files/p10/p10000032/s50414267.txt        (from MIMIC-CXR's mimic-cxr-reports.zip, one per study)
+```
+
+(an uncompressed `.csv` of either table is read too.) Reading, in the same study-level schema as Indiana:
+- one example per study (`uid` = `study_id`, as in the CSVs); the images are the study's split-CSV rows
+  (`image_filenames` relative to DATA_DIR: `files/p10/p10000032/s50414267/<dicom_id>.jpg`);
+- the split is the official one (by patient): `train`, `validate` -> `validation`, `test`; no seed, no
+  `--r2gen`, no `--split_file` (refused by name);
+- `projections` from the metadata's `ViewPosition`: PA / AP -> "Frontal", LATERAL / LL -> "Lateral", any other
+  value as written (LAO, AP AXIAL, ...; "" when absent or when the image has no metadata row), as Indiana keeps
+  an unknown projection; the usable images are ordered frontal, lateral, others (the CSV order within each),
+  then `--views` chooses as for Indiana;
+- `findings` / `impression` / `indication` are the report's sections (`parse_report`: upper-case headers
+  ending in a colon, wrapped and indented lines joined; `report` is the cleaned target section, the
+  anonymisation token is MIMIC's `___`); `mesh` and `problems` (Indiana's MeSH / Problems columns) are "".
+
+`num_reports` counts the studies of the split CSV and `num_projection_rows` its rows: each ends up in an example
+or in `skipped` (a study with no report file: "report file missing"; no FINDINGS in a findings build:
+"empty target section"; the image reasons of images.py). Reports of studies that the split CSV does not list,
+and metadata rows of other images, are not read. A build that finds no report at all stops with an error
+naming `--reports_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .study_plan import (
+    REASON_DUPLICATE_ROW,
+    DataFormat,
+    PlannedStudy,
+    hash_file_stats,
+    plan_study,
+    probe_row,
+    read_csv_checked,
+    skip_entry,
+    skip_study,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
+IMAGE_FOLDER = "files"
+SPLIT_REQUIRED = ("dicom_id", "study_id", "subject_id", "split")
+METADATA_REQUIRED = ("dicom_id", "ViewPosition")
+OFFICIAL_SPLITS = {"train": "train", "validate": "validation", "test": "test"}
+FRONTAL_VIEWS = ("PA", "AP")
+LATERAL_VIEWS = ("LATERAL", "LL")
+ANON_TOKEN = re.compile(r"_{3,}")  # MIMIC's de-identification marker: "___"
+MISSING_LAYOUT_HINT = (
+    f"--data_dir must be the MIMIC-CXR-JPG folder holding {SPLIT_CSV}, {METADATA_CSV} and {IMAGE_FOLDER}/ "
+    "(credentialed PhysioNet data: https://physionet.org/content/mimic-cxr-jpg/)"
+)
+
+REASON_NO_REPORT = "report file missing"
+REASON_UNREADABLE_REPORT = "unreadable report file"
+
+# upper-case section headers (normalised: inner whitespace collapsed) -> the column they fill; the last
+# non-empty section of a kind wins (as in MIMIC-CXR's own section parser); other headers end a section
+SECTION_NAMES = {
+    "FINDINGS": "findings",
+    "FINDING": "findings",
+    "IMPRESSION": "impression",
+    "CONCLUSION": "impression",
+    "FINDINGS AND IMPRESSION": "impression",
+    "FINDINGS/IMPRESSION": "impression",
+    "INDICATION": "indication",
+    "CLINICAL INDICATION": "indication",
+    "REASON FOR EXAM": "indication",
+    "REASON FOR EXAMINATION": "indication",
+}
+_HEADER = re.compile(r"^\s*([A-Z][A-Z ()/,&-]*[A-Z)])\s*:(.*)$")
+
+
+def parse_report(text: str) -> dict[str, str]:
+    """Splits a MIMIC-CXR report into its sections.
+
+    A header is an upper-case name followed by a colon at the start of a line ("FINDINGS:", " IMPRESSION: No
+    acute process."); its section runs to the next header. "FINAL REPORT" and anything before the first
+    header are no section.
+
+    Args:
+        text (`str`): the content of one `s<study_id>.txt`.
+
+    Returns:
+        `dict[str, str]`: "findings", "impression" and "indication" (those present), each with its lines
+        stripped of their indentation and joined with newlines ("" for a header with no text).
+    """
+    found: dict[str, list[list[str]]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        match = _HEADER.match(line)
+        if match:
+            current = []
+            name = SECTION_NAMES.get(" ".join(match.group(1).split()))
+            if name:
+                found.setdefault(name, []).append(current)
+            if match.group(2).strip():
+                current.append(match.group(2).strip())
+        elif current is not None:
+            current.append(line.strip())
+    sections = {}
+    for name, blocks in found.items():
+        texts = ["\n".join(lines).strip() for lines in blocks]
+        sections[name] = next((t for t in reversed(texts) if t), "")
+    return sections
+
+
+def projection_of(view_position: str) -> str:
+    """ViewPosition -> "Frontal" (PA, AP), "Lateral" (LATERAL, LL), or the value as written."""
+    view = view_position.strip()
+    if view.upper() in FRONTAL_VIEWS:
+        return "Frontal"
+    if view.upper() in LATERAL_VIEWS:
+        return "Lateral"
+    return view
+
+
+def _view_rank(row: tuple[str, str]) -> int:
+    return {"Frontal": 0, "Lateral": 1}.get(row[1], 2)
+
+
+def image_relpath(subject_id: str, study_id: str, dicom_id: str) -> str:
+    """`files/p10/p10000032/s50414267/<dicom_id>.jpg` (relative to the data folder)."""
+    return f"{IMAGE_FOLDER}/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def report_relpath(subject_id: str, study_id: str) -> str:
+    """`files/p10/p10000032/s50414267.txt` (relative to the reports folder)."""
+    return f"{IMAGE_FOLDER}/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt"
+
+
+def table_path(data_dir: Path, name: str) -> Path:
+    """`data_dir/name` (a `.csv.gz`), or its uncompressed `.csv` when only that one exists."""
+    path = data_dir / name
+    plain = data_dir / name.removesuffix(".gz")
+    return plain if not path.is_file() and plain.is_file() else path
+
+
+def _reports_root(data_dir: Path, cfg) -> Path:
+    return Path(cfg.reports_dir) if cfg.reports_dir else data_dir
+
+
+def _split_rows(data_dir: Path) -> list[tuple[str, str, str, str]]:
+    table = read_csv_checked(table_path(data_dir, SPLIT_CSV), SPLIT_REQUIRED, MISSING_LAYOUT_HINT, True)
+    columns = [table[c].str.strip() for c in ("study_id", "subject_id", "dicom_id", "split")]
+    return list(zip(*columns))
+
+
+def check_layout(data_dir: Path, cfg) -> None:
+    """The split and metadata tables exist with their columns; `files/` and the reports folder exist.
+
+    Raises:
+        FileNotFoundError: naming the missing file or folder.
+        ValueError: naming the table and its missing columns.
+    """
+    read_csv_checked(table_path(data_dir, SPLIT_CSV), SPLIT_REQUIRED, MISSING_LAYOUT_HINT, True)
+    read_csv_checked(table_path(data_dir, METADATA_CSV), METADATA_REQUIRED, MISSING_LAYOUT_HINT, True)
+    if not (data_dir / IMAGE_FOLDER).is_dir():
+        raise FileNotFoundError(f"image folder {data_dir / IMAGE_FOLDER} not found: {MISSING_LAYOUT_HINT}")
+    reports = _reports_root(data_dir, cfg)
+    if not (reports / IMAGE_FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"reports folder {reports / IMAGE_FOLDER} not found: the MIMIC-CXR reports (files/p10/p10000032/"
+            "s50414267.txt, from mimic-cxr-reports.zip) go there; copy them into --data_dir or pass "
+            "--reports_dir (reports_dir=) to the folder holding their files/"
+        )
+
+
+def fingerprint(h: hashlib._Hash, data_dir: Path, cfg) -> None:
+    """Adds both tables' bytes and the name, size and mtime of every referenced image and report to `h`,
+    without reading an image."""
+    for name in (SPLIT_CSV, METADATA_CSV):
+        path = table_path(data_dir, name)
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    reports = _reports_root(data_dir, cfg)
+    seen: set[str] = set()
+    rows = _split_rows(data_dir)
+    for study_id, subject_id, dicom_id, _ in tqdm(
+        rows, desc="Fingerprinting inputs", unit="img", disable=len(rows) < 2000 or None
+    ):
+        hash_file_stats(h, data_dir, image_relpath(subject_id, study_id, dicom_id))
+        if study_id not in seen:
+            seen.add(study_id)
+            hash_file_stats(h, reports, report_relpath(subject_id, study_id))
+
+
+@dataclass
+class _Study:
+    subject_id: str
+    split: str
+    rows: list[tuple[str, str]] = field(default_factory=list)  # usable (filename, projection)
+
+
+def _official_split(value: str, study_id: str, path: Path) -> str:
+    split = OFFICIAL_SPLITS.get(value.lower())
+    if split is None:
+        raise ValueError(
+            f"{path}: study {study_id} has split {value!r}; the official values are {list(OFFICIAL_SPLITS)}"
+        )
+    return split
+
+
+def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict]:
+    """Reads the split and metadata tables and the reports, checks every image's header, applies the options.
+
+    Args:
+        cfg (`ChestXrayConfig`): the build options (`reports_dir` among them).
+        data_dir (`Path`): the MIMIC-CXR-JPG folder.
+
+    Returns:
+        `tuple[list[PlannedStudy], list[dict], dict]`: the planned studies (each with its official split),
+        the skipped entries, and stats (`num_reports`: studies in the split CSV, `num_projection_rows`: its rows).
+
+    Raises:
+        FileNotFoundError: when a table, `files/` or every report is missing.
+        ValueError: when a table lacks a column, an id is not a number, a split value is not official, or a
+            study is listed in two splits or under two patients.
+    """
+    split_path = table_path(data_dir, SPLIT_CSV)
+    rows = _split_rows(data_dir)
+    metadata = read_csv_checked(
+        table_path(data_dir, METADATA_CSV), METADATA_REQUIRED, MISSING_LAYOUT_HINT, True
+    )
+    view_of = dict(zip(metadata["dicom_id"].str.strip(), metadata["ViewPosition"]))
+    del metadata
+    skipped: list[dict] = []
+    studies: dict[str, _Study] = {}
+    seen_rows: set[tuple[str, str]] = set()
+    no_metadata = 0
+    probe_bar = tqdm(rows, desc="Checking image files", unit="img", disable=len(rows) < 2000 or None)
+    for study_id, subject_id, dicom_id, split_value in probe_bar:
+        if not (study_id.isdigit() and subject_id.isdigit()):  # they name folders and the report file
+            raise ValueError(
+                f"{split_path}: the row of dicom_id {dicom_id!r} has study_id={study_id!r}, "
+                f"subject_id={subject_id!r}; both must be numbers: fix the table"
+            )
+        split = _official_split(split_value, study_id, split_path)
+        study = studies.setdefault(study_id, _Study(subject_id, split))
+        if (study.split, study.subject_id) != (split, subject_id):
+            raise ValueError(
+                f"{split_path}: study {study_id} is listed as ({study.subject_id}, {study.split}) and as "
+                f"({subject_id}, {split}); a study has one patient and one split: fix the table"
+            )
+        filename = image_relpath(subject_id, study_id, dicom_id)
+        if (study_id, filename) in seen_rows:
+            skipped.append(skip_entry(study_id, filename, REASON_DUPLICATE_ROW))
+            continue
+        seen_rows.add((study_id, filename))
+        if dicom_id not in view_of:
+            no_metadata += 1
+        if probe_row(data_dir, study_id, filename, cfg.max_image_pixels, skipped):
+            study.rows.append((filename, projection_of(view_of.get(dicom_id, ""))))
+    if no_metadata:
+        logger.warning(
+            "%d image(s) of %s have no row in %s: their projection is empty (neither frontal nor lateral)",
+            no_metadata,
+            split_path.name,
+            table_path(data_dir, METADATA_CSV).name,
+        )
+
+    reports = _reports_root(data_dir, cfg)
+    candidates: list[PlannedStudy] = []
+    num_read = 0
+    report_bar = tqdm(
+        studies.items(), desc="Reading reports", unit="report", disable=len(studies) < 2000 or None
+    )
+    for study_id, study in report_bar:
+        usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
+        path = reports / report_relpath(study.subject_id, study_id)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            skip_study(skipped, study_id, REASON_NO_REPORT, str(path), usable)
+            continue
+        except (OSError, UnicodeDecodeError) as err:
+            skip_study(skipped, study_id, REASON_UNREADABLE_REPORT, f"{path}: {err}", usable)
+            continue
+        num_read += 1
+        sections = parse_report(text)
+        planned = plan_study(
+            cfg,
+            study_id,
+            usable,
+            sections.get("findings", ""),
+            sections.get("impression", ""),
+            skipped,
+            indication=sections.get("indication", ""),
+            token=ANON_TOKEN,
+        )
+        if planned is not None:
+            planned.split = study.split
+            candidates.append(planned)
+    if studies and not num_read:
+        first_id, first = next(iter(studies.items()))
+        raise FileNotFoundError(
+            f"none of the {len(studies)} studies' reports is under {reports} (the first would be "
+            f"{reports / report_relpath(first.subject_id, first_id)}); pass --reports_dir (reports_dir=) to the "
+            "folder holding the MIMIC-CXR reports' files/ tree"
+        )
+    stats = {"num_reports": len(studies), "num_projection_rows": len(rows)}
+    return candidates, skipped, stats
+
+
+FORMAT = DataFormat(
+    name="mimic-cxr",
+    dataset_name="mimic_cxr",
+    description=(
+        "MIMIC-CXR-JPG chest radiographs with the MIMIC-CXR free-text reports (PhysioNet, credentialed "
+        "access): one example per study, official split."
+    ),
+    homepage="https://physionet.org/content/mimic-cxr-jpg/",
+    citation=(
+        "Johnson A.E.W. et al., MIMIC-CXR, a de-identified publicly available database of chest radiographs "
+        "with free-text reports, Scientific Data 2019;6:317. Johnson A.E.W. et al., MIMIC-CXR-JPG, a large "
+        "publicly available database of labeled chest radiographs, arXiv:1901.07042."
+    ),
+    check_layout=check_layout,
+    fingerprint=fingerprint,
+    make_plan=make_plan,
+    image_root=lambda data_dir: data_dir,
+    split_rule=f"the official split of {SPLIT_CSV} (by patient): train, validate -> validation, test",
+    unsupported_options={
+        "r2gen": "the R2Gen protocol is a 70/10/20 split of the Indiana studies; MIMIC-CXR has its official split",
+        "split_file": f"MIMIC-CXR's split comes from {SPLIT_CSV}",
+    },
+)
