@@ -115,7 +115,8 @@ SENTENCES: list[tuple[str, dict]] = [
         {NF: 1, CM: 0, PE: 0},
     ),
     # --- follow-up phrasing: change words do not negate
-    ("No new consolidation.", {CONS: 0}),
+    # CheXpert's pre-negation uncertainty rule "no new XXX" (patterns/pre_negation_uncertainty.txt).
+    ("No new consolidation.", {CONS: -1}),
     ("The previously noted right pneumothorax has resolved.", {PTX: 0}),
     ("Pleural effusions have decreased.", {PE: 1}),
     ("Cardiomegaly is unchanged.", {CM: 1}),
@@ -169,7 +170,9 @@ IU_EXPECTED: dict[str, dict] = {
     "2178": {NF: 1, LES: 0},  # "... rather than metastasis" (XXXX than)
     "2581": {NF: 1, PNA: 0, OPAC: 0},  # "no focal air space opacity to suggest a pneumonia"
     "1112": {ECM: 1, CM: 1, EDEMA: -1, LES: -1, PE: 0, PTX: 0},  # "mass is not excluded", congestion
-    "1076": {CM: 1, EDEMA: -1, PE: -1, PNA: -1, FX: 1},  # "there may also be", "question of"
+    # "there may also be", "question of"; "borderline heart size" is CheXpert-uncertain, "upper limits of
+    # normal heart size" negative
+    "1076": {CM: -1, EDEMA: -1, PE: -1, PNA: -1, FX: 1},
     "2814": {CM: 1, EDEMA: -1, PE: -1},  # "effusions suspected"
     "3001": {PE: -1, NF: 0},  # "cannot exclude small pleural effusions"
     "3848": {CM: 1, PTX: 0, DEV: 0, PE: 0},  # "removal of the PICC line", "without significant effusion"
@@ -232,8 +235,8 @@ def test_agreement_with_indiana_mesh(shared_data, capsys):
     table = agreement_table(csv_path)
     rows = {r.observation: r for r in table}
     assert rows[CM].n == 408 and rows[CM].mesh_positive == 36
-    # Measured 0.862 with CheXpert's own "A or B" and "congestion" uncertainty rules (README); the
-    # issue's 0.90 target is not reached with them.
+    # Measured 0.859 with CheXpert's own rules ("A or B", "A/B" read as "A or B", "congestion",
+    # "borderline heart size"; README); the issue's 0.90 target is not reached with them.
     assert macro_f1(table) >= 0.85
     for observation in (CM, PE, PTX, DEV):
         assert rows[observation].f1 >= 0.95, rows[observation]

@@ -107,6 +107,60 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Old granulomatous infection, no tuberculosis.", {DEV: None, PNA: None}),
     ("Mediport in the right chest.", {DEV: 1}),
     ("No acute cardiopulmonary abnormality.", {NF: 1}),
+    # --- Issue 21 review against the CheXpert sources (stanfordmlgroup/chexpert-labeler; NegBio). The
+    # comment above each group names the file whose rule gives the label.
+    # patterns/pre_negation_uncertainty.txt "no new XXX" (matched before negation), "no evidence to rule out"
+    ("No new pleural effusion.", {PE: -1, NF: 0}),
+    ("No new focal consolidation.", {CONS: -1}),
+    ("No evidence to rule out pneumonia.", {PNA: -1}),
+    ("Cannot rule out pneumonia.", {PNA: -1}),
+    # patterns/negation.txt "rule out XXX", "exclude XXX" (negations; "cannot ..." is caught before them)
+    ("Rule out pneumonia.", {PNA: 0}),
+    ("R/O pneumonia.", {PNA: 0}),
+    ("Evaluate to exclude pneumothorax.", {PTX: 0}),
+    ("Pneumothorax is excluded.", {PTX: 0}),
+    # patterns/negation.txt "XXX is previously demonstrated/visualized"
+    ("The nodule was previously demonstrated.", {LES: 0}),
+    # patterns/post_negation_uncertainty.txt "borderline heart size" (only heart size: "borderline cardiomegaly"
+    # and "borderline cardiac enlargement" have no rule and stay positive)
+    ("Borderline heart size.", {CM: -1, NF: 0}),
+    ("Borderline cardiomegaly.", {CM: 1}),
+    ("Borderline cardiac enlargement.", {CM: 1}),
+    # patterns/post_negation_uncertainty.txt: secondary to, worrisome for, suspicion for, favor, maybe,
+    # correlate clinically for, (be|would|could|may) compatible with
+    ("Left basilar opacity secondary to atelectasis.", {ATEL: -1, OPAC: 1}),
+    ("Worrisome for pneumonia.", {PNA: -1}),
+    ("Suspicion for pneumothorax.", {PTX: -1}),
+    ("Findings favor atelectasis.", {ATEL: -1}),
+    ("Maybe early pneumonia.", {PNA: -1}),
+    ("Correlate clinically for pneumonia.", {PNA: -1}),
+    ("The opacity is compatible with atelectasis.", {ATEL: -1, OPAC: 1}),
+    # patterns/post_negation_uncertainty.txt: XXX may be present, XXX is not appreciated, XXX is not (well)
+    # visualized / evaluated, XXX is not clearly seen, XXX is poorly evaluated, XXX is obscured
+    ("A small left pleural effusion may be present.", {PE: -1}),
+    ("Left pleural effusion is not appreciated.", {PE: -1}),
+    ("No pleural effusion is appreciated.", {PE: 0}),
+    ("Pneumothorax is not well visualized.", {PTX: -1}),
+    ("Pneumothorax is not clearly seen.", {PTX: -1}),
+    ("Effusion is poorly evaluated on the lateral view.", {PE: -1}),
+    ("Pneumothorax is not seen.", {PTX: 0}),
+    # patterns/post_negation_uncertainty.txt has no "suggestive" rule and NegBio's own rule
+    # (negbio/neg/neg_detector.py, match_uncertainty) exempts "most suggestive of": not uncertain
+    ("Streaky opacity most suggestive of atelectasis.", {ATEL: 1, OPAC: 1}),
+    # loader/load.py clean(): "and/or" -> "or", "A/B" -> "A or B"; then the "A or B" rule
+    ("Left basilar atelectasis/scarring.", {ATEL: -1, OPAC: -1}),
+    ("Pneumonia and/or small effusion.", {PNA: -1, PE: -1}),
+    ("Right chest wall mass w/o effusion.", {LES: 1, PE: 0}),
+    # phrases/unmention/lung_lesion.txt "calcified nodul" also covers "calcified nodular density"
+    ("Calcified nodular density in the right upper lobe.", {LES: None}),
+    # phrases/mention/lung_lesion.txt matches substrings: "mass" in "masslike", "nodule" in "micronodules"
+    ("Masslike opacity in the right hilum.", {LES: 1, OPAC: 1}),
+    ("Scattered micronodules.", {LES: 1}),
+    # phrases/unmention/lung_opacity.txt is only "pleural scar": "pleuroparenchymal scar" is both
+    ("Pleuroparenchymal scarring at the apices.", {OPAC: 1, PO: 1}),
+    ("Pleural scarring at the apices.", {OPAC: None}),
+    # phrases/mention/edema.txt matches the substring "edema" ("edematous")
+    ("Edematous interstitial changes.", {EDEMA: 1}),
 ]
 
 

@@ -12,11 +12,13 @@ the CheXpert labeler (Irvin et al., 2019):
    clauses at "but", "however", "although", "which", ";", ", with", "and there"... so that in
    "no effusion but mild cardiomegaly" the negation does not reach "cardiomegaly"). The nearest cue
    before the mention in its clause decides: a negation cue ("no", "without", "negative for", "free
-   of", "clear of", "absence of", "resolution of"...) gives 0, an uncertainty cue ("possible",
-   "may represent", "suggestive of", "cannot exclude", "likely", "versus"...) gives -1. Cues after the
-   mention ("... is not seen", "... has resolved", "... cannot be excluded", "... is suspected") are
-   read next. Pseudo-negations ("no change in", "no interval increase") are ignored.
-   CheXpert's "A or B" and always-uncertain congestion rules apply (README lists every departure).
+   of", "clear of", "absence of", "resolution of", "rule out"...) gives 0, an uncertainty cue ("possible",
+   "may represent", "cannot exclude", "no new", "secondary to", "versus", and the hedges "likely",
+   "suggestive of"...) gives -1. Cues after the mention ("... is not seen", "... has resolved", "... cannot
+   be excluded", "... is suspected", "... is not appreciated") are read next. Pseudo-negations ("no
+   change in", "no interval increase") are ignored. CheXpert's cleaning ("A/B" is "A or B"), its "A or B"
+   rule and its always-uncertain phrases (vascular congestion, vascular prominence, "borderline heart
+   size") apply. The README lists each rule with its CheXpert source file, and every departure.
 3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
    negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
    (all but "No Finding" and "Support Devices") is positive or uncertain, and 0 otherwise, as in
@@ -140,7 +142,9 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         ),
         (r"\bsize is normal limits\b", NEGATIVE),
     ],
-    # CheXpert's Lung Opacity list (its "airspace opacity" phrases); "pleural scar" is unmentioned.
+    # CheXpert's Lung Opacity list (its "airspace opacity" phrases); "pleural scar" is unmentioned
+    # (`phrases/unmention/lung_opacity.txt`), and only it: "pleuroparenchymal scar" is both Lung Opacity
+    # and Pleural Other, as in CheXpert.
     "Lung Opacity": [
         (r"\bopaci[a-z]*", None),
         (r"\b(?:decreased translucency|increased densit(?:y|ies))\b", None),
@@ -149,18 +153,15 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         (r"\binterstitial (?:markings?|pattern|lung)\b", None),
         (r"\breticular (?:pattern|markings?)\b|\breticulation\b", None),
         (r"\b(?:peribronchial|wall) thickening\b", None),
-        (
-            r"(?<!pleural )(?<!pleural-)(?<!pleural parenchymal )(?<!pleural-parenchymal )(?<!pleuroparenchymal )"
-            r"(?<!pleuro-parenchymal )(?<!pleuro-pericardial )\bscar[a-z]*",
-            None,
-        ),
+        (r"(?<!pleural )\bscar[a-z]*", None),
     ],
-    # CheXpert's Lung Lesion list; "calcified nodule", "massive" and "Massengale" are unmentioned.
+    # CheXpert's Lung Lesion list; its unmention "calcified nodul" removes "calcified nodule(s)" and
+    # "calcified nodular density / opacity"; "massive" and "Massengale" are not "mass".
     # Granulomas and metastases are not Lung Lesion mentions in CheXpert (they are "other findings").
     "Lung Lesion": [
-        (r"\bmass(?:es)?\b", None),
-        (r"(?<!calcified )\bnodules?\b", None),
-        (r"\bnodular (?:densit(?:y|ies)|opaci(?:ty|ties|fication))\b", None),
+        (r"\bmass(?:es|[ -]?like)?\b", None),
+        (r"(?<!calcified )\b(?:micro)?nodules?\b", None),
+        (r"(?<!calcified )\bnodular (?:densit(?:y|ies)|opaci(?:ty|ties|fication))\b", None),
         (r"\blumps?\b", None),
         (r"\bcavitary lesions?\b", None),
         (r"\b(?:carcinomas?|neoplasms?|tumou?rs?)\b", None),
@@ -168,7 +169,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
     # CheXpert's Edema list. Its congestion / prominence / indistinctness phrases are always uncertain
     # unless negated (`_ALWAYS_UNCERTAIN`).
     "Edema": [
-        (r"\bedema\b", None),
+        (r"\bedema[a-z]*", None),
         (r"\b(?:heart failure|chf)\b", None),
         (r"\b(?:vascular|pulmonary) congestion\b", None),
         (r"\bindistinctness\b", None),
@@ -225,9 +226,11 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
     ],
 }
 
-# Mentions that CheXpert always reads as uncertain unless negated.
+# Mentions that CheXpert always reads as uncertain unless negated (`patterns/post_negation_uncertainty.txt`:
+# its congestion / indistinctness / vascular prominence rules and its "borderline heart size" rule).
 _ALWAYS_UNCERTAIN = re.compile(
-    r"\b(?:(?:vascular|pulmonary) congestion|indistinctness|vascular prominence)\b"
+    r"\b(?:(?:vascular|pulmonary) congestion|indistinctness|vascular prominence|"
+    r"borderline (?:heart|cardiac)(?: size)?|(?:heart size|cardiac size|cardiac silhouette) (?:is )?(?:at )?(?:the )?borderline)\b"
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -244,33 +247,58 @@ _DOUBLE_NEGATIVE_UNCERTAIN = re.compile(
     r"\b(?:can ?not|could not|can't|couldn't|not|unable to|difficult to|does not|cannot entirely|"
     r"can ?not (?:be )?(?:completely |entirely |fully )?)(?: be)?(?: entirely| completely| definitely| fully)?"
     r" (?:excluded|exclude|ruled out|rule out|be excluded|be ruled out|be entirely excluded)\b"
+    # CheXpert's pre-negation uncertainty: "no evidence to rule out XXX".
+    r"|\bno evidence to rule out\b"
 )
 _PRE_NEGATION = re.compile(
     r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
     r"removal of|removed|clearing of|cleared|history of|(?:rather|xxxx) than|no evidence of|no signs? of|nor|neither|never|"
     r"no (?:radiographic |definite |convincing |acute |focal |visible |large |significant )*evidence (?:of|for)|"
-    r"no (?:\w+ )?findings? (?:to suggest|suggest(?:ive|ing) of|of|for)|(?:is|are) negative|negative)\b"
+    r"no (?:\w+ )?findings? (?:to suggest|suggest(?:ive|ing) of|of|for)|(?:is|are) negative|negative|"
+    # CheXpert's negation patterns: "rule out XXX" and "exclude XXX" are negations (not uncertain);
+    # "cannot rule out / exclude" is masked first as a double negative (uncertain).
+    r"rule out|ruled out|to exclude|exclude|excluding|excludes)\b"
 )
 _PRE_UNCERTAIN = re.compile(
-    r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|question(?:ed)? (?:of|for)|"
-    r"questionably|suspicious (?:for|of)|suspect(?:ed)?|(?<!to )suggest(?:s|ed|ive|ing)?(?: of)?|"
-    r"concern(?:ing)? (?:for|of)|concern|likely|presumabl[ey]|presumed|equivocal|indeterminate|"
-    r"uncertain|versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
-    r"borderline(?= pneumo| effusion| edema)|cannot exclude|can not exclude|cannot rule out|"
-    r"may represent|may reflect|could represent|could reflect|correlate for|rule out|r/o|"
+    # CheXpert's uncertainty words (`patterns/post_negation_uncertainty.txt`) ...
+    r"\b(?:possible|possibly|probable|may|might|could|would|maybe|questionable|question(?:ed)? (?:of|for)|"
+    r"questionably|suspicious (?:for|of)|suspect(?:ed)?|suspicion (?:for|of)|worrisome for|"
+    r"concern(?:ing)? (?:for|of)|concern|presumabl[ey]|favou?r(?:s|ed|ing)?|secondary to|"
+    r"versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
+    r"may represent|may reflect|could represent|could reflect|correlate (?:clinically )?for|"
+    r"can (?:represent|reflect|indicate|include|be due to|be related to|be consistent with)|"
+    r"obscur(?:ing|ed|es)(?: the)?|(?:is|are|was|were|be|would|could|may) compatible with|"
+    # ... CheXpert's pre-negation uncertainty "no new XXX" (nearer than the "no" it starts with) ...
+    r"no new|"
+    # ... and hedges CheXpert's patterns lack (README, departure 7). "Most suggestive of" is not one
+    # (NegBio's own "suggestive of" rule exempts it; CheXpert has no "suggestive" rule).
+    r"probably|likely|presumed|equivocal|indeterminate|uncertain|(?<!to )(?<!most )suggest(?:s|ed|ive|ing)?(?: of)?|"
     r"evaluat(?:e|ion) (?:for|of))\b"
+)
+# CheXpert's post-negation uncertainty rules on what follows the mention; checked before the
+# negations after it ("XXX is not appreciated", "XXX is not (well) visualized / evaluated", "XXX is not
+# clearly seen", "XXX is poorly / incompletely evaluated", "XXX is obscured", "XXX may be present",
+# "XXX could appear", "XXX may have this appearance").
+_POST_UNCERTAIN_FIRST = re.compile(
+    r"^(?: (?:\w+ ){0,3}?)?(?:is |are |was |were |has been |have been )?(?:"
+    r"not (?:well )?(?:visualized|evaluated)|not clearly (?:seen|visualized)|not appreciated|"
+    r"(?:poorly|incompletely) (?:evaluated|visualized)|obscured|"
+    r"(?:may|might|could|can|possibly) (?:also )?(?:be present|appear|have this appearance)"
+    r")\b"
 )
 _POST_NEGATION = re.compile(
     r"^(?:[ ,]*(?:\w+ ){0,4}?)(?:is |are |was |were |has |have |has been |have been )?"
-    r"(?:(?:not|no longer) (?:\w+ )?(?:seen|identified|present|visualized|visible|demonstrated|evident|"
-    r"appreciated|noted|detected|apparent|definitely seen|clearly seen)|resolved|cleared|removed|absent|"
-    r"not enlarged|negative|now resolved|been removed|"
+    r"(?:(?:not|no longer) (?:\w+ )?(?:seen|identified|present|visible|demonstrated|evident|"
+    r"noted|detected|apparent|definitely seen)|no longer (?:\w+ )?(?:visualized|appreciated)|"
+    r"resolved|cleared|removed|absent|not enlarged|negative|now resolved|been removed|"
+    # CheXpert: "XXX is excluded / ruled out", "XXX was previously demonstrated / visualized".
+    r"excluded|ruled out|previously (?:demonstrated|visualized)|"
     r"(?:appears? |is |are |remains? )(?:within normal limits|within (?:the )?limits of normal|normal))\b"
 )
 _POST_UNCERTAIN = re.compile(
     # "... (on the left) is suspected / cannot be excluded": a few words, no comma, then the cue.
     r"^(?: (?:\w+ ){0,3}?)?(?:"
-    r"(?:is |are |was |were )?(?:not |cannot be |can not be |could not be )?(?:excluded|ruled out)|"
+    r"(?:is |are |was |were )?(?:not |cannot be |can not be |could not be )(?:excluded|ruled out)|"
     r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|likely|probable|"
     r"in question|suggested|considered|a consideration|favou?red|less likely)"
     r")\b"
@@ -330,7 +358,20 @@ def split_sentences(text: str) -> list[str]:
     text = _normalise(text)
     # "normal.No" (missing space) is a sentence end; decimals ("1.5 cm") are not.
     text = re.sub(r"(?<=[a-z)])\.(?=[A-Z])", ". ", text)
-    parts = _SENTENCE_SPLIT.split(text.lower())
+    text = text.lower()
+    # CheXpert's report cleaning (`loader/load.py`): "and/or" -> "or", and any "word/word" -> "word or word"
+    # ("atelectasis/scarring" is "atelectasis or scarring"). The abbreviations r/o, w/o, h/o and s/p are
+    # spelled out first, so that they do not become an "or".
+    for abbreviation, words in (
+        ("r/o", "rule out"),
+        ("w/o", "without"),
+        ("h/o", "history of"),
+        ("s/p", "status post"),
+    ):
+        text = re.sub(rf"\b{abbreviation}\b", words, text)
+    text = text.replace("and/or", "or")
+    text = re.sub(r"(?<=[a-z])/(?=[a-z])", " or ", text)
+    parts = _SENTENCE_SPLIT.split(text)
     return [p.strip(" .,") for p in parts if p and p.strip(" .,")]
 
 
@@ -389,6 +430,8 @@ class _Clause:
         ):
             return UNCERTAIN
         after = self.masked[end : end + 120]
+        if _POST_UNCERTAIN_FIRST.match(after):
+            return UNCERTAIN
         if _POST_NEGATION.match(after):
             return NEGATIVE
         if _POST_UNCERTAIN.match(after):
