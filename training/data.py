@@ -3,7 +3,8 @@
 - `IndexedStudies` pairs each study with its row index, so generated reports can be matched to their studies
   after `gather_for_metrics`.
 - `StudyCollator` runs the processor (images -> pixel_values / view_mask, reports -> input_ids / labels),
-  optionally with mid-grey images (the ablation) or with precomputed encoder features.
+  optionally with mid-grey images (the ablation), with precomputed encoder features, or with randomly augmented
+  images (`--augment`, training only; see `training.augmentation`).
 - `study_dataloader` is the DataLoader of a split, with its own seeded generator.
 - `precompute_features` runs a frozen encoder once over a split (`--cache_features`).
 - `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default.
@@ -26,6 +27,7 @@ from transformers.utils import logging
 
 from dataset_builder import build_dataset, download, synthesize
 from processing_xraycap import XrayCapProcessor
+from training.augmentation import XrayAugmentation
 
 logger = logging.get_logger(__name__)
 
@@ -58,6 +60,9 @@ class StudyCollator:
         ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
         feature_cache (`dict[int, tuple[torch.Tensor, torch.Tensor]]`, *optional*): precomputed encoder
             features and view masks by row index; when given, images are not decoded at all.
+        augmentation (`XrayAugmentation`, *optional*): applied to each view before the processor, drawn anew for
+            each epoch (see `set_epoch`). Only for the training collator: never with `ablate` (the grey image must
+            stay constant) nor with `feature_cache` (features computed once cannot follow images that change).
     """
 
     def __init__(
@@ -68,15 +73,33 @@ class StudyCollator:
         with_text: bool = True,
         ablate: bool = False,
         feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        augmentation: XrayAugmentation | None = None,
     ):
+        if augmentation is not None and ablate:
+            raise ValueError(
+                "StudyCollator(ablate=True, augmentation=...): the ablation's constant grey image must not be "
+                "augmented; pass augmentation=None (only the training collator augments)."
+            )
         self.processor = processor
         self.max_views = max_views
         self.max_target_length = max_target_length
         self.with_text = with_text
         self.ablate = ablate
         self.feature_cache = feature_cache
+        self.augmentation = augmentation
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next batches belong to: with an augmentation, each epoch draws different images."""
+        self.epoch = epoch
 
     def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        if self.feature_cache is not None and self.augmentation is not None:
+            raise ValueError(
+                "StudyCollator has both a feature_cache and an augmentation: cached encoder features cannot follow "
+                "images augmented anew every epoch. Drop one of them (run_captioning turns the cache off under "
+                "--augment)."
+            )
         indices = [index for index, _ in items]
         text = [example["report"] for _, example in items] if self.with_text else None
         if self.feature_cache is not None:
@@ -91,6 +114,14 @@ class StudyCollator:
             images = [example["images"][: self.max_views] for _, example in items]
             if self.ablate:
                 images = [[Image.new("L", view.size, 128) for view in views] for views in images]
+            elif self.augmentation is not None:
+                images = [
+                    [
+                        self.augmentation(view, self.augmentation.generator(self.epoch, row, v))
+                        for v, view in enumerate(views)
+                    ]
+                    for row, views in zip(indices, images)
+                ]
             batch = dict(
                 self.processor(
                     images=images, text=text, return_tensors="pt", max_length=self.max_target_length
