@@ -356,8 +356,9 @@ def test_grid_size_argument_reaches_the_config():
         assert build_config(model_args).grid_size == expected, argv
 
 
-def test_arguments_come_from_a_yaml_or_json_file(tmp_path: Path):
-    """`run_captioning.py args.yaml` (or args.json) reads every argument group from the file."""
+def test_arguments_come_from_a_yaml_or_json_file(tmp_path: Path, capsys):
+    """`run_captioning.py args.yaml` (or args.json) reads every argument group from the file; arguments after
+    the file override it; a bad value in the file is refused by name, as on the command line."""
     import yaml
 
     import run_captioning
@@ -367,6 +368,7 @@ def test_arguments_come_from_a_yaml_or_json_file(tmp_path: Path):
         "synthetic_studies": 60,
         "learning_rate": 3e-4,
         "torch_compile": True,
+        "hub_model_id": None,  # null keeps the default
     }
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(values))
     (tmp_path / "args.json").write_text(json.dumps(values))
@@ -374,12 +376,20 @@ def test_arguments_come_from_a_yaml_or_json_file(tmp_path: Path):
         model_args, data_args, train_args = run_captioning.parse_args([str(tmp_path / name)])
         assert model_args.preset == "resnet50-gpt2" and data_args.synthetic_studies == 60, name
         assert train_args.learning_rate == 3e-4 and train_args.torch_compile is True, name
-        assert train_args.max_steps == -1, name  # unset keys keep their defaults
-    # A file skips argparse's `choices`: the same values are still refused by name before any work.
+        assert train_args.max_steps == -1 and train_args.hub_model_id is None, name  # defaults kept
+    _, data_args, train_args = run_captioning.parse_args(
+        [str(tmp_path / "args.yaml"), "--learning_rate", "1e-5", "--torch_compile", "false"]
+    )
+    assert train_args.learning_rate == 1e-5 and train_args.torch_compile is False
+    assert data_args.synthetic_studies == 60
     for key, value in (("preset", "gigantic"), ("mixed_precision", "fp8")):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**values, key: value}))
-        with pytest.raises(ValueError, match=f"--{key} '{value}'"):
+        with pytest.raises(SystemExit):
             run_captioning.parse_args([str(tmp_path / "bad.yaml")])
+        assert f"invalid choice: '{value}'" in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"learning_rat": 0.1}))  # not taken for learning_rate
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['learning_rat'\]"):
+        run_captioning.parse_args([str(tmp_path / "typo.yaml")])
 
 
 def test_unknown_preset_is_refused(capsys):

@@ -1,7 +1,8 @@
 """Evaluation of a trained model: beam-search reports for a split, their scores, the prediction files.
 
-`generate_reports` runs on every process and gathers each study's report exactly once; `score` runs the
-`radiology_report` metric; `write_predictions` and `write_samples` write `predictions.jsonl` and
+`generate_reports` runs on every process and gathers each study's report exactly once; `nearest_train_reports`
+is the retrieval floor (each test study gets the report of the train study with the closest encoder features);
+`score` runs the `radiology_report` metric; `write_predictions` and `write_samples` write `predictions.jsonl` and
 `samples.png` / `samples.html` into the output folder.
 """
 
@@ -61,6 +62,71 @@ def generate_reports(
     return reports
 
 
+def pool_views(features: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+    """One vector per study: encoder features `(batch, views, tokens, channels)` averaged over the tokens and
+    over the study's present views (`view_mask`, `(batch, views)`). Returns `(batch, channels)` in fp32."""
+    weights = view_mask.to(torch.float32)[:, :, None]
+    per_view = features.float().mean(dim=2)
+    return (per_view * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def study_embeddings(
+    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator
+) -> dict[int, torch.Tensor]:
+    """The encoder's pooled features of every study of a (sharded) split, gathered on every process.
+
+    Args:
+        model (`XrayCapForConditionalGeneration`): the prepared model (its `get_image_features` is used).
+        dataloader (`DataLoader`): the prepared loader of the split, with images and without text.
+        accelerator (`Accelerator`): the run's accelerator.
+
+    Returns:
+        `dict[int, torch.Tensor]`: a `(channels,)` fp32 vector per row index, on CPU.
+    """
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    vectors: dict[int, torch.Tensor] = {}
+    for batch in tqdm(
+        dataloader,
+        desc="encoding for nearest-train",
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    ):
+        features = unwrapped.get_image_features(
+            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
+        )
+        indices, pooled = accelerator.gather_for_metrics(
+            (batch["index"], pool_views(features, batch["view_mask"]))
+        )
+        vectors.update(zip(indices.tolist(), pooled.cpu()))
+    unwrapped.train(was_training)
+    return vectors
+
+
+def nearest_train_reports(
+    train_vectors: dict[int, torch.Tensor], test_vectors: dict[int, torch.Tensor], train_reports: list[str]
+) -> dict[int, str]:
+    """The retrieval floor: each test study gets the report of the train study with the most similar images.
+
+    Similarity is the cosine of the encoder's pooled features ([`study_embeddings`]); ties go to the lower row.
+
+    Args:
+        train_vectors (`dict[int, torch.Tensor]`), test_vectors (`dict[int, torch.Tensor]`): pooled features by
+            row index of the train and test splits.
+        train_reports (`list[str]`): the train split's reports, by row index.
+
+    Returns:
+        `dict[int, str]`: the retrieved report of each test study, by its row index.
+    """
+    train_rows, test_rows = sorted(train_vectors), sorted(test_vectors)
+    train = torch.nn.functional.normalize(torch.stack([train_vectors[i] for i in train_rows]).float(), dim=1)
+    test = torch.nn.functional.normalize(torch.stack([test_vectors[i] for i in test_rows]).float(), dim=1)
+    nearest = (test @ train.T).argmax(dim=1).tolist()
+    return {row: train_reports[train_rows[j]] for row, j in zip(test_rows, nearest)}
+
+
 def score(metric, split: datasets.Dataset, reports: dict[int, str], **options) -> dict[str, Any]:
     """The `radiology_report` metrics of generated reports (by row index) against the split's references.
 
@@ -77,19 +143,22 @@ def score(metric, split: datasets.Dataset, reports: dict[int, str], **options) -
     )
 
 
-def write_predictions(
-    path: Path, split: datasets.Dataset, reports: dict[int, str], ablated_reports: dict[int, str]
-) -> None:
-    """`predictions.jsonl`: one `{"id", "reference", "prediction", "prediction_image_ablated"}` line per study."""
+def write_predictions(path: Path, split: datasets.Dataset, reports: dict[str, dict[int, str]]) -> None:
+    """`predictions.jsonl`: one line per study, `{"id", "reference", "prediction", ...}`.
+
+    Args:
+        path (`Path`): the file to write.
+        split (`datasets.Dataset`): the split the reports are for (`uid` and `report` are read).
+        reports (`dict[str, dict[int, str]]`): each evaluation's reports by row index, as
+            `{"test": ..., "test_image_ablated": ..., "test_nearest_train": ...}`; `test` gives the rows and the
+            `prediction` field, the others `prediction_image_ablated` and `prediction_nearest_train`.
+    """
     uids, references = list(split["uid"]), list(split["report"])
     with open(path, "w") as f:
-        for index in sorted(reports):
-            row = {
-                "id": uids[index],
-                "reference": references[index],
-                "prediction": reports[index],
-                "prediction_image_ablated": ablated_reports.get(index),
-            }
+        for index in sorted(reports["test"]):
+            row = {"id": uids[index], "reference": references[index]}
+            for name, by_row in reports.items():
+                row["prediction" + name.removeprefix("test")] = by_row.get(index)
             f.write(json.dumps(row) + "\n")
 
 

@@ -43,8 +43,10 @@ Splits are by study (uid), so no study's second view leaks into training.
 
 ## Results
 
-Test split, beam search ({num_beams} beams). `test_image_ablated` feeds every test study a constant mid-grey
-image: the gap to `test` is what the model reads from the image. Language metrics are corpus-level (R2Gen
+Test split, beam search ({num_beams} beams), beside two floors. `test_image_ablated` feeds every test study a
+constant mid-grey image: the gap to `test` is what the model reads from the image. `test_nearest_train` gives
+each test study the report of the training study whose images are closest (cosine of the encoder's pooled
+features): a model that beats neither floor has learned nothing worth reporting. Language metrics are corpus-level (R2Gen
 protocol); `ce_*` are clinical efficacy scores from the rule-based CheXpert-style labeler
 (`metrics/radiology_report`), with `ce_macro_f1` averaged over the observations positive in at least one
 reference.
@@ -66,7 +68,7 @@ def format_value(value: Any) -> str:
 
 def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per metric of `CARD_METRICS`, one column per split of `results`."""
-    splits = [s for s in ("test", "test_image_ablated", "validation") if s in results]
+    splits = [s for s in ("test", "test_image_ablated", "test_nearest_train", "validation") if s in results]
     lines = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for key in CARD_METRICS:
         if any(key in results[s] for s in splits):
@@ -168,3 +170,16 @@ def describe_run(
             f"({run.get('wall_time_s')} s for the whole run)."
         ),
     }
+
+
+def add_card_section(card_path: Path, title: str, text: str) -> None:
+    """Appends a `## title` section to the model card saved at `card_path` (metadata kept as it is).
+
+    Args:
+        card_path (`Path`): a folder's `README.md` written by [`build_model_card`].
+        title (`str`): the section's heading.
+        text (`str`): its Markdown body.
+    """
+    card = ModelCard.load(card_path)
+    card.text = f"{card.text.rstrip()}\n\n## {title}\n\n{text}\n"
+    card.save(card_path)
