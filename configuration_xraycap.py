@@ -1,4 +1,5 @@
-"""XrayCap configuration: a vision tower (ResNet or any timm model), a projection and a GPT-2 decoder.
+"""XrayCap configuration: a vision tower (a transformers CNN or ViT, or any timm model), a projection and a GPT-2
+decoder.
 
 The config is the single source of truth: the model builds every submodule from it, and `from_preset`
 gives the two sizes the project uses ("tiny" for tests and the CPU demo, "resnet50-gpt2" for real runs).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
-from transformers import AutoConfig, PretrainedConfig, ResNetConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
@@ -17,6 +18,12 @@ logger = logging.get_logger(__name__)
 
 VISUAL_TOKEN_MODES = ("pooled", "grid")
 PROJECTION_TYPES = ("linear", "mlp")
+# The vision towers XrayCap reads, by `model_type`; "timm_wrapper" (`TimmWrapperConfig`) is any timm CNN or ViT.
+CNN_MODEL_TYPES = ("resnet", "convnext", "convnextv2")
+# Token towers and the class / distillation tokens in front of their patch tokens (DINOv2 with registers adds
+# `num_register_tokens`). Swin has none.
+PREFIX_TOKENS = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 1, "swin": 0}
+VISION_MODEL_TYPES = (*CNN_MODEL_TYPES, *PREFIX_TOKENS, "timm_wrapper")
 
 # The two presets. Each entry is (vision_config kwargs, text_config kwargs, top-level kwargs).
 _PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
@@ -98,19 +105,22 @@ class XrayCapConfig(PretrainedConfig):
 
     Args:
         vision_config (`dict` or `PretrainedConfig`, *optional*):
-            Config of the image encoder, built with `AutoModel.from_config`. A transformers `ResNetConfig`
-            (default: ResNet-50) or a `TimmWrapperConfig` (any timm CNN or ViT).
+            Config of the image encoder, built with `AutoModel.from_config`: a transformers ResNet, ConvNeXt
+            (V2), ViT, DeiT, DINOv2 or Swin config (default: ResNet-50), or a `TimmWrapperConfig` (any timm CNN
+            or ViT); see `VISION_MODEL_TYPES`.
         text_config (`dict` or `GPT2Config`, *optional*):
-            Config of the GPT-2 decoder (default: GPT-2 small).
+            Config of the GPT-2 decoder (default: GPT-2 small); any GPT-2-family size (distilgpt2, gpt2-medium,
+            ...).
         visual_tokens (`str`, *optional*, defaults to `"grid"`):
-            `"pooled"`: one token per view from the globally pooled feature; `"grid"`: every position of the
-            last feature map is a token (7x7 = 49 per view at 224 px for ResNet-50), so the decoder attends
-            over image regions.
+            `"pooled"`: one token per view: the class token of towers that have one (ViT, DeiT, DINOv2), else
+            the tower's pooled output (the mean of its feature map or patch tokens). `"grid"`: one token per
+            cell of the last feature map, or per patch (class and distillation tokens dropped), so the decoder
+            attends over image regions (7x7 = 49 per view at 224 px for ResNet-50, 14x14 for ViT-B/16).
         grid_size (`int`, *optional*, defaults to 4):
-            With `visual_tokens="grid"`, the last CNN feature map is average-pooled to `grid_size x grid_size`
-            tokens per view (4x4 = 16 for ResNet-50 at 224 px, whose native map is 7x7). Fewer prefix
-            positions make every decoder step cheaper. `None` keeps the native map. A map already that small
-            is left as it is, and transformer towers (timm ViTs) keep their tokens.
+            With `visual_tokens="grid"`, the feature map, or the square grid of patch tokens, is average-pooled
+            to `grid_size x grid_size` tokens per view (4x4 = 16 for ResNet-50 at 224 px, whose native map is
+            7x7). Fewer prefix positions make every decoder step cheaper. `None` keeps the native map. A map
+            already that small is left as it is.
         projection (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one `nn.Linear` from the encoder width to `n_embd`) or `"mlp"` (Linear-GELU-Linear).
         freeze_vision_encoder (`bool`, *optional*, defaults to `True`):
@@ -119,7 +129,8 @@ class XrayCapConfig(PretrainedConfig):
             Views per study (1: frontal only; 2: frontal + lateral). Each view adds its tokens plus a learned
             view embedding.
         image_size (`int`, *optional*, defaults to 224):
-            Side in pixels of the square images the processor feeds.
+            Side in pixels of the square images the processor feeds. Towers with fixed position embeddings
+            (ViT, DeiT, timm ViTs) take only their own size (see [`fixed_input_size`]).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal init of the projection and view embeddings.
         pad_token_id (`int`, *optional*), bos_token_id (`int`, *optional*), eos_token_id (`int`, *optional*):
@@ -165,6 +176,7 @@ class XrayCapConfig(PretrainedConfig):
                 if getattr(self, name) is None:
                     setattr(self, name, _PRESETS["resnet50-gpt2"][2][name])
         super().__post_init__(**kwargs)
+        check_tower_types(self.vision_config.model_type, self.text_config.model_type)
         if self.visual_tokens not in VISUAL_TOKEN_MODES:
             raise ValueError(f"visual_tokens={self.visual_tokens!r} is not one of {VISUAL_TOKEN_MODES}.")
         if self.grid_size is not None and (isinstance(self.grid_size, bool) or int(self.grid_size) < 1):
@@ -239,17 +251,110 @@ class XrayCapConfig(PretrainedConfig):
                 text[key] = top[key]
         return cls(vision_config=vision, text_config=text, **top)
 
-    def vision_feature_dim(self) -> int:
-        """Channels of the encoder's last feature map (2048 for ResNet-50)."""
+    def vision_feature_dim(self, timm_model: Any = None) -> int:
+        """
+        Width of the vision tower's features (2048 for ResNet-50, 768 for ViT-B).
+
+        Args:
+            timm_model (`timm.models.*`, *optional*):
+                The built timm model of a `TimmWrapperConfig` tower (`vision_model.timm_model`): timm towers are
+                read from it. Without it a timm tower gives -1.
+        """
         vision = self.vision_config
-        if isinstance(vision, ResNetConfig) or getattr(vision, "model_type", "") == "resnet":
+        if timm_model is not None:
+            return int(timm_model.num_features)
+        if vision.model_type in CNN_MODEL_TYPES:
             return int(vision.hidden_sizes[-1])
-        for attr in ("num_features", "hidden_size"):
-            if getattr(vision, attr, None):
-                return int(getattr(vision, attr))
-        return -1  # resolved from the built module (timm models)
+        return int(getattr(vision, "hidden_size", -1))  # Swin's hidden_size is its last stage's width
+
+    def vision_grid(self, timm_model: Any = None) -> tuple[int, int] | None:
+        """
+        The vision tower's token layout at `image_size`, known without a forward.
+
+        Args:
+            timm_model (`timm.models.*`, *optional*):
+                The built timm model of a `TimmWrapperConfig` tower, read through its last `feature_info`
+                reduction: ViT-style models (with `num_prefix_tokens`) patchify, rounding down; CNNs and Swin are
+                taken to pad, rounding up, which is exact for an `image_size` that is a multiple of the reduction
+                (timm ConvNeXt's patchify stem rounds down otherwise).
+
+        Returns:
+            `tuple[int, int]` or `None`: `(side, prefix_tokens)`: the side of the tower's last feature map or
+            square patch grid (7 for ResNet-50 and Swin at 224 px, 14 for ViT-B/16), and the class /
+            distillation / register tokens in front of the patch tokens. `None` for a timm tower without
+            `timm_model`.
+        """
+        vision, size = self.vision_config, int(self.image_size)
+        kind = vision.model_type
+        if timm_model is not None:
+            reduction = int((getattr(timm_model, "feature_info", None) or [{}])[-1].get("reduction", 32))
+            prefix = getattr(timm_model, "num_prefix_tokens", None)
+            return (-(-size // reduction), 0) if prefix is None else (size // reduction, int(prefix))
+        if kind == "resnet":  # a stride-4 stem, then each stage halves (padded convolutions round up)
+            stages = len(vision.hidden_sizes) - 1 + int(vision.downsample_in_first_stage)
+            return -(-size // (4 * 2**stages)), 0
+        if kind in ("convnext", "convnextv2"):  # a patchify stem (rounds down), then 2x between stages
+            return size // (_side(vision.patch_size) * 2 ** (len(vision.hidden_sizes) - 1)), 0
+        if kind == "swin":  # patch embedding and 2x2 patch merging pad their input: round up
+            return -(-size // (_side(vision.patch_size) * 2 ** (len(vision.depths) - 1))), 0
+        if kind in PREFIX_TOKENS:  # ViT-style patchify (rounds down)
+            prefix = PREFIX_TOKENS[kind] + int(getattr(vision, "num_register_tokens", 0) or 0)
+            return size // _side(vision.patch_size), prefix
+        return None
+
+
+def _side(value: int | list | tuple) -> int:
+    """A square size given as `n` or `(n, n)`."""
+    return int(value if isinstance(value, int) else value[0])
+
+
+def check_tower_types(vision_type: str, text_type: str) -> None:
+    """
+    Refuse a vision tower XrayCap cannot read, or a decoder that is not GPT-2.
+
+    Args:
+        vision_type (`str`): the vision config's `model_type`; one of `VISION_MODEL_TYPES`.
+        text_type (`str`): the text config's `model_type`; must be `"gpt2"` (gpt2, distilgpt2, gpt2-medium, ...).
+
+    Raises:
+        `ValueError` naming the model type and the fix.
+    """
+    if vision_type not in VISION_MODEL_TYPES:
+        raise ValueError(
+            f"Vision tower model_type {vision_type!r} is not supported: use one of {VISION_MODEL_TYPES} "
+            "(a transformers checkpoint of those, or any timm model, e.g. 'timm/vit_base_patch16_224.augreg_in21k')."
+        )
+    if text_type != "gpt2":
+        raise ValueError(
+            f"Text tower model_type {text_type!r} is not GPT-2: XrayCap's decoder is a GPT2LMHeadModel; use a "
+            "GPT-2-family checkpoint or config (gpt2, distilgpt2, gpt2-medium, gpt2-large, ...)."
+        )
+
+
+def fixed_input_size(vision_config: PretrainedConfig, timm_model: Any = None) -> int | None:
+    """
+    The only image size a vision tower takes: ViT and DeiT position embeddings (`image_size`); for a timm tower,
+    its built model's strict patch embedding, or before it is built, a checkpoint's `pretrained_cfg` with
+    `fixed_input_size`. `None` where any size works (CNNs, Swin, DINOv2, which interpolates).
+
+    Args:
+        vision_config (`PretrainedConfig`): the vision tower's config.
+        timm_model (`timm.models.*`, *optional*): the built timm model of a `TimmWrapperConfig` tower.
+
+    Returns:
+        `int` or `None`: the side in pixels.
+    """
+    if timm_model is not None:
+        patch_embed = getattr(timm_model, "patch_embed", None)
+        return int(patch_embed.img_size[0]) if getattr(patch_embed, "strict_img_size", False) else None
+    if vision_config.model_type in ("vit", "deit"):
+        return _side(vision_config.image_size)
+    pretrained_cfg = getattr(vision_config, "pretrained_cfg", None) or {}
+    if pretrained_cfg.get("fixed_input_size") and pretrained_cfg.get("input_size"):
+        return int(pretrained_cfg["input_size"][-1])
+    return None
 
 
 XrayCapConfig.register_for_auto_class()  # AutoConfig: saved folders carry this file
 
-__all__ = ["XrayCapConfig"]
+__all__ = ["XrayCapConfig", "check_tower_types", "fixed_input_size"]

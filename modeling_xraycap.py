@@ -1,26 +1,28 @@
 """XrayCap: image encoder -> projection -> prefix tokens -> GPT-2 decoder, as a transformers model.
 
-Each view of a study is encoded by the vision tower (a transformers ResNet or a timm model); its features
-(one pooled vector, or the cells of the last feature map) are projected into GPT-2's embedding space, get a
-learned view embedding, and are put in front of the report tokens. The decoder is a plain `GPT2LMHeadModel`,
-so the text path is exactly GPT-2. `generate` hands the image to the model at prefill only, as GIT and
-LLaVA do: afterwards the KV cache holds the prefix, and without a cache every step re-reads it.
+Each view of a study is encoded by the vision tower (a transformers CNN or ViT, or a timm model); its
+features (a pooled vector or class token, or the cells of the last feature map / patch grid) are projected into
+GPT-2's embedding space, get a learned view embedding, and are put in front of the report tokens. The decoder
+is a plain `GPT2LMHeadModel`, so the text path is exactly GPT-2. `generate` hands the image to the model at
+prefill only, as GIT and LLaVA do: afterwards the KV cache holds the prefix, and without a cache every step
+re-reads it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
 from transformers.cache_utils import Cache, StaticCache
 from transformers.utils import ModelOutput, logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
-    from .configuration_xraycap import XrayCapConfig
+    from .configuration_xraycap import XrayCapConfig, check_tower_types, fixed_input_size
 except ImportError:  # the repository root on sys.path (`import modeling_xraycap`)
-    from configuration_xraycap import XrayCapConfig
+    from configuration_xraycap import XrayCapConfig, check_tower_types, fixed_input_size
 
 logger = logging.get_logger(__name__)
 
@@ -121,14 +123,15 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     def __init__(self, config: XrayCapConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)
-        timm_model = getattr(self.vision_model, "timm_model", None)  # timm towers know their width once built
-        self.vision_feature_dim = (
-            config.vision_feature_dim() if timm_model is None else timm_model.num_features
-        )
-        if self.vision_feature_dim <= 0:
+        timm_model = getattr(self.vision_model, "timm_model", None)  # timm towers are read once built
+        self.vision_feature_dim = config.vision_feature_dim(timm_model)
+        self._grid_side, self._prefix_tokens = config.vision_grid(timm_model)
+        self._channels_last = getattr(timm_model, "output_fmt", None) == "NHWC"  # timm Swin: (N, h, w, C)
+        fixed = fixed_input_size(config.vision_config, timm_model)
+        if fixed is not None and fixed != config.image_size:
             raise ValueError(
-                f"Cannot infer the feature width of vision tower {type(self.vision_model).__name__}: "
-                "use a ResNetConfig or a TimmWrapperConfig as vision_config."
+                f"image_size={config.image_size}, but the vision tower ({type(self.vision_model).__name__}) takes "
+                f"only {fixed}-px images (its position embeddings are fixed): use image_size={fixed}."
             )
         self.projection = XrayCapProjection(self.vision_feature_dim, config)
         self.view_embedding = nn.Parameter(torch.zeros(config.max_views, config.text_config.n_embd))
@@ -147,31 +150,35 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------- towers
     @classmethod
     def from_pretrained_towers(
-        cls,
-        vision: str = "microsoft/resnet-50",
-        text: str = "gpt2",
-        **config_kwargs,
+        cls, vision: str = "microsoft/resnet-50", text: str = "gpt2", **config_kwargs
     ) -> XrayCapForConditionalGeneration:
         r"""
         Build a model from a pretrained image encoder and a pretrained GPT-2 (Hub ids or local folders).
 
-        The projection and view embeddings start random. GPT-2 has no pad token, so unless `pad_token_id`
-        is given one row is appended to its vocabulary (id = the original vocabulary size); pair the model
-        with `XrayCapProcessor.from_tokenizer(text)`, which adds the matching `<|pad|>` token.
+        The projection and view embeddings start random. `image_size` defaults to the only size a tower with fixed
+        position embeddings takes (ViT, DeiT), else to 224. GPT-2 has no pad token, so unless `pad_token_id` is
+        given one row is appended to its vocabulary (id = the original vocabulary size); pair the model with
+        `XrayCapProcessor.from_tokenizer(text, vision_model=vision)`, which adds the matching `<|pad|>` token.
 
         Args:
             vision (`str`, *optional*, defaults to `"microsoft/resnet-50"`):
-                A transformers ResNet checkpoint or a timm checkpoint (`"timm/resnet50.a1_in1k"`).
+                A transformers ResNet, ConvNeXt, ViT, DeiT, DINOv2 or Swin checkpoint
+                (`"google/vit-base-patch16-224-in21k"`), or a timm one (`"timm/resnet50.a1_in1k"`).
             text (`str`, *optional*, defaults to `"gpt2"`):
-                A GPT-2 checkpoint.
+                A GPT-2-family checkpoint (`"gpt2"`, `"distilgpt2"`, `"gpt2-medium"`, ...).
             **config_kwargs:
                 Other `XrayCapConfig` fields (`visual_tokens`, `projection`, `max_views`, `image_size`, ...).
 
         Returns:
             `XrayCapForConditionalGeneration`
         """
-        vision_tower = AutoModel.from_pretrained(vision)
-        text_tower = GPT2LMHeadModel.from_pretrained(text)
+        vision_config, text_config = AutoConfig.from_pretrained(vision), AutoConfig.from_pretrained(text)
+        check_tower_types(vision_config.model_type, text_config.model_type)  # before loading any weights
+        vision_tower = AutoModel.from_pretrained(vision, config=vision_config)
+        text_tower = GPT2LMHeadModel.from_pretrained(text, config=text_config)
+        fixed = fixed_input_size(vision_config, getattr(vision_tower, "timm_model", None))
+        if config_kwargs.get("image_size") is None and fixed is not None:
+            config_kwargs["image_size"] = fixed
         text_config = text_tower.config.to_dict()
         if text_config.get("activation_function") == "gelu_new":  # the same formula, one fused kernel
             text_config["activation_function"] = "gelu_pytorch_tanh"
@@ -237,23 +244,12 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------- images
     @property
     def tokens_per_view(self) -> int:
-        """Image tokens per view at `config.image_size` (1 for "pooled"; the feature-map cells for "grid")."""
+        """Image tokens per view at `config.image_size` (1 for "pooled"; the map / patch-grid cells for "grid",
+        at most `grid_size` per side), known without a forward."""
         if self.config.visual_tokens == "pooled":
             return 1
-        cells = getattr(self, "_grid_cells", None)  # measured on the last forward
-        if cells is not None:
-            return cells
-        reduction, extra = 32, 0  # transformers ResNets downsample by 32
-        timm_model = getattr(self.vision_model, "timm_model", None)
-        feature_map = timm_model is None or not hasattr(timm_model, "patch_embed")  # CNN, not ViT tokens
-        if timm_model is not None:
-            feature_info = getattr(timm_model, "feature_info", None) or [{}]
-            reduction = int(feature_info[-1].get("reduction", 32))
-            extra = int(getattr(timm_model, "num_prefix_tokens", 0) or 0)  # ViT class tokens
-        side = -(-int(self.config.image_size) // reduction)
-        if feature_map and self.config.grid_size is not None:  # CNN maps are pooled to grid_size
-            side = min(side, int(self.config.grid_size))
-        return side * side + extra
+        side = min(self._grid_side, self.config.grid_size or self._grid_side)
+        return side * side
 
     @property
     def max_prefix_length(self) -> int:
@@ -321,8 +317,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 padding) are absent, all others present.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the
-            cells of the last feature map ("grid", pooled to `config.grid_size` per side). Computed without
+            `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the cells
+            of the last feature map / patch grid ("grid", pooled to `config.grid_size` per side). Computed without
             grad while the encoder is frozen, so it can be cached and fed back as `image_features`.
         """
         pixel_values = self._check_pixel_values(pixel_values)
@@ -340,23 +336,26 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         return features.view(batch, views, *tokens.shape[1:])
 
     def _tokens_from_encoder_output(self, outputs) -> torch.Tensor:
-        hidden = outputs.last_hidden_state
-        pooled = getattr(outputs, "pooler_output", None)
-        if hidden.ndim == 4:  # CNN feature map (N, C, h, w)
-            if self.config.visual_tokens == "grid":
-                side = self.config.grid_size
-                if side is not None and max(hidden.shape[-2:]) > side:
-                    hidden = nn.functional.adaptive_avg_pool2d(hidden, (side, side))
-                self._grid_cells = hidden.shape[-2] * hidden.shape[-1]
-                return hidden.flatten(2).transpose(1, 2).contiguous()
+        """The tower's output -> `(N, tokens, C)`: the class token or pooled feature ("pooled"), or the feature
+        map / square patch grid average-pooled to `grid_size` ("grid")."""
+        hidden, prefix = outputs.last_hidden_state, self._prefix_tokens
+        if self._channels_last:  # timm Swin's (N, h, w, C) maps -> (N, C, h, w)
+            hidden = hidden.permute(0, 3, 1, 2)
+        if self.config.visual_tokens == "pooled":
+            pooled = hidden[:, 0] if prefix else getattr(outputs, "pooler_output", None)
             if pooled is None:
-                pooled = hidden.mean(dim=(2, 3))
-        else:  # transformer tokens (N, L, C)
-            if self.config.visual_tokens == "grid":
-                return hidden
-            if pooled is None:
-                pooled = hidden.mean(dim=1)
-        return pooled.reshape(pooled.shape[0], 1, -1)
+                pooled = hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden.mean(dim=1)
+            return pooled.reshape(pooled.shape[0], 1, -1)
+        if hidden.ndim == 3:  # tokens (N, prefix + h * w, C): drop class / distillation tokens, make the map
+            patches = hidden[:, prefix:]
+            side = math.isqrt(patches.shape[1])
+            if side * side != patches.shape[1]:
+                raise ValueError(f"{patches.shape[1]} patch tokens are not a square grid: use square images.")
+            hidden = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+        side = self.config.grid_size
+        if side is not None and max(hidden.shape[-2:]) > side:
+            hidden = nn.functional.adaptive_avg_pool2d(hidden, (side, side))
+        return hidden.flatten(2).transpose(1, 2).contiguous()
 
     def get_prefix_embeds(
         self, image_features: torch.Tensor, view_mask: torch.Tensor | None = None

@@ -1,7 +1,7 @@
 """XrayCap preprocessing: chest X-ray images -> normalised 3-channel tensors; reports -> GPT-2 tokens + labels.
 
 `XrayCapImageProcessor` turns any PIL image, numpy array or file path (8/16-bit grayscale, RGB, RGBA,
-palette) into an ImageNet-normalised `(3, size, size)` tensor. `XrayCapProcessor` pairs it with a GPT-2
+palette) into a normalised `(3, size, size)` tensor (ImageNet's mean/std, or the vision tower's own). `XrayCapProcessor` pairs it with a GPT-2
 byte-level BPE tokenizer and builds `bos + report + eos` inputs and labels. `train_tokenizer` trains such
 a tokenizer locally (no Hub access needed).
 """
@@ -22,7 +22,7 @@ from transformers import GPT2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
 
@@ -160,7 +160,8 @@ def _check_pixels(size: tuple[int, int], name: str) -> None:
 class XrayCapImageProcessor(ImageProcessingMixin):
     r"""
     Chest X-ray image preprocessing: to RGB, resize the shorter side to `size`, centre-crop `size` x `size`,
-    scale to [0, 1] and normalise with the ImageNet mean/std (what ResNet weights expect).
+    scale to [0, 1] and normalise with the ImageNet mean/std (what ResNet weights expect), or the vision tower's
+    own ([`~XrayCapImageProcessor.from_vision_tower`]; ViTs often use 0.5).
 
     Args:
         size (`int`, *optional*, defaults to 224): output side in pixels (`XrayCapConfig.image_size`).
@@ -193,6 +194,31 @@ class XrayCapImageProcessor(ImageProcessingMixin):
         self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
         self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
         self.resample = resample
+
+    @classmethod
+    def from_vision_tower(
+        cls, vision_model: str | os.PathLike, size: int = 224, **hub_kwargs
+    ) -> XrayCapImageProcessor:
+        """
+        An image processor with the normalisation a pretrained vision tower was trained with: `image_mean` /
+        `image_std` from its preprocessor_config.json (ViTs usually use 0.5), else the `mean` / `std` of a timm
+        checkpoint's `pretrained_cfg` (config.json); ImageNet's where the tower gives neither.
+
+        Args:
+            vision_model (`str` or `os.PathLike`): the tower's Hub id or folder (`--vision_model`).
+            size (`int`, *optional*, defaults to 224): output side in pixels (`XrayCapConfig.image_size`).
+            **hub_kwargs: Hub access (`cache_dir`, `revision`, `token`, `local_files_only`, ...).
+        """
+        preprocessor = _read_json(vision_model, "preprocessor_config.json", **hub_kwargs)
+        timm_cfg = _read_json(vision_model, "config.json", **hub_kwargs).get("pretrained_cfg") or {}
+        normalisation = {}
+        for settings, mean, std in ((preprocessor, "image_mean", "image_std"), (timm_cfg, "mean", "std")):
+            if settings.get(mean) is not None and settings.get(std) is not None:
+                normalisation = {"image_mean": settings[mean], "image_std": settings[std]}
+                break
+        else:
+            logger.info(f"{vision_model} gives no image mean/std: using ImageNet's.")
+        return cls(size=size, **normalisation)
 
     def process_image(self, image: ImageLike) -> torch.Tensor:
         """One image (anything `load_image` reads) -> a normalised `(3, size, size)` float32 tensor."""
@@ -231,6 +257,21 @@ class XrayCapImageProcessor(ImageProcessingMixin):
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=None).convert_to_tensors(
             return_tensors
         )
+
+
+def _read_json(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs) -> dict[str, Any]:
+    """A JSON file of a Hub repo or folder as a dict; empty when it has no such file or the Hub is unreachable."""
+    path = cached_file(
+        path_or_repo,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> GPT2TokenizerFast:
@@ -306,6 +347,7 @@ class XrayCapProcessor(ProcessorMixin):
         image_size: int = 224,
         max_views: int = 2,
         max_length: int | None = None,
+        vision_model: str | os.PathLike | None = None,
     ) -> XrayCapProcessor:
         """
         Build a processor around a GPT-2 tokenizer (object, Hub id or folder), adding `<|pad|>` if it has no
@@ -316,14 +358,18 @@ class XrayCapProcessor(ProcessorMixin):
             image_size (`int`, *optional*, defaults to 224): `XrayCapConfig.image_size`.
             max_views (`int`, *optional*, defaults to 2): `XrayCapConfig.max_views`.
             max_length (`int`, *optional*): see the class docstring.
+            vision_model (`str` or `os.PathLike`, *optional*): the pretrained vision tower (Hub id or folder);
+                its image mean/std are used (see `XrayCapImageProcessor.from_vision_tower`). Default: ImageNet's.
         """
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer)
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             tokenizer.add_special_tokens({"pad_token": PAD})
-        return cls(
-            XrayCapImageProcessor(size=image_size), tokenizer, max_views=max_views, max_length=max_length
-        )
+        if vision_model is None:
+            image_processor = XrayCapImageProcessor(size=image_size)
+        else:
+            image_processor = XrayCapImageProcessor.from_vision_tower(vision_model, size=image_size)
+        return cls(image_processor, tokenizer, max_views=max_views, max_length=max_length)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> XrayCapProcessor:

@@ -1,15 +1,17 @@
 """The config, processor and model a run trains, from run_captioning's arguments.
 
-`build_config` applies the command line's architecture overrides to a preset; `build_processor` takes the text
-tower's tokenizer or trains a ByteLevel BPE on the train reports; `build_model` builds the model from the
-config, or from pretrained towers (`--vision_model`, `--text_model`).
+`build_config` applies the command line's architecture overrides to a preset (and the image size a pretrained vision
+tower fixes); `build_processor` takes the text tower's tokenizer or trains a ByteLevel BPE on the train reports, and
+the vision tower's image normalisation; `build_model` builds the model from the config, or from pretrained towers
+(`--vision_model`, `--text_model`).
 """
 
 from __future__ import annotations
 
+from transformers import AutoConfig
 from transformers.utils import logging
 
-from configuration_xraycap import XrayCapConfig
+from configuration_xraycap import XrayCapConfig, fixed_input_size
 from modeling_xraycap import XrayCapForConditionalGeneration
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
 
@@ -31,7 +33,8 @@ def build_config(model_args, synthetic_default: bool = False) -> XrayCapConfig:
     Args:
         model_args (`ModelArguments`):
             run_captioning's model arguments: `preset`, `freeze_vision_encoder`, `vision_model` and the
-            overrides in `ARCHITECTURE_KEYS` (None keeps the preset's; `grid_size` 0 is the native map).
+            overrides in `ARCHITECTURE_KEYS` (None keeps the preset's; `grid_size` 0 is the native map). Without
+            `image_size`, a `vision_model` with fixed position embeddings (ViT, DeiT) gives its own.
         synthetic_default (`bool`, *optional*, defaults to `False`):
             The run trains on the embedded synthetic demo with no view choice: one view (frontal), to fit the
             CPU budget, unless `max_views` is given.
@@ -43,29 +46,40 @@ def build_config(model_args, synthetic_default: bool = False) -> XrayCapConfig:
         overrides["grid_size"] = None  # the encoder's native feature map
     if synthetic_default and model_args.max_views is None:
         overrides["max_views"] = 1
+    if model_args.vision_model and model_args.image_size is None:
+        fixed = fixed_input_size(AutoConfig.from_pretrained(model_args.vision_model))
+        if fixed is not None:
+            logger.info(f"image_size {fixed}: the only size {model_args.vision_model} takes")
+            overrides["image_size"] = fixed
     return XrayCapConfig.from_preset(
         model_args.preset, freeze_vision_encoder=encoder_is_frozen(model_args), **overrides
     )
 
 
 def build_processor(model_args, config: XrayCapConfig, train_reports: list[str]) -> XrayCapProcessor:
-    """The text tower's tokenizer when pretrained, else a ByteLevel BPE trained on the TRAIN reports only.
+    """The text tower's tokenizer when pretrained, else a ByteLevel BPE trained on the TRAIN reports only; the image
+    mean/std of the vision tower when pretrained (`--vision_model`), else ImageNet's.
 
     Args:
-        model_args (`ModelArguments`): `tokenizer_name`, `text_model`, `tokenizer_vocab_size`.
+        model_args (`ModelArguments`): `tokenizer_name`, `text_model`, `tokenizer_vocab_size`, `vision_model`.
         config (`XrayCapConfig`): gives the image size and the views per study.
         train_reports (`list[str]`): the train split's reports (never validation or test).
     """
+    vision = model_args.vision_model
     if name := model_args.tokenizer_name or model_args.text_model:
-        return XrayCapProcessor.from_tokenizer(name, image_size=config.image_size, max_views=config.max_views)
+        return XrayCapProcessor.from_tokenizer(
+            name, image_size=config.image_size, max_views=config.max_views, vision_model=vision
+        )
     logger.info(
         f"Training a ByteLevel BPE tokenizer (vocab {model_args.tokenizer_vocab_size}) on "
         f"{len(train_reports)} train reports"
     )
     tokenizer = train_tokenizer(train_reports, vocab_size=model_args.tokenizer_vocab_size)
-    return XrayCapProcessor(
-        XrayCapImageProcessor(size=config.image_size), tokenizer, max_views=config.max_views
-    )
+    if vision:
+        image_processor = XrayCapImageProcessor.from_vision_tower(vision, size=config.image_size)
+    else:
+        image_processor = XrayCapImageProcessor(size=config.image_size)
+    return XrayCapProcessor(image_processor, tokenizer, max_views=config.max_views)
 
 
 def build_model(
