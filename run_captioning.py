@@ -30,7 +30,7 @@ import datasets
 import evaluate
 import torch
 import transformers
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
@@ -59,7 +59,7 @@ from training.evaluation import (
 from training.figures import plot_training_curves
 from training.hub import push_to_hub
 from training.model_card import CARD_METRICS, add_card_section, build_model_card, describe_run, format_value
-from training.models import build_config, build_model, build_processor
+from training.models import build_config, build_model, build_processor, encoder_is_frozen
 from training.nonfinite import NonFiniteSteps
 from training.optimization import build_optimizer, training_loss
 from training.precision import resolve_mixed_precision
@@ -130,6 +130,11 @@ def train(
         project_dir=str(output_dir / "runs"),  # tracker logs (--report_to)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_backend="inductor" if train_args.torch_compile else None,
+        # A trained tower may hold parameters the prefix never reads (a ViT's pooler, a class-token head):
+        # DDP must not wait for their gradients.
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=not encoder_is_frozen(model_args))
+        ],
     )
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -34,9 +34,13 @@ class ModelArguments:
 
     preset: str = arg("tiny", "Architecture preset.", choices=XrayCapConfig.PRESETS)
     vision_model: str | None = arg(
-        None, "Pretrained vision tower (Hub id such as microsoft/resnet-50, or a folder)."
+        None,
+        "Pretrained vision tower, a Hub id or a folder: transformers ResNet / ConvNeXt / ViT / DeiT / Swin (e.g. "
+        "microsoft/resnet-50, google/vit-base-patch16-224) or a timm checkpoint (e.g. timm/convnext_tiny.fb_in1k).",
     )
-    text_model: str | None = arg(None, "Pretrained GPT-2 (Hub id such as gpt2, or a local folder).")
+    text_model: str | None = arg(
+        None, "Pretrained GPT-2-family decoder, a Hub id or a folder: gpt2, distilgpt2, gpt2-medium, ..."
+    )
     tokenizer_name: str | None = arg(
         None,
         "Tokenizer. Default: the text tower's own with --text_model, otherwise a ByteLevel BPE trained on the "
