@@ -52,7 +52,6 @@ from training.evaluation import (
     generate_reports,
     nearest_train_reports,
     score,
-    study_embeddings,
     write_predictions,
     write_samples,
 )
@@ -392,14 +391,13 @@ def train(
                 study_dataloader(test_split, test_collator, eval_batch, num_workers=workers)
             )
             reports[name] = generate_reports(model, loader, processor, accelerator, name, **generation)
-        vectors = [
-            study_embeddings(
-                model,
-                accelerator.prepare(study_dataloader(split, eval_collator, eval_batch, num_workers=workers)),
-                accelerator,
+        vectors = []  # the retrieval floor: one pooled encoder vector per train and per test study
+        for split in (train_split, test_split):
+            loader = accelerator.prepare(
+                study_dataloader(split, eval_collator, eval_batch, num_workers=workers)
             )
-            for split in (train_split, test_split)
-        ]
+            pooled = precompute_features(model, loader, accelerator, pooled=True)
+            vectors.append({row: vector for row, (vector, _) in pooled.items()})
         reports["test_nearest_train"] = nearest_train_reports(*vectors, list(train_split["report"]))
         if accelerator.is_main_process:
             for name, by_row in reports.items():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from testing_utils import SMALL_RUN, reset_accelerate_state
 
-from training.evaluation import nearest_train_reports, pool_views
+from training.data import pool_views
+from training.evaluation import nearest_train_reports
 from training.repeats import cross_validation_fold, run_plan, summarize, summary_table
 
 FAST = ["--max_steps", "2", "--num_beams", "1", "--max_new_tokens", "8", "--per_device_eval_batch_size", "16"]

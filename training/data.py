@@ -6,7 +6,7 @@
   optionally with mid-grey images (the ablation), with precomputed encoder features, or with randomly augmented
   images (`--augment`, training only; see `training.augmentation`).
 - `study_dataloader` is the DataLoader of a split, with its own seeded generator.
-- `precompute_features` runs a frozen encoder once over a split (`--cache_features`).
+- `precompute_features` runs the encoder once over a split (`--cache_features`; pooled, the nearest-train floor).
 - `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default.
 """
 
@@ -170,11 +170,19 @@ def study_dataloader(
     )
 
 
+def pool_views(features: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+    """One vector per study: encoder features `(batch, views, tokens, channels)` averaged over the tokens and
+    over the study's present views (`view_mask`, `(batch, views)`). Returns `(batch, channels)` in fp32."""
+    weights = view_mask.to(torch.float32)[:, :, None]
+    per_view = features.float().mean(dim=2)
+    return (per_view * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
 @torch.no_grad()
 def precompute_features(
-    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator
+    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, pooled: bool = False
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Runs the frozen encoder once over a split; returns `(features, view_mask)` by row index, on CPU.
+    """Runs the encoder once over a split, in eval mode; returns `(features, view_mask)` by row index, on CPU.
 
     All processes get the whole split's features (gathered), whichever shard each one encoded.
 
@@ -182,16 +190,23 @@ def precompute_features(
         model (`XrayCapForConditionalGeneration`): the prepared model (its `get_image_features` is used).
         dataloader (`DataLoader`): the prepared loader of the split, with images and without text.
         accelerator (`Accelerator`): the run's accelerator.
+        pooled (`bool`, *optional*, defaults to `False`): keep one `(channels,)` vector per study ([`pool_views`])
+            instead of its `(views, tokens, channels)` features: what retrieval needs, in a fraction of the memory.
     """
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    was_training = unwrapped.training
+    unwrapped.eval()
     indices, features, view_masks = [], [], []
-    for batch in tqdm(dataloader, desc="encoding images once", disable=not accelerator.is_local_main_process):
+    for batch in tqdm(dataloader, desc="encoding images", disable=not accelerator.is_local_main_process):
         encoded = unwrapped.get_image_features(
             pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
         )
+        if pooled:
+            encoded = pool_views(encoded, batch["view_mask"])
         gathered = accelerator.gather_for_metrics((batch["index"], encoded, batch["view_mask"]))
         for store, values in zip((indices, features, view_masks), gathered):
             store.extend(values.cpu())
+    unwrapped.train(was_training)
     return {int(i): (f, m) for i, f, m in zip(indices, features, view_masks)}
 
 

@@ -62,55 +62,13 @@ def generate_reports(
     return reports
 
 
-def pool_views(features: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-    """One vector per study: encoder features `(batch, views, tokens, channels)` averaged over the tokens and
-    over the study's present views (`view_mask`, `(batch, views)`). Returns `(batch, channels)` in fp32."""
-    weights = view_mask.to(torch.float32)[:, :, None]
-    per_view = features.float().mean(dim=2)
-    return (per_view * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-
-
-@torch.no_grad()
-def study_embeddings(
-    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator
-) -> dict[int, torch.Tensor]:
-    """The encoder's pooled features of every study of a (sharded) split, gathered on every process.
-
-    Args:
-        model (`XrayCapForConditionalGeneration`): the prepared model (its `get_image_features` is used).
-        dataloader (`DataLoader`): the prepared loader of the split, with images and without text.
-        accelerator (`Accelerator`): the run's accelerator.
-
-    Returns:
-        `dict[int, torch.Tensor]`: a `(channels,)` fp32 vector per row index, on CPU.
-    """
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    vectors: dict[int, torch.Tensor] = {}
-    for batch in tqdm(
-        dataloader,
-        desc="encoding for nearest-train",
-        disable=not accelerator.is_local_main_process,
-        leave=False,
-    ):
-        features = unwrapped.get_image_features(
-            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
-        )
-        indices, pooled = accelerator.gather_for_metrics(
-            (batch["index"], pool_views(features, batch["view_mask"]))
-        )
-        vectors.update(zip(indices.tolist(), pooled.cpu()))
-    unwrapped.train(was_training)
-    return vectors
-
-
 def nearest_train_reports(
     train_vectors: dict[int, torch.Tensor], test_vectors: dict[int, torch.Tensor], train_reports: list[str]
 ) -> dict[int, str]:
     """The retrieval floor: each test study gets the report of the train study with the most similar images.
 
-    Similarity is the cosine of the encoder's pooled features ([`study_embeddings`]); ties go to the lower row.
+    Similarity is the cosine of the encoder's pooled features (`precompute_features(..., pooled=True)`); ties go to
+    the lower row.
 
     Args:
         train_vectors (`dict[int, torch.Tensor]`), test_vectors (`dict[int, torch.Tensor]`): pooled features by
