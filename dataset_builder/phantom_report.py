@@ -1,29 +1,42 @@
 """The report text of a phantom study: a function of the drawn findings, plus the choice of paraphrase.
 
-Sentences go heart, lungs, pleura, bones, in the style of the Indiana reports (including their `XXXX`
-anonymisation tokens); absent findings are negated, present ones described with side, severity and location.
+Sentences go heart, mediastinum, lungs, pleura, bones, devices, in the style of the Indiana reports (including
+their `XXXX` anonymisation tokens; no sentence is copied from them); absent findings are negated, present ones
+described with side, severity and location. Every paraphrase of a finding is read by the CheXpert labeler as
+the same single observation, so the labels follow the image, not the choice of words.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .phantom_findings import Finding
+from .phantom_findings import FRACTURE_RIBS, Finding
 
 _HEART_NORMAL = (
     "Heart size is normal.",
     "The heart is normal in size.",
-    "Normal cardiac silhouette.",
+    "Normal heart size.",
+    "The cardiac silhouette is within normal limits.",
+)
+# said only when the mediastinum is normal too
+_HEART_AND_MEDIASTINUM_NORMAL = (
     "The cardiomediastinal silhouette is within normal limits.",
     "Heart size and mediastinal contours are within normal limits.",
+    "The heart size and mediastinal contours are normal.",
+    "Normal cardiomediastinal silhouette.",
 )
 _HEART_ENLARGED = (
-    "The heart is {adv} enlarged.",
     "Heart size is {adv} enlarged.",
+    "The cardiac silhouette is {adv} enlarged.",
     "There is {sev} cardiomegaly.",
     "{Sev} cardiomegaly.",
 )
-_ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
+_ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely", "marked": "markedly"}
+_MEDIASTINUM_WIDENED = (
+    "The mediastinum is {adv} widened.",
+    "{Sev} widening of the mediastinum.",
+    "There is {sev} mediastinal widening.",
+)
 _LUNGS_CLEAR = (
     "The lungs are clear.",
     "Lungs are clear bilaterally.",
@@ -35,7 +48,6 @@ _NO_CONSOLIDATION = ("No focal consolidation.", "There is no focal airspace cons
 _CONSOLIDATION = (
     "There is focal consolidation in the {side} {lobe}.",
     "Focal airspace consolidation in the {side} {lobe}.",
-    "Airspace opacity in the {side} {lobe} consistent with consolidation.",
     "{Side} {lobe} consolidation.",
 )
 _NODULE = (
@@ -43,37 +55,67 @@ _NODULE = (
     "A {cm} cm nodule is seen in the {side} {zone} lung.",
     "{Side} {zone} lung nodule measuring {cm} cm.",
 )
+_ATELECTASIS_PLACE = {"mid": "{side} midlung", "lower": "{side} lung base"}
+_ATELECTASIS = (
+    "Plate-like atelectasis in the {place} with elevation of the {side} hemidiaphragm.",
+    "There is linear atelectasis in the {place} and the {side} hemidiaphragm is elevated.",
+    "{Place} plate-like atelectasis with volume loss.",
+)
+_EDEMA = (
+    "There is {sev} pulmonary edema in a perihilar distribution.",
+    "{Sev} bilateral perihilar edema.",
+    "{Sev} interstitial pulmonary edema, greatest in the perihilar regions.",
+)
 _NO_PTX_NO_EFF = (
     "No pneumothorax or pleural effusion.",
     "There is no pneumothorax or pleural effusion.",
     "No pleural effusion or pneumothorax.",
-    "No pneumothorax or large pleural effusion.",
 )
 _NO_PTX = ("No pneumothorax.", "There is no pneumothorax.")
 _NO_EFF = ("No pleural effusion.", "There is no pleural effusion.")
 _EFFUSION = (
-    "There is a {side} pleural effusion.",
-    "{Side} pleural effusion with blunting of the costophrenic angle.",
-    "Moderate {side} pleural effusion.",
-    "{Side} pleural effusion is present.",
+    "There is a {sev} {side} pleural effusion.",
+    "{Sev} {side} pleural effusion with blunting of the costophrenic angle.",
+    "{Sev} {side} pleural effusion is present.",
 )
 _EFFUSION_BILATERAL = (
-    "There are bilateral pleural effusions.",
-    "Bilateral pleural effusions with blunting of the costophrenic angles.",
-    "Moderate bilateral pleural effusions.",
+    "There are {sev} bilateral pleural effusions.",
+    "{Sev} bilateral pleural effusions with blunting of the costophrenic angles.",
+    "{Sev} pleural effusions are present bilaterally.",
 )
 _PNEUMOTHORAX = (
-    "There is a {side} pneumothorax.",
-    "{Side} pneumothorax with a visible pleural line.",
-    "{Side}-sided pneumothorax.",
-    "A {side} apical pneumothorax is present.",
+    "There is a {sev} {side} pneumothorax.",
+    "{Sev} {side} pneumothorax with a visible pleural line.",
+    "{Sev} {side}-sided pneumothorax.",
 )
+_FRACTURE = (
+    "Healing fracture of the {side} lateral {rib} rib with callus formation.",
+    "There is a healing {side} lateral {rib} rib fracture.",
+    "Callus about a fracture of the {side} {rib} rib.",
+)
+_DEVICE = {
+    "pacemaker": (
+        "{Side} chest wall pacemaker with leads terminating over the heart.",
+        "A {side}-sided pacemaker is present, its leads in expected position.",
+        "{Side} subclavian pacemaker generator with two leads.",
+    ),
+    "central venous catheter": (
+        "{Side} internal jugular central venous catheter with tip in the superior vena cava.",
+        "A {side}-sided central venous catheter terminates in the superior vena cava.",
+        "{Side} jugular catheter, tip projecting over the superior vena cava.",
+    ),
+    "endotracheal tube": (
+        "Endotracheal tube tip is approximately 4 cm above the carina.",
+        "The endotracheal tube terminates above the carina.",
+        "Endotracheal tube in satisfactory position above the carina.",
+    ),
+}
 _BONES = (
     "The osseous structures are intact.",
     "No acute bony abnormality.",
     "Visualized XXXX of the chest are within normal limits.",
     "XXXX are intact.",
-    "Degenerative changes of the thoracic spine.",
+    "No displaced rib fractures.",
     "",
     "",
 )
@@ -104,17 +146,49 @@ def _fmt(template: str, **kw: str) -> str:
 
 
 def _finding_phrase(f: Finding, rng: np.random.Generator, cm: str) -> str:
-    if f.kind == "cardiomegaly":
-        return _fmt(_pick(rng, _HEART_ENLARGED), adv=_ADVERB[f.severity], sev=f.severity)
-    if f.kind == "effusion":
-        if f.side == "bilateral":
-            return _pick(rng, _EFFUSION_BILATERAL)
-        return _fmt(_pick(rng, _EFFUSION), side=f.side)
-    if f.kind == "pneumothorax":
-        return _fmt(_pick(rng, _PNEUMOTHORAX), side=f.side)
-    if f.kind == "consolidation":
-        return _fmt(_pick(rng, _CONSOLIDATION), side=f.side, lobe=f.location)
-    return _fmt(_pick(rng, _NODULE), side=f.side, zone=f.location, cm=cm)
+    """The findings-section sentence of one finding (each names its side, severity or location)."""
+    kind, side, sev, loc = f.kind, f.side or "", f.severity or "", f.location or ""
+    if kind == "cardiomegaly":
+        return _fmt(_pick(rng, _HEART_ENLARGED), adv=_ADVERB[sev], sev=sev)
+    if kind == "mediastinum":
+        return _fmt(_pick(rng, _MEDIASTINUM_WIDENED), adv=_ADVERB[sev], sev=sev)
+    if kind == "effusion":
+        return _fmt(_pick(rng, _EFFUSION_BILATERAL if side == "bilateral" else _EFFUSION), side=side, sev=sev)
+    if kind == "pneumothorax":
+        return _fmt(_pick(rng, _PNEUMOTHORAX), side=side, sev=sev)
+    if kind == "consolidation":
+        return _fmt(_pick(rng, _CONSOLIDATION), side=side, lobe=loc)
+    if kind == "nodule":
+        return _fmt(_pick(rng, _NODULE), side=side, zone=loc, cm=cm)
+    if kind == "atelectasis":
+        return _fmt(_pick(rng, _ATELECTASIS), side=side, place=_ATELECTASIS_PLACE[loc].format(side=side))
+    if kind == "edema":
+        return _fmt(_pick(rng, _EDEMA), sev=sev)
+    if kind == "fracture":
+        return _fmt(_pick(rng, _FRACTURE), side=side, rib=FRACTURE_RIBS[loc])
+    return _fmt(_pick(rng, _DEVICE[loc]), side=side)
+
+
+def _impression_phrase(f: Finding) -> str:
+    """The impression's line for one finding."""
+    side, sev, loc = f.side or "", f.severity or "", f.location or ""
+    text = {
+        "cardiomegaly": f"{sev} cardiomegaly.",
+        "mediastinum": f"{sev} mediastinal widening.",
+        "consolidation": f"{side} {loc} consolidation.",
+        "nodule": f"{side} {loc} lung nodule.",
+        "atelectasis": f"{side} {'midlung' if loc == 'mid' else 'basilar'} atelectasis.",
+        "edema": f"{sev} pulmonary edema.",
+        "effusion": f"{sev} {side} pleural effusion{'s' if side == 'bilateral' else ''}.",
+        "pneumothorax": f"{sev} {side} pneumothorax.",
+        "fracture": f"healing {side} {FRACTURE_RIBS.get(loc, '')} rib fracture.",
+        "device": {
+            "pacemaker": f"{side} pacemaker.",
+            "central venous catheter": f"{side} central venous catheter in the superior vena cava.",
+            "endotracheal tube": "endotracheal tube above the carina.",
+        }.get(loc, ""),
+    }[f.kind]
+    return text[0].upper() + text[1:]
 
 
 def write_report(
@@ -122,22 +196,29 @@ def write_report(
 ) -> tuple[str, str]:
     """Writes (findings, impression) text for the drawn findings.
 
-    Sentences go heart, lungs, pleura, bones; absent findings are negated, present ones described with
-    their side / severity / location. The impression lists the positives (or says the study is normal).
+    Sentences go heart, mediastinum, lungs, pleura, bones, devices; absent findings are negated, present
+    ones described with their side / severity / location, each read by the CheXpert labeler as exactly its
+    kind's observation (`CHEXPERT_OBSERVATION`). The impression lists the positives (or says the study is
+    normal, then lists the devices).
     """
     by_kind = {f.kind: f for f in findings}
     sentences: list[str] = []
-    # heart
+    phrase = lambda kind: _finding_phrase(by_kind[kind], rng, nodule_cm)  # noqa: E731
+    # heart and mediastinum
     if "cardiomegaly" in by_kind:
-        sentences.append(_finding_phrase(by_kind["cardiomegaly"], rng, nodule_cm))
-    else:
+        sentences.append(phrase("cardiomegaly"))
+    elif "mediastinum" in by_kind:
         sentences.append(_pick(rng, _HEART_NORMAL))
+    else:
+        sentences.append(_pick(rng, _HEART_NORMAL + _HEART_AND_MEDIASTINUM_NORMAL))
+    if "mediastinum" in by_kind:
+        sentences.append(phrase("mediastinum"))
     # lungs
-    lung_pos = [by_kind[k] for k in ("consolidation", "nodule") if k in by_kind]
-    if not lung_pos:
+    lung_kinds = [k for k in ("consolidation", "nodule", "atelectasis", "edema") if k in by_kind]
+    if not lung_kinds:
         sentences.append(_pick(rng, _LUNGS_CLEAR))
     else:
-        sentences.extend(_finding_phrase(f, rng, nodule_cm) for f in lung_pos)
+        sentences.extend(phrase(k) for k in lung_kinds)
         if "consolidation" not in by_kind:
             sentences.append(_pick(rng, _NO_CONSOLIDATION))
     # pleura
@@ -145,39 +226,27 @@ def write_report(
     if ptx is None and eff is None:
         sentences.append(_pick(rng, _NO_PTX_NO_EFF))
     else:
-        for f in (eff, ptx):
-            if f is not None:
-                sentences.append(_finding_phrase(f, rng, nodule_cm))
+        sentences.extend(phrase(f.kind) for f in (eff, ptx) if f is not None)
         if ptx is None:
             sentences.append(_pick(rng, _NO_PTX))
         if eff is None:
             sentences.append(_pick(rng, _NO_EFF))
-    bones = _pick(rng, _BONES)
+    # bones, then devices
+    bones = phrase("fracture") if "fracture" in by_kind else _pick(rng, _BONES)
     if bones:
         sentences.append(bones)
+    if "device" in by_kind:
+        sentences.append(phrase("device"))
     findings_text = " ".join(sentences)
 
-    if not findings:
-        impression = _pick(rng, _IMPRESSION_NORMAL)
+    pathology = [f for f in findings if f.kind != "device"]
+    devices = [_impression_phrase(f) for f in findings if f.kind == "device"]
+    if not pathology:
+        impression = " ".join([_pick(rng, _IMPRESSION_NORMAL), *devices])
     else:
-        parts = []
-        for f in findings:
-            if f.kind == "cardiomegaly":
-                parts.append(f"{f.severity.capitalize()} cardiomegaly.")
-            elif f.kind == "effusion":
-                parts.append(
-                    "Bilateral pleural effusions."
-                    if f.side == "bilateral"
-                    else f"{f.side.capitalize()} pleural effusion."
-                )
-            elif f.kind == "pneumothorax":
-                parts.append(f"{f.side.capitalize()} pneumothorax.")
-            elif f.kind == "consolidation":
-                parts.append(f"{f.side.capitalize()} {f.location} consolidation.")
-            else:
-                parts.append(f"{f.side.capitalize()} {f.location} lung nodule.")
+        parts = [_impression_phrase(f) for f in pathology]
         order = rng.permutation(len(parts)) if rng.random() < 0.3 else range(len(parts))
-        impression = " ".join(parts[i] for i in order)
+        impression = " ".join([*(parts[i] for i in order), *devices])
     return findings_text, impression
 
 

@@ -2,16 +2,20 @@
 
 Each study samples its findings (`phantom_findings`), draws a frontal and a lateral view of them
 (`phantom_drawing`) and writes the report from exactly what was drawn (`phantom_report`), so a model can
-only describe side and severity by looking at the image. The findings: cardiomegaly (mild / moderate /
-severe), pleural effusion (left / right / bilateral), pneumothorax (left / right), focal consolidation (side
-and lobe), nodule (side and zone), and normal studies (about 30%).
+only describe side and severity by looking at the image. Up to 4 findings a study, of ten kinds read as ten
+CheXpert observations: cardiomegaly (mild / moderate / severe), a widened mediastinum (mild / marked), focal
+consolidation (side and lobe), nodule (side and zone), plate-like atelectasis (side and zone), perihilar
+edema (mild / moderate), pleural effusion (side and size), pneumothorax (side and size), a healing rib
+fracture (side and rib) and support devices (pacemaker, central venous catheter, endotracheal tube); about
+15% of the studies are normal. Most studies' finding sets, with their attributes, occur in no other study.
 
 Everything is deterministic from ``seed``: each study draws from its own ``numpy`` generator seeded with
 ``(seed, study_index)``, so the output does not depend on the number of worker processes.
 
 The studies are written to a temporary folder next to ``output_dir`` and renamed into place once complete,
 under an inter-process lock: a folder holding other files (real data) is refused unless ``overwrite=True``,
-and a folder already holding the same synthesis (``phantom_settings.json``) is returned as it is.
+a folder already holding the same synthesis (``phantom_settings.json``, which names the generator's
+version) is returned as it is, and the same synthesis by an older generator is replaced.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 REPORTS_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
 PROJECTIONS_COLUMNS = ["uid", "filename", "projection"]
 SETTINGS_JSON = "phantom_settings.json"
+# Raised whenever the same seed would draw different studies; a folder of another version is re-synthesized.
+GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -115,6 +121,20 @@ def _settings_of(folder: Path) -> dict | None:
         return None
 
 
+def _older_version_of(settings: dict):
+    """True for a folder holding the same synthesis by an older generator (replaced: the same arguments now
+    draw other studies)."""
+
+    def older(folder: Path) -> bool:
+        found = _settings_of(folder) or {}
+        same = {k: v for k, v in found.items() if k != "version"} == {
+            k: v for k, v in settings.items() if k != "version"
+        }
+        return bool(found) and same and found.get("version") != settings["version"]
+
+    return older
+
+
 def _write_studies(out: Path, num_studies: int, seed: int, image_size: int, num_proc: int | None) -> None:
     """Writes the images, then the two CSVs, into the (new, empty) folder `out`."""
     image_dir = out / "images" / "images_normalized"
@@ -171,7 +191,7 @@ def synthesize(
 
     Writes `indiana_reports.csv`, `indiana_projections.csv` and `images/images_normalized/*.png`
     (a frontal and a lateral 8-bit grayscale PNG per study). The MeSH and Problems columns hold the
-    true drawn findings (e.g. "Pleural Effusion/right;Cardiomegaly/mild", or "normal").
+    true drawn findings with their attributes (e.g. "Cardiomegaly/mild;Pleural Effusion/right/small", or "normal").
 
     Args:
         output_dir (`str` or `os.PathLike`): folder to write (created if needed).
@@ -181,8 +201,9 @@ def synthesize(
         num_proc (`int`, *optional*): worker processes; defaults to the CPU count for >= 200 studies.
             The output does not depend on it.
         overwrite (`bool`, defaults to False): replace the contents of a non-empty `output_dir`. Without it,
-            a folder holding the same synthesis (same `num_studies`, `seed`, `image_size`) is returned as it
-            is and any other non-empty folder raises `FileExistsError`.
+            a folder holding the same synthesis (same `num_studies`, `seed`, `image_size` and generator
+            version) is returned as it is, the same synthesis by an older generator is replaced, and any
+            other non-empty folder raises `FileExistsError`.
 
     Returns:
         `Path`: the output folder, ready for `build_dataset(data_dir=...)`.
@@ -192,12 +213,23 @@ def synthesize(
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 px for visible findings, got {image_size}")
     out = Path(output_dir).expanduser().resolve()
-    settings = {"num_studies": num_studies, "seed": seed, "image_size": image_size}
+    settings = {
+        "num_studies": num_studies,
+        "seed": seed,
+        "image_size": image_size,
+        "version": GENERATOR_VERSION,
+    }
     with folder_lock(out):
         if not overwrite and _settings_of(out) == settings:
             logger.info("%s already holds these %d phantom studies; nothing written", out, num_studies)
             return out
-        refuse_non_empty(out, overwrite, "phantom studies", "overwrite=True (--overwrite)")
+        refuse_non_empty(
+            out,
+            overwrite,
+            "phantom studies",
+            "overwrite=True (--overwrite)",
+            replaceable=_older_version_of(settings),
+        )
         with temporary_sibling(out) as tmp:
             _write_studies(tmp, num_studies, seed, image_size, num_proc)
             write_text_atomic(tmp / SETTINGS_JSON, json.dumps(settings, indent=1))

@@ -240,9 +240,8 @@ def load_studies(
             data_dir = Path(data_args.data_dir)
         else:
             data_dir = cache / f"synthetic-{data_args.synthetic_studies}-seed{seed}"
-            if not (data_dir / "indiana_projections.csv").is_file():
-                logger.info(f"Synthesizing {data_args.synthetic_studies} phantom studies into {data_dir}")
-                synthesize(data_dir, num_studies=data_args.synthetic_studies, seed=seed)
+            # returns at once when the folder holds these studies; re-draws those of an older generator
+            synthesize(data_dir, num_studies=data_args.synthetic_studies, seed=seed)
         return build_dataset(
             data_dir,
             section=data_args.section,
