@@ -37,7 +37,7 @@ from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_s
 from .formats import DEFAULT_FORMAT, get_format
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
-from .study_plan import REASON_TOO_FEW_IMAGES, PlannedStudy, skip_entry
+from .study_plan import REASON_TOO_FEW_IMAGES, PlannedStudy, finding_set_novelty, skip_entry
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,9 @@ def build_dataset(
     }
     if "split_file" in stats:
         report["split_file"] = stats["split_file"]
+    report["finding_sets"] = finding_set_novelty(
+        {name: ds[name]["mesh"] for name in SPLIT_NAMES if name in ds}
+    )
     report["accounting"] = _accounting(report, ds)
     if not report["accounting"]["adds_up"]:
         logger.warning("build report counts do not add up: %s", report["accounting"])

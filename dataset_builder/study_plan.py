@@ -243,3 +243,34 @@ def hash_file_stats(h: hashlib._Hash, root: Path, relpath: str) -> None:
         h.update(f"{relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     except (OSError, ValueError):  # absent, unreadable, or an invalid name
         h.update(f"{relpath}\0missing\n".encode())
+
+
+def finding_set_novelty(mesh_by_split: dict[str, list[str]]) -> dict | None:
+    """How many test studies show a set of findings that no training study shows.
+
+    A study's finding set is the set of its MeSH terms, attributes included ("Pleural Effusion/right/small"),
+    so a test study whose combination never occurs in training can only be described by reading its image;
+    a retrieval floor (the nearest training study's report) gets at least one finding of it wrong.
+
+    Args:
+        mesh_by_split (`dict[str, list[str]]`): each split's MeSH column (";"-separated terms, "normal" or "").
+
+    Returns:
+        `dict | None`: `test_unseen_in_train` (the fraction), `num_test`, `num_test_unseen` and
+        `distinct_train_sets`; None when the splits have no MeSH terms or no test study.
+    """
+    sets = {
+        split: [frozenset(t.strip() for t in mesh.split(";") if t.strip()) for mesh in column]
+        for split, column in mesh_by_split.items()
+    }
+    test = sets.get("test", [])
+    if not test or not any(s for column in sets.values() for s in column):
+        return None
+    seen = set(sets.get("train", []))
+    unseen = sum(s not in seen for s in test)
+    return {
+        "test_unseen_in_train": round(unseen / len(test), 4),
+        "num_test": len(test),
+        "num_test_unseen": unseen,
+        "distinct_train_sets": len(seen),
+    }
