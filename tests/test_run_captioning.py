@@ -520,9 +520,10 @@ def test_push_to_hub_uploads_the_model_files_and_the_extra_asked_for(
 
 @pytest.mark.slow
 def test_default_run_reads_the_images(tmp_path: Path):
-    """`accelerate launch run_captioning.py` with no arguments (only a fresh output and cache
-    folder), synthesis included: test ce_macro_f1 >= 0.80 and >= 0.30 above the grey-image ablation, within
-    10 minutes of wall time."""
+    """`accelerate launch run_captioning.py` with no arguments (only a fresh output and cache folder), synthesis
+    included, within 10 minutes of wall time: test ce_macro_f1 >= 0.85 over at least 9 CheXpert observations
+    with support in the test split, at least 0.05 above the nearest-train retrieval floor (most test studies
+    combine findings that no training study shows together) and 0.60 above the grey-image ablation."""
     out, cache = tmp_path / "outputs" / "xraycap-demo", tmp_path / "cache"
     start = time.perf_counter()
     run_script(
@@ -534,8 +535,14 @@ def test_default_run_reads_the_images(tmp_path: Path):
     )
     wall = time.perf_counter() - start
     results = json.loads((out / "eval_results.json").read_text())
-    test_f1, grey_f1 = results["test"]["ce_macro_f1"], results["test_image_ablated"]["ce_macro_f1"]
-    print(f"default run: {wall:.0f} s wall, test ce_macro_f1 {test_f1:.3f}, grey images {grey_f1:.3f}")
-    assert test_f1 >= 0.80
-    assert test_f1 - grey_f1 >= 0.30
+    test, grey, nearest = (results[s] for s in ("test", "test_image_ablated", "test_nearest_train"))
+    print(
+        f"default run: {wall:.0f} s wall, test ce_macro_f1 {test['ce_macro_f1']:.3f} over "
+        f"{test['ce_num_observations']:.0f} observations, nearest-train {nearest['ce_macro_f1']:.3f}, "
+        f"grey images {grey['ce_macro_f1']:.3f}"
+    )
+    assert test["ce_num_observations"] >= 9
+    assert test["ce_macro_f1"] >= 0.85
+    assert test["ce_macro_f1"] - nearest["ce_macro_f1"] >= 0.05
+    assert test["ce_macro_f1"] - grey["ce_macro_f1"] >= 0.60
     assert wall <= 600, f"the default run took {wall:.0f} s (> 10 minutes)"
