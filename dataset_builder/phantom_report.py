@@ -22,7 +22,7 @@ _HEART_NORMAL = (
 _HEART_AND_MEDIASTINUM_NORMAL = (
     "The cardiomediastinal silhouette is within normal limits.",
     "Heart size and mediastinal contours are within normal limits.",
-    "The heart size and mediastinal contours are normal.",
+    "The heart and mediastinum are within normal limits.",
     "Normal cardiomediastinal silhouette.",
 )
 _HEART_ENLARGED = (
@@ -35,7 +35,7 @@ _ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely", "ma
 _MEDIASTINUM_WIDENED = (
     "The mediastinum is {adv} widened.",
     "{Sev} widening of the mediastinum.",
-    "There is {sev} mediastinal widening.",
+    "There is {sev} widening of the mediastinum.",
 )
 _LUNGS_CLEAR = (
     "The lungs are clear.",
@@ -95,7 +95,7 @@ _FRACTURE = (
 )
 _DEVICE = {
     "pacemaker": (
-        "{Side} chest wall pacemaker with leads terminating over the heart.",
+        "{Side} chest wall pacemaker with transvenous leads in satisfactory position.",
         "A {side}-sided pacemaker is present, its leads in expected position.",
         "{Side} subclavian pacemaker generator with two leads.",
     ),
@@ -174,7 +174,7 @@ def _impression_phrase(f: Finding) -> str:
     side, sev, loc = f.side or "", f.severity or "", f.location or ""
     text = {
         "cardiomegaly": f"{sev} cardiomegaly.",
-        "mediastinum": f"{sev} mediastinal widening.",
+        "mediastinum": f"{sev} widening of the mediastinum.",
         "consolidation": f"{side} {loc} consolidation.",
         "nodule": f"{side} {loc} lung nodule.",
         "atelectasis": f"{side} {'midlung' if loc == 'mid' else 'basilar'} atelectasis.",
