@@ -374,3 +374,22 @@ def test_phantom_reports_read_right_by_the_labeler(phantom_200, repo_root):
         if got != expected:
             wrong.append((row["uid"], sorted(expected ^ got), text))
     assert not wrong, wrong[:5]
+
+
+def test_an_older_generators_studies_are_redrawn(tmp_path):
+    """A cached synthesis by an older phantom generator (same arguments, other studies) is replaced, not reused;
+    other folders are still refused."""
+    import json
+
+    from dataset_builder.synthesize import GENERATOR_VERSION, SETTINGS_JSON
+
+    out = synthesize(tmp_path / "s", num_studies=3, seed=1, image_size=64, num_proc=1)
+    settings = json.loads((out / SETTINGS_JSON).read_text())
+    assert settings["version"] == GENERATOR_VERSION
+    (out / SETTINGS_JSON).write_text(json.dumps({**settings, "version": GENERATOR_VERSION - 1}))
+    (out / "indiana_reports.csv").write_text("uid,MeSH\n1,old\n")
+    synthesize(out, num_studies=3, seed=1, image_size=64, num_proc=1)
+    assert json.loads((out / SETTINGS_JSON).read_text())["version"] == GENERATOR_VERSION
+    assert "old" not in (out / "indiana_reports.csv").read_text()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        synthesize(out, num_studies=4, seed=1, image_size=64, num_proc=1)
