@@ -34,10 +34,10 @@ from .phantom_findings import LOBE_Y, SIDES, ZONE_Y, Finding
 _CTR = {"mild": (0.57, 0.60), "moderate": (0.64, 0.67), "severe": (0.71, 0.74)}
 
 # extra half-width of the upper mediastinum (normal: the lungs' medial borders 0.05 from the midline)
-_WIDENING = {"mild": (0.05, 0.06), "marked": (0.08, 0.095)}
-_EFFUSION_DEPTH = {"small": (0.20, 0.25), "moderate": (0.33, 0.39), "large": (0.48, 0.55)}  # of lung height
-_PTX_SCALE = {"small": (0.76, 0.80), "large": (0.58, 0.64)}  # collapsed lung / lung size
-_EDEMA_DENSITY = {"mild": 0.19, "moderate": 0.29}
+_WIDENING = {"mild": (0.06, 0.07), "marked": (0.09, 0.105)}
+_EFFUSION_DEPTH = {"small": (0.22, 0.27), "moderate": (0.33, 0.39), "large": (0.48, 0.55)}  # of lung height
+_PTX_SCALE = {"small": (0.72, 0.76), "large": (0.58, 0.64)}  # collapsed lung / lung size
+_EDEMA_DENSITY = {"mild": 0.22, "moderate": 0.32}
 _RIB_INDEX = {"upper": 2, "mid": 4, "lower": 6}  # the rib band of a fracture in each zone
 _METAL = 0.55  # brightness added by a device
 
@@ -196,10 +196,10 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
         img = img + 0.38 * _soft(_ellipse(yy, xx, ncy, ncx, rad, rad), edge / rad * 1.5)
     elif f.kind == "atelectasis":
         # a plate-like band, near horizontal, across the mid or lower lung
-        bx = a.cx + sgn * (a.lung_dx + rng.uniform(0.02, 0.035))
-        by = ZONE_Y[f.location] + 0.02 + rng.normal(0, 0.01) + sgn * 0.10 * (xx - bx)
-        band = np.clip(1.0 - np.abs(yy - by) / 0.016, 0, 1) * np.clip((0.09 - np.abs(xx - bx)) / 0.02, 0, 1)
-        img = img + 0.34 * band * lungs[f.side]
+        bx = a.cx + sgn * (a.lung_dx + rng.uniform(0.035, 0.05))
+        by = ZONE_Y[f.location] + rng.normal(0, 0.01) + sgn * 0.10 * (xx - bx)
+        band = np.clip(1.0 - np.abs(yy - by) / 0.02, 0, 1) * np.clip((0.08 - np.abs(xx - bx)) / 0.02, 0, 1)
+        img = img + 0.36 * band * lungs[f.side]
     return img
 
 
@@ -211,9 +211,9 @@ def _draw_fracture(img, f: Finding, a: Anatomy, rng, size: int) -> np.ndarray:
     fx = lcx + sgn * a.lung_rx * 0.88
     curve = 0.09 * ((fx - lcx) / a.lung_rx + sgn * 0.8) ** 2 * 0.35  # the rib formula of `draw_frontal`
     fy = 0.17 + curve + 0.062 * (_RIB_INDEX[f.location] + 0.12) + rng.normal(0, 0.004)
-    callus = _soft(_ellipse(yy, xx, fy, fx, 0.026, 0.042), 0.3)
-    line = np.clip(1.0 - np.abs((xx - fx) - 0.6 * sgn * (yy - fy)) / 0.006, 0, 1) * callus
-    return img + 0.36 * callus - 0.32 * line
+    callus = _soft(_ellipse(yy, xx, fy, fx, 0.03, 0.05), 0.3)
+    line = np.clip(1.0 - np.abs((xx - fx) - 0.6 * sgn * (yy - fy)) / 0.008, 0, 1) * callus
+    return img + 0.40 * callus - 0.34 * line
 
 
 def draw_frontal(findings: list[Finding], a: Anatomy, rng: np.random.Generator, size: int) -> Image.Image:
