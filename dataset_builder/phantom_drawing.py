@@ -149,18 +149,18 @@ def _draw_device(img, f: Finding, a: Anatomy, size: int, frontal: bool) -> np.nd
             start, bend = (gx + 0.03, gy + 0.01), (0.40, 0.24)
         img = img + _METAL * _generator(yy, xx, gy, gx, 0.028, 0.042, 3.0 / size)
         for tip in (ra, rv):
-            img = img + 0.45 * _polyline(size, _bezier(start, bend, tip), 0.009)
+            img = img + 0.50 * _polyline(size, _bezier(start, bend, tip), 0.018)
         return img
     if f.location == "central venous catheter":
         if frontal:
             points = _bezier((a.cx + sgn * 0.14, 0.0), (a.cx + sgn * 0.06, 0.16), (a.cx + sgn * 0.02, 0.36))
         else:
             points = _bezier((0.50, 0.0), (0.47, 0.16), (0.44, 0.34))
-        return img + 0.45 * _polyline(size, points, 0.009)
+        return img + 0.50 * _polyline(size, points, 0.018)
     # endotracheal tube: down the trachea, its tip above the carina
     x0 = a.cx if frontal else 0.52
-    walls = [_polyline(size, [(x0 + d, 0.0), (x0 + d, 0.25)], 0.007) for d in (-0.013, 0.013)]
-    return img + 0.40 * np.maximum(*walls) + 0.12 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.026)
+    walls = [_polyline(size, [(x0 + d, 0.0), (x0 + d, 0.25)], 0.012) for d in (-0.016, 0.016)]
+    return img + 0.45 * np.maximum(*walls) + 0.15 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.04)
 
 
 def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: int) -> np.ndarray:

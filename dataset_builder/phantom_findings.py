@@ -54,7 +54,7 @@ CHEXPERT_OBSERVATION = {
     "device": "Support Devices",
 }
 # how many findings a study has: 0 (normal) to 4
-COUNT_PROBABILITIES = (0.15, 0.20, 0.25, 0.22, 0.18)
+COUNT_PROBABILITIES = (0.12, 0.16, 0.24, 0.24, 0.24)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _levels(findings: list[Finding]) -> set[tuple[str, str]]:
 
 
 def sample_findings(rng: np.random.Generator) -> list[Finding]:
-    """Draws 0 (normal, ~15%) to 4 compatible findings of different kinds, in `FINDING_KINDS` order."""
+    """Draws 0 (normal, ~12%) to 4 compatible findings of different kinds, in `FINDING_KINDS` order."""
     n = int(rng.choice(len(COUNT_PROBABILITIES), p=COUNT_PROBABILITIES))
     kinds = sorted(rng.choice(len(FINDING_KINDS), size=n, replace=False))
     out: list[Finding] = []
