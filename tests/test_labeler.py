@@ -245,6 +245,21 @@ def test_agreement_with_indiana_mesh(shared_data, capsys):
     print("\n" + format_table(table))
 
 
+def test_held_out_reports_are_a_fixed_third(shared_data):
+    """The held-out reports (never read to write a rule) are a fixed set: the same 136 of the 409 every run,
+    and their agreement is reported beside the whole sample's."""
+    from metrics.radiology_report.mesh_agreement import agreement_subsets, is_held_out, read_reports
+
+    rows = read_reports(shared_data / "iu_xray_reports_sample" / "indiana_reports.csv")
+    held_out = sorted((r["uid"] for r in rows if is_held_out(r["uid"])), key=int)
+    assert len(rows) == 409 and len(held_out) == 136
+    assert held_out[:5] == ["1", "17", "42", "58", "62"]
+    tables = agreement_subsets(shared_data / "iu_xray_reports_sample" / "indiana_reports.csv")
+    assert [t[0].n for t in tables.values()] == [408, 136, 272]
+    for name, table in tables.items():
+        print(f"\n{name}: macro F1 {macro_f1(table):.3f}")
+
+
 def test_phantom_reports_match_their_mesh(tmp_path):
     """The data engineer's synthetic phantom phrasing is read right (checked against its MeSH column)."""
     synthesize = pytest.importorskip("dataset_builder").synthesize
