@@ -23,14 +23,14 @@ ECM, PO = "Enlarged Cardiomediastinum", "Pleural Other"
 # except where None is listed (must be unmentioned).
 SENTENCES: list[tuple[str, dict]] = [
     # --- plain positives
-    ("Cardiomegaly.", {CM: 1, NF: 0}),
+    ("Cardiomegaly.", {CM: 1, NF: None}),
     ("The heart is enlarged.", {CM: 1}),
     ("Heart size is mildly enlarged.", {CM: 1}),
     ("The cardiac silhouette is moderately enlarged.", {CM: 1}),
     ("Enlarged cardiac silhouette.", {CM: 1}),
     ("Stable moderate cardiomegaly.", {CM: 1}),
     ("Borderline cardiomegaly.", {CM: 1}),
-    ("There is a small left pleural effusion.", {PE: 1, NF: 0}),
+    ("There is a small left pleural effusion.", {PE: 1, NF: None}),
     ("Bilateral pleural effusions with blunting of the costophrenic angles.", {PE: 1}),
     ("Right pneumothorax with a visible pleural line.", {PTX: 1, DEV: None}),
     ("A left apical pneumothorax is present.", {PTX: 1}),
@@ -84,7 +84,7 @@ SENTENCES: list[tuple[str, dict]] = [
     ("Evidence of previous granulomatous infection.", {PNA: None, LES: None}),
     ("No acute cardiopulmonary abnormality.", {NF: 1, CM: None, PE: None}),
     # --- uncertainty
-    ("Possible left lower lobe pneumonia.", {PNA: -1, NF: 0}),
+    ("Possible left lower lobe pneumonia.", {PNA: -1, NF: None}),
     ("Small left pleural effusion cannot be excluded.", {PE: -1}),
     ("Cannot exclude a small right pneumothorax.", {PTX: -1}),
     ("Left basilar opacity may represent atelectasis.", {ATEL: -1, OPAC: 1}),
@@ -124,9 +124,10 @@ SENTENCES: list[tuple[str, dict]] = [
     ("Findings consistent with congestive heart failure.", {EDEMA: 1}),
     ("Left-sided Port-A-Cath terminates in the SVC.", {DEV: 1}),
     ("Lungs are hyperinflated but clear.", {NF: 1}),
-    # --- No Finding rule
+    # --- No Finding rule: CheXpert (stages/aggregate.py) writes No Finding only as 1, blank where there is a
+    # finding (these entries said 0 until the labeler was checked against CheXpert's published output)
     ("Pacemaker in place. No acute disease.", {DEV: 1, NF: 1}),
-    ("Possible right pneumothorax.", {NF: 0}),
+    ("Possible right pneumothorax.", {NF: None}),
     ("", dict.fromkeys(CHEXPERT_OBSERVATIONS)),
     ("   \n ", {NF: None}),
 ]
@@ -174,7 +175,7 @@ IU_EXPECTED: dict[str, dict] = {
     # normal heart size" negative
     "1076": {CM: -1, EDEMA: -1, PE: -1, PNA: -1, FX: 1},
     "2814": {CM: 1, EDEMA: -1, PE: -1},  # "effusions suspected"
-    "3001": {PE: -1, NF: 0},  # "cannot exclude small pleural effusions"
+    "3001": {PE: -1, NF: None},  # "cannot exclude small pleural effusions"
     "3848": {CM: 1, PTX: 0, DEV: 0, PE: 0},  # "removal of the PICC line", "without significant effusion"
     "3865": {CM: 0, FX: -1},  # "top normal in size", "possibly old fractures"
     "175": {CM: 1, ATEL: 1, PE: -1, PTX: 0},  # "scarring versus XXXX effusion"

@@ -10,7 +10,8 @@ OPAC, CONS, PNA, EDEMA = "Lung Opacity", "Consolidation", "Pneumonia", "Edema"
 LES, FX, DEV, NF = "Lung Lesion", "Fracture", "Support Devices", "No Finding"
 ECM, PO = "Enlarged Cardiomediastinum", "Pleural Other"
 
-# (sentence, {observation: CheXpert label}); None = not mentioned.
+# (sentence, {observation: CheXpert label}); None = not mentioned (for No Finding: blank, CheXpert never writes
+# No Finding = 0, stages/aggregate.py).
 CHEXPERT_TABLE: list[tuple[str, dict]] = [
     # Lung Lesion: mass, nodule, nodular density/opacity, lump, cavitary lesion, carcinoma, neoplasm, tumor
     ("Calcified granuloma in the right upper lobe.", {LES: None, NF: 1}),
@@ -19,10 +20,10 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Scattered calcified nodules.", {LES: None, NF: 1}),
     ("No nodules or masses.", {LES: 0, NF: 1}),
     ("No suspicious pulmonary nodules or masses.", {LES: 0}),
-    ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: 0}),
+    ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: None}),
     ("Nodular density at the left base.", {LES: 1}),
     ("Nodular opacification in the lingula.", {LES: 1, OPAC: 1}),
-    ("Possible mass in the right hilum.", {LES: -1, NF: 0}),
+    ("Possible mass in the right hilum.", {LES: -1, NF: None}),
     ("Right upper lobe mass.", {LES: 1}),
     ("There is a 1 cm nodule in the left upper lobe.", {LES: 1}),
     ("Massive cardiomegaly.", {LES: None, CM: 1}),
@@ -44,9 +45,9 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Peribronchial thickening.", {OPAC: 1}),
     ("Reticulation at the lung bases.", {OPAC: 1}),
     # Edema: edema, heart failure, CHF, vascular/pulmonary congestion (uncertain), vascular prominence (uncertain)
-    ("Pulmonary edema.", {EDEMA: 1, NF: 0}),
+    ("Pulmonary edema.", {EDEMA: 1, NF: None}),
     ("No pulmonary edema.", {EDEMA: 0}),
-    ("Mild pulmonary vascular congestion.", {EDEMA: -1, NF: 0}),
+    ("Mild pulmonary vascular congestion.", {EDEMA: -1, NF: None}),
     ("No vascular congestion.", {EDEMA: 0}),
     ("Central vascular prominence.", {EDEMA: -1}),
     ("Congestive heart failure.", {EDEMA: 1, CM: -1}),
@@ -110,7 +111,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     # --- Issue 21 review against the CheXpert sources (stanfordmlgroup/chexpert-labeler; NegBio). The
     # comment above each group names the file whose rule gives the label.
     # patterns/pre_negation_uncertainty.txt "no new XXX" (matched before negation), "no evidence to rule out"
-    ("No new pleural effusion.", {PE: -1, NF: 0}),
+    ("No new pleural effusion.", {PE: -1, NF: None}),
     ("No new focal consolidation.", {CONS: -1}),
     ("No evidence to rule out pneumonia.", {PNA: -1}),
     ("Cannot rule out pneumonia.", {PNA: -1}),
@@ -123,7 +124,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("The nodule was previously demonstrated.", {LES: 0}),
     # patterns/post_negation_uncertainty.txt "borderline heart size" (only heart size: "borderline cardiomegaly"
     # and "borderline cardiac enlargement" have no rule and stay positive)
-    ("Borderline heart size.", {CM: -1, NF: 0}),
+    ("Borderline heart size.", {CM: -1, NF: None}),
     ("Borderline cardiomegaly.", {CM: 1}),
     ("Borderline cardiac enlargement.", {CM: 1}),
     # patterns/post_negation_uncertainty.txt: secondary to, worrisome for, suspicion for, favor, maybe,

@@ -21,8 +21,8 @@ the CheXpert labeler (Irvin et al., 2019):
    size") apply. The README lists each rule with its CheXpert source file, and every departure.
 3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
    negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
-   (all but "No Finding" and "Support Devices") is positive or uncertain, and 0 otherwise, as in
-   CheXpert. An empty report gets no label at all (every value is None).
+   (all but "No Finding" and "Support Devices") is positive or uncertain, and None (blank) otherwise:
+   CheXpert never writes No Finding = 0. An empty report gets no label at all (every value is None).
 
 Example:
 
@@ -486,7 +486,7 @@ def label_report(text: str) -> dict[str, int | None]:
 
     Returns:
         `dict[str, int | None]`: observation name -> 1 (positive), 0 (negative), -1 (uncertain) or
-        None (not mentioned), over `CHEXPERT_OBSERVATIONS` in that order.
+        None (not mentioned), over `CHEXPERT_OBSERVATIONS` in that order. "No Finding" is 1 or None, never 0.
     """
     if text is None:
         text = ""
@@ -501,7 +501,8 @@ def label_report(text: str) -> dict[str, int | None]:
     for observation, labels in by_observation.items():
         result[observation] = _aggregate(labels)
     finding = any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
-    result["No Finding"] = NEGATIVE if finding else POSITIVE
+    # CheXpert (`stages/aggregate.py`) writes No Finding only as 1; where there is a finding it stays blank.
+    result["No Finding"] = None if finding else POSITIVE
     return result
 
 
