@@ -145,6 +145,25 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Pneumothorax is not clearly seen.", {PTX: -1}),
     ("Effusion is poorly evaluated on the lateral view.", {PE: -1}),
     ("Pneumothorax is not seen.", {PTX: 0}),
+    # patterns/post_negation_uncertainty.txt has no rule for "likely" (only "less likely"), "probably",
+    # "presumed", "suggestive of" / "suggests", "equivocal", "indeterminate", "questionably" or "evaluate for":
+    # CheXpert calls these mentions positive (until issue 28 a documented departure made them uncertain).
+    ("Left base opacity, likely atelectasis.", {ATEL: 1, OPAC: 1}),
+    ("Atelectasis is likely.", {ATEL: 1}),
+    ("Probably atelectasis at the left base.", {ATEL: 1}),
+    ("Presumed right lower lobe pneumonia.", {PNA: 1}),
+    ("Findings suggestive of pulmonary edema.", {EDEMA: 1}),
+    ("The appearance suggests pneumonia.", {PNA: 1}),
+    ("Equivocal small left pleural effusion.", {PE: 1}),
+    ("Indeterminate nodule in the right upper lobe.", {LES: 1}),
+    ("Questionably increased opacity at the right base.", {OPAC: 1}),
+    ("Evaluate for pneumonia.", {PNA: 1}),
+    # ... but it has "suggestion of XXX", "question of XXX", "XXX in question", "less likely" and
+    # "differential diagnosis includes XXX"
+    ("Suggestion of a small right pleural effusion.", {PE: -1}),
+    ("Question of a small left pneumothorax.", {PTX: -1}),
+    ("Pneumonia is less likely.", {PNA: -1}),
+    ("Differential diagnosis includes pneumonia.", {PNA: -1}),
     # patterns/post_negation_uncertainty.txt has no "suggestive" rule and NegBio's own rule
     # (negbio/neg/neg_detector.py, match_uncertainty) exempts "most suggestive of": not uncertain
     ("Streaky opacity most suggestive of atelectasis.", {ATEL: 1, OPAC: 1}),

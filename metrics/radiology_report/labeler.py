@@ -13,8 +13,8 @@ the CheXpert labeler (Irvin et al., 2019):
    "no effusion but mild cardiomegaly" the negation does not reach "cardiomegaly"). The nearest cue
    before the mention in its clause decides: a negation cue ("no", "without", "negative for", "free
    of", "clear of", "absence of", "resolution of", "rule out"...) gives 0, an uncertainty cue ("possible",
-   "may represent", "cannot exclude", "no new", "secondary to", "versus", and the hedges "likely",
-   "suggestive of"...) gives -1. Cues after the mention ("... is not seen", "... has resolved", "... cannot
+   "may represent", "cannot exclude", "no new", "secondary to", "versus", "suggestion of"...) gives -1;
+   hedges CheXpert has no rule for ("likely", "suggestive of") change nothing, as in CheXpert. Cues after the mention ("... is not seen", "... has resolved", "... cannot
    be excluded", "... is suspected", "... is not appreciated") are read next. Pseudo-negations ("no
    change in", "no interval increase") are ignored. CheXpert's cleaning ("A/B" is "A or B"), its "A or B"
    rule and its always-uncertain phrases (vascular congestion, vascular prominence, "borderline heart
@@ -262,18 +262,16 @@ _PRE_NEGATION = re.compile(
 _PRE_UNCERTAIN = re.compile(
     # CheXpert's uncertainty words (`patterns/post_negation_uncertainty.txt`) ...
     r"\b(?:possible|possibly|probable|may|might|could|would|maybe|questionable|question(?:ed)? (?:of|for)|"
-    r"questionably|suspicious (?:for|of)|suspect(?:ed)?|suspicion (?:for|of)|worrisome for|"
-    r"concern(?:ing)? (?:for|of)|concern|presumabl[ey]|favou?r(?:s|ed|ing)?|secondary to|"
-    r"versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
+    r"suspicious (?:for|of)|suspect(?:ed)?|suspicion (?:for|of)|worrisome for|suggestion of|"
+    r"concern(?:ing)? (?:for|of)|presumably|favou?r(?:s|ed|ing)?|secondary to|"
+    r"versus|vs|differential diagnosis(?: includes?)?|consider(?:ed|ation)?|"
     r"may represent|may reflect|could represent|could reflect|correlate (?:clinically )?for|"
     r"can (?:represent|reflect|indicate|include|be due to|be related to|be consistent with)|"
     r"obscur(?:ing|ed|es)(?: the)?|(?:is|are|was|were|be|would|could|may) compatible with|"
-    # ... CheXpert's pre-negation uncertainty "no new XXX" (nearer than the "no" it starts with) ...
-    r"no new|"
-    # ... and hedges CheXpert's patterns lack (README, departure 7). "Most suggestive of" is not one
-    # (NegBio's own "suggestive of" rule exempts it; CheXpert has no "suggestive" rule).
-    r"probably|likely|presumed|equivocal|indeterminate|uncertain|(?<!to )(?<!most )suggest(?:s|ed|ive|ing)?(?: of)?|"
-    r"evaluat(?:e|ion) (?:for|of))\b"
+    # ... and its pre-negation uncertainty "no new XXX" (nearer than the "no" it starts with). Hedges its
+    # patterns lack ("likely", "probably", "presumed", "suggestive of", "equivocal", "indeterminate",
+    # "evaluate for") are not cues: CheXpert calls "likely atelectasis" positive, and so does this labeler.
+    r"no new)\b"
 )
 # CheXpert's post-negation uncertainty rules on what follows the mention; checked before the
 # negations after it ("XXX is not appreciated", "XXX is not (well) visualized / evaluated", "XXX is not
@@ -299,8 +297,8 @@ _POST_UNCERTAIN = re.compile(
     # "... (on the left) is suspected / cannot be excluded": a few words, no comma, then the cue.
     r"^(?: (?:\w+ ){0,3}?)?(?:"
     r"(?:is |are |was |were )?(?:not |cannot be |can not be |could not be )(?:excluded|ruled out)|"
-    r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|likely|probable|"
-    r"in question|suggested|considered|a consideration|favou?red|less likely)"
+    r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|probable|"
+    r"in question|considered|a consideration|favou?red|less likely)"
     r")\b"
     # "A versus B" / "A?": only right after the mention.
     r"|^ (?:versus|vs)\b|^ ?\?"
