@@ -14,10 +14,10 @@ ECM, PO = "Enlarged Cardiomediastinum", "Pleural Other"
 # No Finding = 0, stages/aggregate.py).
 CHEXPERT_TABLE: list[tuple[str, dict]] = [
     # Lung Lesion: mass, nodule, nodular density/opacity, lump, cavitary lesion, carcinoma, neoplasm, tumor
-    ("Calcified granuloma in the right upper lobe.", {LES: None, NF: 1}),
+    ("Calcified granuloma in the right upper lobe.", {LES: None, NF: None}),
     ("Multiple calcified granulomas.", {LES: None}),
     ("Calcified nodule in the left lung base.", {LES: None}),
-    ("Scattered calcified nodules.", {LES: None, NF: 1}),
+    ("Scattered calcified nodules.", {LES: None, NF: None}),
     ("No nodules or masses.", {LES: 0, NF: 1}),
     ("No suspicious pulmonary nodules or masses.", {LES: 0}),
     ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: None}),
@@ -33,7 +33,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Large tumor in the left lung.", {LES: 1}),
     ("Palpable lump in the chest wall.", {LES: 1}),
     ("Bone lesion in the humerus.", {LES: None}),
-    ("Old granulomatous disease.", {LES: None, NF: 1}),
+    ("Old granulomatous disease.", {LES: None, NF: None}),
     ("No evidence of metastatic disease.", {LES: None}),
     # Lung Opacity: opaci-, infiltrate, airspace disease, interstitial markings, reticulation, scar
     ("Patchy opacity in the right lower lobe.", {OPAC: 1}),
@@ -145,6 +145,17 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Pneumothorax is not clearly seen.", {PTX: -1}),
     ("Effusion is poorly evaluated on the lateral view.", {PE: -1}),
     ("Pneumothorax is not seen.", {PTX: 0}),
+    # phrases/mention/no_finding.txt: a positive or uncertain mention of one of its phrases (degenerative,
+    # calcified, granuloma, scoliosis, emphysema, blunting, defibrillator, ...) also leaves No Finding blank
+    # (stages/aggregate.py); a negated one does not (until issue 28 a documented departure ignored the list)
+    ("Degenerative changes of the thoracic spine.", {NF: None}),
+    ("Mild scoliosis.", {NF: None}),
+    ("Possible emphysema.", {NF: None}),
+    ("No emphysema.", {NF: 1}),
+    ("Blunting of the right costophrenic angle.", {NF: None, PE: None}),
+    ("Dual-chamber defibrillator in place.", {DEV: 1, NF: None}),
+    ("Hyperinflated lungs.", {NF: None}),
+    ("No hiatal hernia.", {NF: 1}),
     # patterns/post_negation_uncertainty.txt has no rule for "likely" (only "less likely"), "probably",
     # "presumed", "suggestive of" / "suggests", "equivocal", "indeterminate", "questionably" or "evaluate for":
     # CheXpert calls these mentions positive (until issue 28 a documented departure made them uncertain).

@@ -20,9 +20,10 @@ the CheXpert labeler (Irvin et al., 2019):
    rule and its always-uncertain phrases (vascular congestion, vascular prominence, "borderline heart
    size") apply. The README lists each rule with its CheXpert source file, and every departure.
 3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
-   negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
-   (all but "No Finding" and "Support Devices") is positive or uncertain, and None (blank) otherwise:
-   CheXpert never writes No Finding = 0. An empty report gets no label at all (every value is None).
+   negative. "No Finding" is 1 when the report is not empty, none of the 12 pathology observations
+   (all but "No Finding" and "Support Devices") is positive or uncertain and no "other finding" of
+   CheXpert's No Finding list (degenerative, calcified, granuloma, scoliosis, emphysema, blunting, ...) is
+   mentioned positive or uncertain; otherwise None (blank): CheXpert never writes No Finding = 0. An empty report gets no label at all (every value is None).
 
 Example:
 
@@ -226,6 +227,17 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
     ],
 }
 
+# CheXpert's other findings (`phrases/mention/no_finding.txt`), matched as substrings as CheXpert matches them:
+# they label no observation, but a positive or uncertain one leaves "No Finding" blank (`stages/aggregate.py`).
+_NO_FINDING_MENTIONS = re.compile(
+    r"emphysema|blunt|density|elevation|eventration|scoliosis|degenera|calcifi|hyperinflat|hyperexpansion|"
+    r"bronchospasm|asthma|hernia|copd|interstitial markings|plaque|osteophytosis|aortic disease|bronchiolitis|"
+    r"airways disease|thickening|cephalization|aspiration|bullae|contusion|atherosclero|osteopenia|metastasis|"
+    r"granuloma|pneumomediastinum|pneumoperitoneum|osteodystrophy|cuffing|irregular lucency|inflam|fissure|"
+    r"hypertension|prominen|kyphosis|defib|bullet|reticula|thoracentesis|bronchitis|volume loss|deformity|"
+    r"hemorrhage|hematoma|radiopaque|aerophagia|arthropathy|tracheostomy"
+)
+
 # Mentions that CheXpert always reads as uncertain unless negated (`patterns/post_negation_uncertainty.txt`:
 # its congestion / indistinctness / vascular prominence rules and its "borderline heart size" rule).
 _ALWAYS_UNCERTAIN = re.compile(
@@ -336,6 +348,7 @@ class Mention:
 _COMPILED = {
     obs: [(re.compile(pattern), fixed) for pattern, fixed in patterns] for obs, patterns in _MENTIONS.items()
 }
+_COMPILED["No Finding"] = [(_NO_FINDING_MENTIONS, None)]
 
 
 def _normalise(text: str) -> str:
@@ -496,9 +509,10 @@ def label_report(text: str) -> dict[str, int | None]:
     by_observation: dict[str, list[int]] = {}
     for mention in find_mentions(text):
         by_observation.setdefault(mention.observation, []).append(mention.label)
+    other_finding = _aggregate(by_observation.pop("No Finding", [])) in (POSITIVE, UNCERTAIN)
     for observation, labels in by_observation.items():
         result[observation] = _aggregate(labels)
-    finding = any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
+    finding = other_finding or any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
     # CheXpert (`stages/aggregate.py`) writes No Finding only as 1; where there is a finding it stays blank.
     result["No Finding"] = None if finding else POSITIVE
     return result
