@@ -156,6 +156,20 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Dual-chamber defibrillator in place.", {DEV: 1, NF: None}),
     ("Hyperinflated lungs.", {NF: None}),
     ("No hiatal hernia.", {NF: 1}),
+    # The phantom findings (atelectasis, edema, support devices, rib fracture, widened mediastinum), each a
+    # phrase on CheXpert's mention lists (phrases/mention/*.txt, mention_phrases/support_devices.txt)
+    ("Plate-like atelectasis at the left base with volume loss.", {ATEL: 1, NF: None}),
+    ("Bilateral perihilar opacities consistent with pulmonary edema.", {EDEMA: 1, OPAC: 1}),
+    ("Mild interstitial edema.", {EDEMA: 1}),
+    ("Right internal jugular central venous catheter with tip in the SVC.", {DEV: 1, NF: 1}),
+    ("Endotracheal tube terminates 4 cm above the carina.", {DEV: 1}),
+    ("Left chest wall pacemaker with leads in the right atrium and right ventricle.", {DEV: 1, NF: 1}),
+    ("Acute fracture of the left 7th rib.", {FX: 1, NF: None}),
+    ("Displaced right posterior rib fracture.", {FX: 1}),
+    ("The mediastinum is widened.", {ECM: 1, NF: None}),
+    ("Widening of the superior mediastinum.", {ECM: 1}),
+    ("The mediastinum is not widened.", {ECM: 0, NF: 1}),
+    ("No edema, atelectasis or rib fracture.", {EDEMA: 0, ATEL: 0, FX: 0, NF: 1}),
     # patterns/post_negation_uncertainty.txt has no rule for "likely" (only "less likely"), "probably",
     # "presumed", "suggestive of" / "suggests", "equivocal", "indeterminate", "questionably" or "evaluate for":
     # CheXpert calls these mentions positive (until issue 28 a documented departure made them uncertain).

@@ -111,7 +111,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         ),
         (
             rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent|prominence of(?: the)?)"
-            rf" {_MEDIASTINUM}\b(?! (?:fat|lipomatosis|lymph|nodes?|adenopathy|lymphadenopathy|mass))",
+            rf"(?: (?:superior|upper|anterior|central))? {_MEDIASTINUM}\b(?! (?:fat|lipomatosis|lymph|nodes?|adenopathy|lymphadenopathy|mass))",
             None,
         ),
         (r"\bmediastinal (?:widening|enlargement|prominence)\b", None),
