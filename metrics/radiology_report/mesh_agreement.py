@@ -283,10 +283,21 @@ def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
         reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
 
     Returns:
-        `dict`: JSON-ready; `subsets[name]` has `n`, `macro_f1` and one row per observation.
+        `dict`: JSON-ready; `subsets[name]` has `n`, `macro_f1`, `no_finding_1` (reports the labeler calls
+        No Finding) and one row per observation.
     """
     path = Path(reports_csv)
     tables = agreement_subsets(path)
+    rows = [r for r in read_reports(path) if report_text(r)]
+    labels = label_reports([report_text(r) for r in rows])
+    no_finding = {
+        name: sum(
+            lab["No Finding"] == POSITIVE
+            for r, lab in zip(rows, labels)
+            if name == "all" or is_held_out(r.get("uid", "")) == (name == "held_out")
+        )
+        for name in SUBSETS
+    }
     return {
         "commit": _git_commit(),
         "machine": _machine(),
@@ -299,6 +310,7 @@ def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
             name: {
                 "n": table[0].n,
                 "macro_f1": round(macro_f1(table), 4),
+                "no_finding_1": no_finding[name],
                 "rows": [asdict(r) | {"f1": round(r.f1, 4)} for r in table],
             }
             for name, table in tables.items()
