@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--writer_batch_size", type=int, default=64, help="examples per Arrow write (bounds memory)"
     )
+    b.add_argument(
+        "--num_proc",
+        type=int,
+        default=None,
+        help="processes encoding the images (default: every CPU this process may use); same rows either way",
+    )
     b.add_argument("--force_rebuild", action="store_true", help="ignore the cache and re-encode")
     b.add_argument(
         "--overwrite",
@@ -161,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         writer_batch_size=args.writer_batch_size,
         force_rebuild=args.force_rebuild,
         overwrite=args.overwrite,
+        num_proc=args.num_proc,
     )
     print(format_summary(report, args.output_dir))
     return 0
