@@ -4,13 +4,14 @@
 in-process (loading scripts no longer exist in datasets >= 4). It follows the plan of its format's `make_plan`
 (the Indiana Kaggle layout in `indiana.py`, MIMIC-CXR-JPG in `mimic_cxr.py`) and yields one example per study
 (uid) in one schema (`FEATURES`) whatever the format, with each image decoded once, converted to 8-bit
-grayscale and re-encoded as PNG bytes (never paths).
+grayscale and re-encoded as PNG bytes (never paths). The studies are handed to `datasets` in shards
+(`study_encoding.py`), encoded by `num_proc` processes, the rows and their order the same for any `num_proc`.
 
-`build_dataset` is the entry point: it fingerprints the inputs (the format's tables, the names, sizes and mtimes
-of its images and reports, the split file, every option) so that rebuilding with the same inputs and options
-reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir`
-it also writes the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`: into
-a temporary folder next to it, renamed into place once complete (an earlier build there is replaced only by a
+`build_dataset` is the entry point: it fingerprints the inputs (the format's tables, a listing of its images and
+reports, the split file, every option: see each format's `fingerprint`) so that rebuilding with the same inputs
+and options reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With
+`output_dir` it also writes the `save_to_disk` layout to `output_dir` (`saving.py`: hard links to the cache's
+files) and `output_dir/build_report.json`: into a temporary folder next to it, renamed into place once complete (an earlier build there is replaced only by a
 complete new one; a non-empty folder that is not an earlier build is refused without `overwrite=True`). The
 cache entry is prepared under an inter-process lock, so two runs on one cache build it once, and its sidecar
 JSON is written atomically.
