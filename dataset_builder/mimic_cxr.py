@@ -36,9 +36,12 @@ import hashlib
 import logging
 import os
 import re
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -69,6 +72,8 @@ MISSING_LAYOUT_HINT = (
     "(credentialed PhysioNet data: https://physionet.org/content/mimic-cxr-jpg/)"
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
 LISTING_THREADS = 16  # directory listings, report stats and report reads in flight at once
 REASON_NO_REPORT = "report file missing"
 REASON_UNREADABLE_REPORT = "unreadable report file"
@@ -185,6 +190,21 @@ def check_layout(data_dir: Path, cfg) -> None:
         )
 
 
+def threaded_map(fn: Callable[[T], R], items: list[T], batch: int = 256) -> Iterator[R]:
+    """`map(fn, items)` on `LISTING_THREADS` threads, in order, with `batch` items a task (a task per item
+    would cost more than a `stat`) and at most two tasks a thread in flight (what is read waits in memory only
+    that far ahead of the consumer). For file-system calls, which release the GIL while they wait."""
+    batches = (items[i : i + batch] for i in range(0, len(items), batch))
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        pending: deque = deque()
+        for part in batches:
+            pending.append(pool.submit(lambda p: [fn(item) for item in p], part))
+            if len(pending) >= 2 * LISTING_THREADS:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
 def _walk(folder: Path, prefix: str) -> list[str]:
     """Relative paths (`prefix/...`) of the files under `folder`, sorted, from directory listings only."""
     found: list[str] = []
@@ -215,8 +235,7 @@ def list_files(root: Path) -> list[str]:
     top = root / IMAGE_FOLDER
     found = _walk_top_level(top)
     folders = [rel for rel, is_dir in found if is_dir]
-    with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        below = dict(zip(folders, pool.map(lambda rel: _walk(root / rel, rel), folders)))
+    below = dict(zip(folders, threaded_map(lambda rel: _walk(root / rel, rel), folders, batch=16)))
     listing: list[str] = []
     for rel, is_dir in found:
         listing.extend(below[rel] if is_dir else [rel])
@@ -258,14 +277,11 @@ def fingerprint(h: hashlib._Hash, data_dir: Path, cfg) -> None:
         path = table_path(data_dir, name)
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    for name in list_files(data_dir):
-        h.update(f"{name}\n".encode())
+    h.update("\n".join(list_files(data_dir)).encode())
     reports = _reports_root(data_dir, cfg)
     report_names = sorted({report_relpath(subject, study) for study, subject, _, _ in _split_rows(data_dir)})
-    with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        stats = pool.map(lambda rel: _report_stat(reports / rel), report_names, chunksize=256)
-        for rel, stat in zip(report_names, stats):
-            h.update(f"{rel}\0{stat}\n".encode())
+    stats = threaded_map(lambda rel: _report_stat(reports / rel), report_names)
+    h.update("".join(f"{rel}\0{stat}\n" for rel, stat in zip(report_names, stats)).encode())
 
 
 @dataclass
@@ -361,38 +377,37 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
     candidates: list[PlannedStudy] = []
     num_read = 0
     paths = [reports / report_relpath(study.subject_id, study_id) for study_id, study in studies.items()]
-    with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        texts = pool.map(_read_report, paths, chunksize=64)
-        report_bar = tqdm(
-            zip(studies.items(), paths, texts),
-            total=len(studies),
-            desc="Reading reports",
-            unit="report",
-            disable=len(studies) < 2000 or None,
-        )
-        for (study_id, study), path, (text, problem) in report_bar:
-            usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
-            if text is None:
-                reason = REASON_NO_REPORT if problem is None else REASON_UNREADABLE_REPORT
-                skip_study(
-                    skipped, study_id, reason, str(path) if problem is None else f"{path}: {problem}", usable
-                )
-                continue
-            num_read += 1
-            sections = parse_report(text)
-            planned = plan_study(
-                cfg,
-                study_id,
-                usable,
-                sections.get("findings", ""),
-                sections.get("impression", ""),
-                skipped,
-                indication=sections.get("indication", ""),
-                token=ANON_TOKEN,
+    texts = threaded_map(_read_report, paths, batch=64)
+    report_bar = tqdm(
+        zip(studies.items(), paths, texts),
+        total=len(studies),
+        desc="Reading reports",
+        unit="report",
+        disable=len(studies) < 2000 or None,
+    )
+    for (study_id, study), path, (text, problem) in report_bar:
+        usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
+        if text is None:
+            reason = REASON_NO_REPORT if problem is None else REASON_UNREADABLE_REPORT
+            skip_study(
+                skipped, study_id, reason, str(path) if problem is None else f"{path}: {problem}", usable
             )
-            if planned is not None:
-                planned.split = study.split
-                candidates.append(planned)
+            continue
+        num_read += 1
+        sections = parse_report(text)
+        planned = plan_study(
+            cfg,
+            study_id,
+            usable,
+            sections.get("findings", ""),
+            sections.get("impression", ""),
+            skipped,
+            indication=sections.get("indication", ""),
+            token=ANON_TOKEN,
+        )
+        if planned is not None:
+            planned.split = study.split
+            candidates.append(planned)
     if studies and not num_read:
         first_id, first = next(iter(studies.items()))
         raise FileNotFoundError(
