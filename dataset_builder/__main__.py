@@ -2,7 +2,8 @@
 
 `build --format indiana` (default) reads the Kaggle layout; `build --format mimic-cxr` reads MIMIC-CXR-JPG with
 the MIMIC-CXR reports (`--reports_dir` where they are not inside `--data_dir`); both write the same schema and
-build report.
+build report. `synthesize --format mimic-cxr` writes phantom studies in the MIMIC-CXR-JPG layout; `build --num_proc`
+sets the processes that encode the images (default: every CPU this process may use).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--num_studies", type=int, default=2000, help="number of studies (default 2000)")
     s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical output (default 0)")
-    s.add_argument("--image_size", type=int, default=256, help="PNG side in pixels (default 256)")
+    s.add_argument(
+        "--image_size", type=int, default=256, help="image side in pixels (PNG or JPEG; default 256)"
+    )
     s.add_argument("--num_proc", type=int, default=None, help="worker processes (default: CPU count)")
     s.add_argument(
         "--overwrite", action="store_true", help="replace the contents of a non-empty --output_dir"
