@@ -272,7 +272,8 @@ def test_merge_reference_labels():
 
     normal, uncertain, empty = label_reports(["No acute disease.", "Possible small effusion.", ""])
     merged = merge_reference_labels([normal, uncertain])
-    assert merged["Pleural Effusion"] == -1 and merged["No Finding"] == 0
+    assert merged["Pleural Effusion"] == -1 and merged["No Finding"] is None  # blank, never 0, as CheXpert
+    assert merge_reference_labels([normal, normal])["No Finding"] == 1
     assert merge_reference_labels([normal, empty]) == normal
     assert merge_reference_labels([empty, empty]) == empty
     with pytest.raises(ValueError, match="at least one reference"):
