@@ -25,7 +25,7 @@ from metrics.radiology_report.labeler import label_reports
 from processing_xraycap import XrayCapProcessor
 
 from .data import model_inputs
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, process_rows
 from .figures import write_samples_sheet
 
 
@@ -91,15 +91,14 @@ def nearest_train_rows(
     test_vectors = test_vectors.select_columns(["pooled"]).with_format("torch")
     device = accelerator.device
 
-    def normalized(vectors: datasets.Dataset, rows: list[int] | slice) -> torch.Tensor:
+    def normalized(vectors: datasets.Dataset, rows: slice) -> torch.Tensor:
         return torch.nn.functional.normalize(vectors[rows]["pooled"].to(device, torch.float32), dim=1)
 
-    with accelerator.split_between_processes(list(range(len(test_vectors)))) as own_rows:
-        own_rows = list(own_rows)
+    own_rows = process_rows(len(test_vectors), accelerator)
     nearest = []
     for start in range(0, len(own_rows), chunk_size):
         rows = own_rows[start : start + chunk_size]
-        test = normalized(test_vectors, rows)
+        test = normalized(test_vectors, slice(rows.start, rows.stop))
         best = torch.full((len(rows),), -torch.inf, device=device)
         best_row = torch.zeros(len(rows), dtype=torch.long, device=device)
         for offset in range(0, len(train_vectors), chunk_size):

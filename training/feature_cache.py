@@ -129,7 +129,7 @@ def feature_fingerprint(
 class _Rows(torch.utils.data.Dataset):
     """`(row, study)` items of some rows of a split, for a `StudyCollator`."""
 
-    def __init__(self, split: datasets.Dataset, rows: list[int]):
+    def __init__(self, split: datasets.Dataset, rows: range):
         self.split, self.rows = split, rows
 
     def __len__(self) -> int:
@@ -184,10 +184,11 @@ class FeatureCache:
         key, inputs = feature_fingerprint(unwrapped, self.collator.processor, split, precision, pooled_only)
         key = broadcast_object_list([key])[0]  # one entry for all processes, whatever they computed
         entry = self.root / key
+        say = logger.info if accelerator.is_local_main_process else logger.debug  # once per machine
         if (entry / INFO_FILE).is_file():
-            logger.info(f"Feature cache: reusing {entry} ({len(split)} studies of {desc})")
+            say(f"Feature cache: reusing {entry} ({len(split)} studies of {desc})")
         else:
-            logger.info(f"Feature cache: encoding {len(split)} studies of {desc} into {entry}")
+            say(f"Feature cache: encoding {len(split)} studies of {desc} into {entry}")
             self._encode(unwrapped, split, entry, pooled_only, autocast, desc)
             if accelerator.is_main_process:
                 shards = sorted(path.name for path in entry.glob("shard-*.arrow"))
@@ -214,8 +215,7 @@ class FeatureCache:
             shutil.rmtree(entry)  # an unfinished entry (a run stopped while encoding)
         accelerator.wait_for_everyone()
         entry.mkdir(parents=True, exist_ok=True)
-        with accelerator.split_between_processes(list(range(len(split)))) as rows:
-            rows = list(rows)
+        rows = process_rows(len(split), accelerator)
         model.to(accelerator.device)
         was_training = model.training
         model.eval()
@@ -249,6 +249,13 @@ class FeatureCache:
             writer.close()
             os.replace(shard.with_suffix(".tmp"), shard)
         accelerator.wait_for_everyone()
+
+
+def process_rows(num_rows: int, accelerator: Accelerator) -> range:
+    """This process's contiguous block of `num_rows` rows (`split_between_processes`; the blocks follow the process
+    order, so the shards concatenate back into the split's order)."""
+    with accelerator.split_between_processes(torch.arange(num_rows)) as block:
+        return range(int(block[0]), int(block[-1]) + 1) if len(block) else range(0)
 
 
 def _schema(columns: dict[str, np.ndarray]) -> datasets.Features:
