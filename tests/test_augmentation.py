@@ -266,6 +266,8 @@ def test_run_with_augment_turns_the_feature_cache_off_and_trains(tmp_path: Path,
                     "false",
                     "--augment",
                     "true",
+                    "--dataloader_num_workers",  # the augmentation runs in this process, where it is counted
+                    "0",
                     "--cache_features",
                     "true",
                     "--freeze_vision_encoder",
