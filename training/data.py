@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -236,10 +235,6 @@ def load_studies(
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return datasets.load_from_disk(data_args.dataset_dir), report
     cache = cache_root(data_args)
-    # num_proc reaches dataset_builder where its build_dataset takes it (the parallel build).
-    parallel = (
-        {"num_proc": data_args.num_proc} if "num_proc" in inspect.signature(build_dataset).parameters else {}
-    )
     with accelerator.main_process_first():
         if data_args.download:
             data_dir = Path(download(cache / "kaggle"))
@@ -260,7 +255,7 @@ def load_studies(
             r2gen=data_args.r2gen,
             split_file=data_args.split_file,
             cache_dir=str(cache / "datasets"),
-            **parallel,
+            num_proc=data_args.num_proc,
         )
 
 
