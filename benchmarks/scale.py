@@ -95,40 +95,52 @@ def same_datasets(first: Path, second: Path) -> bool:
     )
 
 
-def save_vision_tower(folder: Path) -> Path:
-    """A random-weight transformers ResNet whose grid features have ResNet-50's size (bottleneck blocks, 2,048
-    channels out of the last stage, stride 32), with one block per stage and narrow early stages."""
-    from transformers import ResNetConfig, ResNetModel
+def save_towers(folder: Path) -> tuple[Path, Path]:
+    """Random-weight towers saved locally (`save_pretrained`): a transformers ResNet whose grid features have
+    ResNet-50's size (bottleneck blocks, 2,048 channels out of the last stage, stride 32) with one block per stage
+    and narrow early stages, and a 2-layer GPT-2 with a byte-level BPE trained on a few report sentences."""
+    from transformers import GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetModel
 
-    config = ResNetConfig(
+    from processing_xraycap import train_tokenizer
+
+    vision = ResNetConfig(
         embedding_size=16, hidden_sizes=[32, 64, 128, 2048], depths=[1, 1, 1, 1], layer_type="bottleneck"
     )
-    ResNetModel(config).save_pretrained(folder)
-    return folder
+    ResNetModel(vision).save_pretrained(folder / "resnet")
+    corpus = [
+        "The lungs are clear. No pleural effusion or pneumothorax.",
+        "The heart is mildly enlarged. There is a small right pleural effusion.",
+        "Mild bibasilar atelectasis. No focal consolidation. Cardiomediastinal silhouette is normal.",
+    ]
+    tokenizer = train_tokenizer(corpus * 20, vocab_size=400)
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2, **ids)
+    GPT2LMHeadModel(text).save_pretrained(folder / "gpt2")
+    tokenizer.save_pretrained(folder / "gpt2")
+    return folder / "resnet", folder / "gpt2"
 
 
-def scale_row(studies: int, workdir: Path, tower: Path, seed: int = 0) -> dict[str, Any]:
+def options(**values: Any) -> list[str]:
+    """`--key value` pairs of a command line."""
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def scale_row(studies: int, workdir: Path, towers: tuple[Path, Path], seed: int = 0) -> dict[str, Any]:
     """One size: synthesize, build twice (`--num_proc 1`, every core), compare, measure disk, train a few steps."""
     python, cores = sys.executable, os.cpu_count() or 1
     layout, row = workdir / "layout", {"studies": studies}
-    cmd = [
-        python,
-        "-m",
-        "dataset_builder",
-        "synthesize",
-        "--format",
-        "mimic-cxr",
-        "--output_dir",
-        str(layout),
-    ]
-    subprocess.run([*cmd, "--num_studies", str(studies), "--seed", str(seed)], check=True, cwd=REPO_ROOT,
-                   capture_output=True)  # fmt: skip
+    synthesize = options(format="mimic-cxr", output_dir=layout, num_studies=studies, seed=seed)
+    subprocess.run([python, "-m", "dataset_builder", "synthesize", *synthesize], check=True, cwd=REPO_ROOT)
     row["layout_bytes"] = disk_bytes(layout)
     for key, num_proc in (("num_proc_1", 1), ("all_cores", cores)):
         out, cache = workdir / f"built_{key}", workdir / f"cache_{key}"
-        cmd = [python, "-m", "dataset_builder", "build", "--format", "mimic-cxr", "--data_dir", str(layout)]
-        cmd += ["--output_dir", str(out), "--cache_dir", str(cache), "--num_proc", str(num_proc)]
-        row[f"build_{key}"] = {"num_proc": num_proc, **measured_run(cmd)}
+        build = options(
+            format="mimic-cxr", data_dir=layout, output_dir=out, cache_dir=cache, num_proc=num_proc
+        )
+        row[f"build_{key}"] = {
+            "num_proc": num_proc,
+            **measured_run([python, "-m", "dataset_builder", "build", *build]),
+        }
         row[f"build_{key}"] |= {
             "output_bytes": disk_bytes(out),
             "output_and_cache_bytes": disk_bytes(out, cache),
@@ -136,37 +148,14 @@ def scale_row(studies: int, workdir: Path, tower: Path, seed: int = 0) -> dict[s
     row["datasets_identical"] = same_datasets(workdir / "built_num_proc_1", workdir / "built_all_cores")
     report = json.loads((workdir / "built_all_cores" / "build_report.json").read_text())
     row["num_examples"], row["skipped"] = report["num_examples"], len(report["skipped"])
-    cmd = [
-        python,
-        "run_captioning.py",
-        "--dataset_dir",
-        str(workdir / "built_all_cores"),
-        "--cache_features",
-        "true",
-    ]
-    cmd += [
-        "--vision_model",
-        str(tower),
-        "--image_size",
-        "224",
-        "--visual_tokens",
-        "grid",
-        "--grid_size",
-        "4",
-    ]
-    cmd += ["--max_views", "2", "--max_steps", str(TRAIN_STEPS), "--per_device_train_batch_size", "16"]
-    cmd += [
-        "--max_eval_samples",
-        "8",
-        "--max_new_tokens",
-        "8",
-        "--num_beams",
-        "1",
-        "--cache_dir",
-        str(workdir / "xc"),
-    ]
-    cmd += ["--output_dir", str(workdir / "run"), "--overwrite_output_dir", "true"]
-    row["train_cache_features"] = {"steps": TRAIN_STEPS, "batch_size": 16, **measured_run(cmd)}
+    train = options(
+        dataset_dir=workdir / "built_all_cores", cache_features="true", vision_model=towers[0], text_model=towers[1],
+        image_size=224, visual_tokens="grid", grid_size=4, max_views=2, max_steps=TRAIN_STEPS,
+        per_device_train_batch_size=16, do_eval="false",
+        cache_dir=workdir / "xraycap_cache", output_dir=workdir / "run", overwrite_output_dir="true",
+    )  # fmt: skip
+    row["train_cache_features"] = {"steps": TRAIN_STEPS, "batch_size": 16}
+    row["train_cache_features"] |= measured_run([python, "run_captioning.py", *train])
     return row
 
 
@@ -184,11 +173,11 @@ def scale_section(sizes: tuple[int, ...], workdir: Path, seed: int = 0) -> dict[
             f"--scale_sizes {sizes}: give two or more sizes in increasing order, e.g. 1000,4000,16000"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    tower = save_vision_tower(workdir / "vision_tower")
+    towers = save_towers(workdir / "towers")
     rows = []
     for studies in tqdm(sizes, desc="scale sizes", leave=False):
         folder = workdir / f"size_{studies}"
-        rows.append(scale_row(studies, folder, tower, seed))
+        rows.append(scale_row(studies, folder, towers, seed))
         shutil.rmtree(folder, ignore_errors=True)
     first, last = rows[0], rows[-1]
     growth = {
