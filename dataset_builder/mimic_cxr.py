@@ -34,19 +34,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .images import REASON_MISSING
 from .study_plan import (
     REASON_DUPLICATE_ROW,
     DataFormat,
     PlannedStudy,
-    hash_file_stats,
     plan_study,
-    probe_row,
     read_csv_checked,
     skip_entry,
     skip_study,
@@ -68,6 +69,7 @@ MISSING_LAYOUT_HINT = (
     "(credentialed PhysioNet data: https://physionet.org/content/mimic-cxr-jpg/)"
 )
 
+LISTING_THREADS = 16  # directory listings, report stats and report reads in flight at once
 REASON_NO_REPORT = "report file missing"
 REASON_UNREADABLE_REPORT = "unreadable report file"
 
@@ -183,23 +185,87 @@ def check_layout(data_dir: Path, cfg) -> None:
         )
 
 
+def _walk(folder: Path, prefix: str) -> list[str]:
+    """Relative paths (`prefix/...`) of the files under `folder`, sorted, from directory listings only."""
+    found: list[str] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            found.extend(_walk(Path(entry.path), f"{prefix}/{entry.name}"))
+        else:
+            found.append(f"{prefix}/{entry.name}")
+    return found
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under `root/files` as a path relative to `root` (`files/p10/p10000032/s50414267/x.jpg`), sorted.
+
+    Read from directory listings only (no per-file `stat`), one patient folder per task on `LISTING_THREADS`
+    threads, so a network file system answers many listings at once.
+
+    Args:
+        root (`Path`): the MIMIC-CXR-JPG folder (or the reports folder).
+
+    Returns:
+        `list[str]`: the relative paths, in sorted order (the same for the same tree).
+    """
+    top = root / IMAGE_FOLDER
+    found = _walk_top_level(top)
+    folders = [rel for rel, is_dir in found if is_dir]
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        below = dict(zip(folders, pool.map(lambda rel: _walk(root / rel, rel), folders)))
+    listing: list[str] = []
+    for rel, is_dir in found:
+        listing.extend(below[rel] if is_dir else [rel])
+    return listing
+
+
+def _walk_top_level(top: Path) -> list[tuple[str, bool]]:
+    """(path relative to the data folder, is a folder) for the group folders' children (p10/p10000032) and
+    any file on the way, sorted; a missing `top` gives nothing."""
+    out: list[tuple[str, bool]] = []
+    try:
+        groups = sorted(os.scandir(top), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for group in groups:
+        rel = f"{IMAGE_FOLDER}/{group.name}"
+        if not group.is_dir(follow_symlinks=True):
+            out.append((rel, False))
+            continue
+        for entry in sorted(os.scandir(group.path), key=lambda e: e.name):
+            out.append((f"{rel}/{entry.name}", entry.is_dir(follow_symlinks=True)))
+    return out
+
+
+def _report_stat(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return "missing"
+
+
 def fingerprint(h: hashlib._Hash, data_dir: Path, cfg) -> None:
-    """Adds both tables' bytes and the name, size and mtime of every referenced image and report to `h`,
-    without reading an image."""
+    """Adds both tables' bytes, the listing of `files/` (the names of the images and reports, no per-image
+    `stat`) and the size and mtime of every referenced report (read on `LISTING_THREADS` threads) to `h`,
+    without opening an image. An image replaced in place under the same name is not seen: rebuild with
+    `force_rebuild=True` (--force_rebuild) after doing that."""
     for name in (SPLIT_CSV, METADATA_CSV):
         path = table_path(data_dir, name)
         h.update(path.name.encode())
         h.update(path.read_bytes())
+    for name in list_files(data_dir):
+        h.update(f"{name}\n".encode())
     reports = _reports_root(data_dir, cfg)
-    seen: set[str] = set()
-    rows = _split_rows(data_dir)
-    for study_id, subject_id, dicom_id, _ in tqdm(
-        rows, desc="Fingerprinting inputs", unit="img", disable=len(rows) < 2000 or None
-    ):
-        hash_file_stats(h, data_dir, image_relpath(subject_id, study_id, dicom_id))
-        if study_id not in seen:
-            seen.add(study_id)
-            hash_file_stats(h, reports, report_relpath(subject_id, study_id))
+    report_names = sorted({report_relpath(subject, study) for study, subject, _, _ in _split_rows(data_dir)})
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        stats = pool.map(lambda rel: _report_stat(reports / rel), report_names, chunksize=256)
+        for rel, stat in zip(report_names, stats):
+            h.update(f"{rel}\0{stat}\n".encode())
 
 
 @dataclass
@@ -218,8 +284,20 @@ def _official_split(value: str, study_id: str, path: Path) -> str:
     return split
 
 
+def _read_report(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), (None, None) for a missing file, or (None, the error) for an unreadable one."""
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        return None, str(err)
+
+
 def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict]:
-    """Reads the split and metadata tables and the reports, checks every image's header, applies the options.
+    """Reads the split and metadata tables and the reports (on `LISTING_THREADS` threads), finds the images in
+    the listing of `files/` (no image is opened here: `encode_image` checks each one as it decodes it) and
+    applies the options.
 
     Args:
         cfg (`ChestXrayConfig`): the build options (`reports_dir` among them).
@@ -245,8 +323,8 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
     studies: dict[str, _Study] = {}
     seen_rows: set[tuple[str, str]] = set()
     no_metadata = 0
-    probe_bar = tqdm(rows, desc="Checking image files", unit="img", disable=len(rows) < 2000 or None)
-    for study_id, subject_id, dicom_id, split_value in probe_bar:
+    on_disk = set(list_files(data_dir))  # an image is opened once, when it is encoded
+    for study_id, subject_id, dicom_id, split_value in rows:
         if not (study_id.isdigit() and subject_id.isdigit()):  # they name folders and the report file
             raise ValueError(
                 f"{split_path}: the row of dicom_id {dicom_id!r} has study_id={study_id!r}, "
@@ -266,8 +344,10 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
         seen_rows.add((study_id, filename))
         if dicom_id not in view_of:
             no_metadata += 1
-        if probe_row(data_dir, study_id, filename, cfg.max_image_pixels, skipped):
-            study.rows.append((filename, projection_of(view_of.get(dicom_id, ""))))
+        if filename not in on_disk:
+            skipped.append(skip_entry(study_id, filename, REASON_MISSING, str(data_dir / filename)))
+            continue
+        study.rows.append((filename, projection_of(view_of.get(dicom_id, ""))))
     if no_metadata:
         logger.warning(
             "%d image(s) of %s have no row in %s: their projection is empty (neither frontal nor lateral)",
@@ -276,38 +356,43 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
             table_path(data_dir, METADATA_CSV).name,
         )
 
+    del on_disk, seen_rows
     reports = _reports_root(data_dir, cfg)
     candidates: list[PlannedStudy] = []
     num_read = 0
-    report_bar = tqdm(
-        studies.items(), desc="Reading reports", unit="report", disable=len(studies) < 2000 or None
-    )
-    for study_id, study in report_bar:
-        usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
-        path = reports / report_relpath(study.subject_id, study_id)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            skip_study(skipped, study_id, REASON_NO_REPORT, str(path), usable)
-            continue
-        except (OSError, UnicodeDecodeError) as err:
-            skip_study(skipped, study_id, REASON_UNREADABLE_REPORT, f"{path}: {err}", usable)
-            continue
-        num_read += 1
-        sections = parse_report(text)
-        planned = plan_study(
-            cfg,
-            study_id,
-            usable,
-            sections.get("findings", ""),
-            sections.get("impression", ""),
-            skipped,
-            indication=sections.get("indication", ""),
-            token=ANON_TOKEN,
+    paths = [reports / report_relpath(study.subject_id, study_id) for study_id, study in studies.items()]
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        texts = pool.map(_read_report, paths, chunksize=64)
+        report_bar = tqdm(
+            zip(studies.items(), paths, texts),
+            total=len(studies),
+            desc="Reading reports",
+            unit="report",
+            disable=len(studies) < 2000 or None,
         )
-        if planned is not None:
-            planned.split = study.split
-            candidates.append(planned)
+        for (study_id, study), path, (text, problem) in report_bar:
+            usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
+            if text is None:
+                reason = REASON_NO_REPORT if problem is None else REASON_UNREADABLE_REPORT
+                skip_study(
+                    skipped, study_id, reason, str(path) if problem is None else f"{path}: {problem}", usable
+                )
+                continue
+            num_read += 1
+            sections = parse_report(text)
+            planned = plan_study(
+                cfg,
+                study_id,
+                usable,
+                sections.get("findings", ""),
+                sections.get("impression", ""),
+                skipped,
+                indication=sections.get("indication", ""),
+                token=ANON_TOKEN,
+            )
+            if planned is not None:
+                planned.split = study.split
+                candidates.append(planned)
     if studies and not num_read:
         first_id, first = next(iter(studies.items()))
         raise FileNotFoundError(
