@@ -55,6 +55,10 @@ TARGETS = {
     "beam_speedup_vs_nocache": (">=", 3.0),
     "data_speedup_vs_png": (">=", 5.0),
     "build_rss_growth": ("<", 0.25),
+    "build_num_proc_1_rss_growth": ("<", 0.25),
+    "build_all_cores_rss_growth": ("<", 0.25),
+    "train_cache_features_rss_growth": ("<", 0.25),
+    "build_speedup_all_cores": (">=", 1.7),
 }
 
 

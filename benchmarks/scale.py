@@ -130,7 +130,14 @@ def scale_row(studies: int, workdir: Path, towers: tuple[Path, Path], seed: int 
     python, cores = sys.executable, os.cpu_count() or 1
     layout, row = workdir / "layout", {"studies": studies}
     synthesize = options(format="mimic-cxr", output_dir=layout, num_studies=studies, seed=seed)
-    subprocess.run([python, "-m", "dataset_builder", "synthesize", *synthesize], check=True, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [python, "-m", "dataset_builder", "synthesize", *synthesize],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"synthesize {synthesize} failed: {proc.stderr[-3000:]}")
     row["layout_bytes"] = disk_bytes(layout)
     for key, num_proc in (("num_proc_1", 1), ("all_cores", cores)):
         out, cache = workdir / f"built_{key}", workdir / f"cache_{key}"
@@ -181,9 +188,9 @@ def scale_section(sizes: tuple[int, ...], workdir: Path, seed: int = 0) -> dict[
         shutil.rmtree(folder, ignore_errors=True)
     first, last = rows[0], rows[-1]
     growth = {
-        "build_rss_growth_num_proc_1": ("build_num_proc_1", "peak_rss_mb", "build peak RSS, --num_proc 1"),
-        "build_rss_growth_all_cores": ("build_all_cores", "peak_rss_mb", "build peak RSS (process tree), all cores"),
-        "train_rss_growth_cache_features": ("train_cache_features", "peak_rss_mb", "training peak RSS, --cache_features"),
+        "build_num_proc_1_rss_growth": ("build_num_proc_1", "peak_rss_mb", "build peak RSS, --num_proc 1"),
+        "build_all_cores_rss_growth": ("build_all_cores", "peak_rss_mb", "build peak RSS (process tree), all cores"),
+        "train_cache_features_rss_growth": ("train_cache_features", "peak_rss_mb", "training peak RSS, --cache_features"),
     }  # fmt: skip
     figures = {
         name: {
