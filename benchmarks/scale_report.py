@@ -51,16 +51,17 @@ def projections(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{one_core_h / (NODE_CORES * efficiency):.2f} h",
         )
     ]
-    a, b = linear_fit(sizes, [row["build_num_proc_1"]["peak_rss_mb"] for row in rows])
+    # Memory of the tree: PSS, as RSS counts the pages that forked workers share with their parent once per process.
+    a, b = linear_fit(sizes, [row["build_num_proc_1"]["peak_pss_mb"] for row in rows])
     one = a + b * n
     text = f"fit over the --num_proc 1 builds: {a:.0f} MB + {b * 1000:.2f} MB per 1k studies x {n / 1000:,.1f}k = {one:.0f} MB"
     if procs > 1:
-        extra = (last["build_all_cores"]["peak_rss_mb"] - last["build_num_proc_1"]["peak_rss_mb"]) / (
+        extra = (last["build_all_cores"]["peak_pss_mb"] - last["build_num_proc_1"]["peak_pss_mb"]) / (
             procs - 1
         )
-        text += f"; each further process here {extra:.0f} MB, x {NODE_CORES - 1}"
-        one += (NODE_CORES - 1) * extra
-    lines.append(("build peak RSS, 16 processes", text, f"{one / 1024:.1f} GB"))
+        text += f"; each further process here {extra:.0f} MB (PSS, {procs} vs 1 process), x {NODE_CORES - 1}"
+        one += (NODE_CORES - 1) * max(extra, 0.0)
+    lines.append(("build peak memory (PSS of the tree), 16 processes", text, f"{one / 1024:.1f} GB"))
     per_study = last["build_all_cores"]["output_and_cache_bytes"] / last["studies"]
     lines.append(
         (
@@ -115,7 +116,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     for figure in section["figures"].values():
         value = f"{figure['median']:+.1%}" if "growth" in figure["what"] else f"{figure['median']:.2f}x"
         out.append(f"- {figure['what']}: **{value}** ({figure['xraycap']}; {figure['baseline']})")
-    out += ["", f"Projected to MIMIC-CXR ({MIMIC_STUDIES:,} studies) on a {NODE_CORES}-core node:", ""]
+    title = f"Projected to MIMIC-CXR ({MIMIC_STUDIES:,} studies) on a {NODE_CORES}-core node"
+    if rows[-1]["studies"] < SMALLEST_SIZE_TO_PROJECT:
+        title += " (the arithmetic only: at these sizes the results mean nothing)"
+    out += ["", title + ":", ""]
     out += ["| Figure | Arithmetic | Projected |", "|---|---|---|"]
     out += [f"| {name} | {arithmetic} | **{value}** |" for name, arithmetic, value in projections(rows)]
     return "\n".join(out)

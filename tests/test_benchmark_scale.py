@@ -42,12 +42,12 @@ def test_projection_to_mimic_size_shows_its_arithmetic():
     one_core_h = 160 / 16000 * 227_835 / 3600
     assert found["build time, 16 processes"][1] == f"{one_core_h / (16 * (160 / 88 / 2)):.2f} h"
     assert "0.63 h on one core" in found["build time, 16 processes"][0]
-    # RSS: fit 1 proc (slope 0.004 MB per study) + 15 x (380 - 260) / (2 - 1) MB for the further processes
+    # PSS: fit 1 proc (slope 0.004 MB per study) + 15 x (330 - 260) / (2 - 1) MB for the further processes
     assert scale_report.linear_fit([1000, 4000, 16000], [200.0, 212.0, 260.0]) == pytest.approx(
         (196.0, 0.004)
     )
-    expected = (196.0 + 0.004 * 227_835 + 15 * 120.0) / 1024
-    assert found["build peak RSS, 16 processes"][1] == f"{expected:.1f} GB"
+    expected = (196.0 + 0.004 * 227_835 + 15 * 70.0) / 1024
+    assert found["build peak memory (PSS of the tree), 16 processes"][1] == f"{expected:.1f} GB"
     assert found["build disk (output + cache)"][1] == f"{10_000 * 227_835 / 1e9:.1f} GB"  # 10 kB a study
     intercept, slope = scale_report.linear_fit([1000, 4000, 16000], [1000.0, 1030.0, 1150.0])
     assert (
