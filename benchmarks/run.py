@@ -1,5 +1,5 @@
-"""xraycap's side-by-side benchmarks: five figures, each a ratio against a baseline timed back to back in this one
-process.
+"""xraycap's benchmarks: the CPU figures (each a ratio against a baseline timed back to back in this one process),
+the GPU benchmark (absolute rates at real size) and the scale section (dataset growth towards MIMIC-CXR).
 
     python benchmarks/run.py --quick                    # the README figures (real sizes; minutes on a CPU)
     python benchmarks/run.py                            # more repeats

@@ -186,6 +186,19 @@ def test_gpu_section_runs_on_cpu_at_toy_size_and_omits_mfu_for_an_unknown_card(t
     assert "note: the IU benchmark run (R2Gen split, 30 epochs, beam-3)" in printed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_runs_the_gpu_section_on_the_card_at_toy_size(tmp_path):
+    output = tmp_path / "card.json"
+    assert run.main(["--device", "cuda", "--smoke", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    setup = results["sections"]["gpu"]["setup"]
+    assert setup["card"] == torch.cuda.get_device_name(0) == results["machine"]["gpu"]
+    assert setup["precision"] in ("bf16", "fp16")
+    known = gpu.peak_flops(setup["card"]) is not None
+    assert ("gpu_mfu_cached_features" in results["figures"]) == known
+    assert run.parse_args(["--device", "cuda"]).output.endswith(run.card_slug(setup["card"]) + ".json")
+
+
 def test_gpu_section_reports_mfu_against_a_given_peak(tmp_path):
     output = tmp_path / "card.json"
     argv = [
