@@ -47,14 +47,17 @@ from training.arguments import (
 )
 from training.augmentation import XrayAugmentation
 from training.checkpoints import load_checkpoint, nonfinite_parameters, resolve_checkpoint, save_checkpoint
-from training.data import StudyCollator, load_studies, model_inputs, precompute_features, study_dataloader
-from training.evaluation import (
-    generate_reports,
-    nearest_train_reports,
-    score,
-    write_predictions,
-    write_samples,
+from training.data import (
+    StudyCollator,
+    cache_root,
+    dataloader_workers,
+    load_studies,
+    model_inputs,
+    run_splits,
+    study_dataloader,
 )
+from training.evaluation import generate_reports, nearest_train_floor, score, write_predictions, write_samples
+from training.feature_cache import FeatureCache, with_features
 from training.figures import plot_training_curves
 from training.hub import push_to_hub
 from training.model_card import CARD_METRICS, add_card_section, build_model_card, describe_run, format_value
@@ -62,7 +65,7 @@ from training.models import build_config, build_model, build_processor, encoder_
 from training.nonfinite import NonFiniteSteps
 from training.optimization import build_optimizer, training_loss
 from training.precision import resolve_mixed_precision
-from training.repeats import cross_validation_fold, run_plan, summarize, summary_table
+from training.repeats import run_plan, summarize, summary_table
 
 logger = get_logger(__name__)
 
@@ -127,7 +130,7 @@ def train(
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=None if train_args.report_to == "none" else train_args.report_to,
         project_dir=str(output_dir / "runs"),  # tracker logs (--report_to)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         dynamo_backend="inductor" if train_args.torch_compile else None,
         # A trained tower may hold parameters the prefix never reads (a ViT's pooler, a class-token head):
         # DDP must not wait for their gradients.
@@ -169,17 +172,10 @@ def train(
     views = data_args.views or ("frontal" if config.max_views == 1 else "pair")
     split_seed = train_args.seed if data_args.split_seed is None else data_args.split_seed
     dataset, build_report = load_studies(data_args, views, split_seed, accelerator)
-    train_split, val_split, test_split = dataset["train"], dataset["validation"], dataset["test"]
+    train_split, val_split, test_split = run_splits(dataset, data_args, split_seed)
     if data_args.fold is not None:
-        train_split, val_split = cross_validation_fold(
-            train_split, val_split, data_args.folds, data_args.fold, split_seed
-        )
         logger.info(
             f"fold {data_args.fold} of {data_args.folds}: {len(train_split)} train, {len(val_split)} validation"
-        )
-    if data_args.max_eval_samples is not None:
-        val_split, test_split = (
-            s.select(range(min(len(s), data_args.max_eval_samples))) for s in (val_split, test_split)
         )
     processor = build_processor(model_args, config, train_split["report"])
     set_seed(train_args.seed)
@@ -191,16 +187,27 @@ def train(
     logger.info(f"Model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable")
 
     # Dataloaders (each with its own seeded generator: creating an iterator never draws from the global RNG).
-    augmentation = None
-    if (
-        train_args.augment
-    ):  # the training images only, drawn anew each epoch (keyed on seed, epoch, row, view)
-        augmentation = XrayAugmentation(seed=train_args.seed)
+    # --augment: the training images only, drawn anew each epoch (keyed on seed, epoch, row, view).
+    augmentation = XrayAugmentation(seed=train_args.seed) if train_args.augment else None
     collator = StudyCollator(
         processor, config.max_views, data_args.max_target_length, augmentation=augmentation
     )
     eval_collator = StudyCollator(processor, config.max_views, data_args.max_target_length, with_text=False)
-    workers, eval_batch = data_args.dataloader_num_workers, train_args.per_device_eval_batch_size
+    eval_batch = train_args.per_device_eval_batch_size
+    workers = dataloader_workers(data_args.dataloader_num_workers, accelerator.num_processes)
+    pin = accelerator.device.type == "cuda"  # pinned batches: non-blocking copies to the GPU
+    features = FeatureCache(
+        cache_root(data_args) / "feature_cache", accelerator, eval_collator, eval_batch, workers
+    )
+    if train_args.cache_features and train_args.augment:
+        logger.warning(
+            "--cache_features is off: --augment changes the training images every epoch, so their encoder "
+            "features cannot be computed once; the frozen encoder runs on every batch instead."
+        )
+    elif train_args.cache_features:  # the built splits carry their features (on disk) instead of their images
+        for name in ("train", "validation"):
+            dataset[name] = with_features(dataset[name], features.features(model, dataset[name], desc=name))
+        train_split, val_split, _ = run_splits(dataset, data_args, split_seed)
     train_dataloader = study_dataloader(
         train_split,
         collator,
@@ -208,9 +215,11 @@ def train(
         shuffle=True,
         num_workers=workers,
         seed=train_args.seed,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=pin,
     )
-    val_dataloader = study_dataloader(val_split, eval_collator, eval_batch, num_workers=workers)
+    val_dataloader = study_dataloader(
+        val_split, eval_collator, eval_batch, num_workers=workers, pin_memory=pin
+    )
 
     # Optimizer and schedule; the prepared scheduler steps once per process, so its steps are scaled.
     optimizer = build_optimizer(model, train_args.learning_rate, train_args.weight_decay, accelerator.device)
@@ -231,17 +240,6 @@ def train(
     model, optimizer, train_dataloader, val_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, val_dataloader, scheduler
     )
-    if train_args.cache_features and train_args.augment:
-        logger.warning(
-            "--cache_features is off: --augment changes the training images every epoch, so their encoder "
-            "features cannot be computed once; the frozen encoder runs on every batch instead."
-        )
-    elif train_args.cache_features:
-        encode_loader = accelerator.prepare(
-            study_dataloader(train_split, eval_collator, eval_batch, num_workers=workers)
-        )
-        with accelerator.autocast():
-            collator.feature_cache = precompute_features(model, encode_loader, accelerator)
     if train_args.report_to != "none":
         tracked = {k: v for k, v in asdict(train_args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("xraycap", config=tracked)
@@ -388,17 +386,12 @@ def train(
                 processor, config.max_views, data_args.max_target_length, False, ablate
             )
             loader = accelerator.prepare(
-                study_dataloader(test_split, test_collator, eval_batch, num_workers=workers)
+                study_dataloader(test_split, test_collator, eval_batch, num_workers=workers, pin_memory=pin)
             )
             reports[name] = generate_reports(model, loader, processor, accelerator, name, **generation)
-        vectors = []  # the retrieval floor: one pooled encoder vector per train and per test study
-        for split in (train_split, test_split):
-            loader = accelerator.prepare(
-                study_dataloader(split, eval_collator, eval_batch, num_workers=workers)
-            )
-            pooled = precompute_features(model, loader, accelerator, pooled=True)
-            vectors.append({row: vector for row, (vector, _) in pooled.items()})
-        reports["test_nearest_train"] = nearest_train_reports(*vectors, list(train_split["report"]))
+        reports["test_nearest_train"] = nearest_train_floor(
+            model, train_split, test_split, features, output_dir / "floor_features"
+        )
         if accelerator.is_main_process:
             for name, by_row in reports.items():
                 results[name] = score(metric, test_split, by_row)
