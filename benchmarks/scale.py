@@ -163,6 +163,9 @@ def scale_row(studies: int, workdir: Path, towers: tuple[Path, Path], seed: int 
     )  # fmt: skip
     row["train_cache_features"] = {"steps": TRAIN_STEPS, "batch_size": 16}
     row["train_cache_features"] |= measured_run([python, "run_captioning.py", *train])
+    row["train_cache_features"]["feature_cache_bytes"] = disk_bytes(
+        workdir / "xraycap_cache" / "feature_cache"
+    )
     return row
 
 

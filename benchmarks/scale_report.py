@@ -78,6 +78,15 @@ def projections(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{(a + b * n) / 1024:.1f} GB",
         )
     )
+    if "feature_cache_bytes" in last["train_cache_features"]:
+        per_study = last["train_cache_features"]["feature_cache_bytes"] / last["studies"]
+        lines.append(
+            (
+                "feature cache on disk (the train split's features)",
+                f"{per_study / 1024:.1f} KB per study at {last['studies']:,} x {n:,}",
+                f"{per_study * n / 1e9:.1f} GB",
+            )
+        )
     return lines
 
 

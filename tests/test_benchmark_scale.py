@@ -124,6 +124,7 @@ def test_scale_section_at_tiny_sizes_builds_identical_datasets_and_measures_each
         for key in ("build_num_proc_1", "build_all_cores", "train_cache_features"):
             assert row[key]["seconds"] > 0 and row[key]["peak_rss_mb"] > 50, (key, row[key])
         assert 0 < row["build_all_cores"]["output_bytes"] <= row["build_all_cores"]["output_and_cache_bytes"]
+        assert row["train_cache_features"]["feature_cache_bytes"] > 0  # the features went to disk
     assert set(results["machine"]["cpu_flags"]) == {"avx512_bf16", "amx_bf16", "amx_tile"}
     # A results file elsewhere leaves docs/PERFORMANCE.md alone; its table renders from this one too.
     assert "| 60 |" in scale_report.render_markdown(results)
