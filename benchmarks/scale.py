@@ -194,6 +194,8 @@ def scale_section(sizes: tuple[int, ...], workdir: Path, seed: int = 0) -> dict[
         "build_num_proc_1_rss_growth": ("build_num_proc_1", "peak_rss_mb", "build peak RSS, --num_proc 1"),
         "build_all_cores_rss_growth": ("build_all_cores", "peak_rss_mb", "build peak RSS (process tree), all cores"),
         "train_cache_features_rss_growth": ("train_cache_features", "peak_rss_mb", "training peak RSS, --cache_features"),
+        "build_all_cores_pss_growth": ("build_all_cores", "peak_pss_mb", "build peak PSS (process tree), all cores"),
+        "train_cache_features_pss_growth": ("train_cache_features", "peak_pss_mb", "training peak PSS, --cache_features"),
     }  # fmt: skip
     figures = {
         name: {

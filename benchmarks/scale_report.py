@@ -70,10 +70,10 @@ def projections(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{per_study * n / 1e9:.1f} GB",
         )
     )
-    a, b = linear_fit(sizes, [row["train_cache_features"]["peak_rss_mb"] for row in rows])
+    a, b = linear_fit(sizes, [row["train_cache_features"]["peak_pss_mb"] for row in rows])
     lines.append(
         (
-            "training peak RSS, --cache_features, one process",
+            "training peak memory (PSS of the tree), --cache_features, one process and its workers",
             f"fit: {a:.0f} MB + {b * 1000:.2f} MB per 1k studies x {n / 1000:,.1f}k",
             f"{(a + b * n) / 1024:.1f} GB",
         )
@@ -110,7 +110,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     procs = rows[-1]["build_all_cores"]["num_proc"]
     out += [
         f"| Studies | Build s, 1 proc | Build s, {procs} procs | Speedup | Identical | Build peak RSS MB, 1 proc "
-        f"| Build peak RSS / PSS MB, {procs} procs | Output MB | Output + cache MB | Train peak RSS MB |",
+        f"| Build peak RSS / PSS MB, {procs} procs | Output MB | Output + cache MB | Train peak RSS / PSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -119,7 +119,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {row['studies']:,} | {one['seconds']:.1f} | {allc['seconds']:.1f} | "
             f"{one['seconds'] / allc['seconds']:.2f}x | {'yes' if row['datasets_identical'] else '**no**'} | "
             f"{one['peak_rss_mb']:.0f} | {allc['peak_rss_mb']:.0f} / {allc['peak_pss_mb']:.0f} | "
-            f"{allc['output_bytes'] / 1e6:.1f} | {allc['output_and_cache_bytes'] / 1e6:.1f} | {train['peak_rss_mb']:.0f} |"
+            f"{allc['output_bytes'] / 1e6:.1f} | {allc['output_and_cache_bytes'] / 1e6:.1f} | {train['peak_rss_mb']:.0f} / {train['peak_pss_mb']:.0f} |"
         )
     out += ["", "Growth from the smallest to the largest size:", ""]
     for figure in section["figures"].values():

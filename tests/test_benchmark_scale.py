@@ -27,7 +27,12 @@ def _row(studies, t1, tp, rss1, rssp, train, disk):
             "peak_pss_mb": rssp - 50,
             **build,
         },
-        "train_cache_features": {"steps": 3, "batch_size": 16, "peak_rss_mb": train},
+        "train_cache_features": {
+            "steps": 3,
+            "batch_size": 16,
+            "peak_rss_mb": train + 500,
+            "peak_pss_mb": train,
+        },
     }
 
 
@@ -51,7 +56,7 @@ def test_projection_to_mimic_size_shows_its_arithmetic():
     assert found["build disk (output + cache)"][1] == f"{10_000 * 227_835 / 1e9:.1f} GB"  # 10 kB a study
     intercept, slope = scale_report.linear_fit([1000, 4000, 16000], [1000.0, 1030.0, 1150.0])
     assert (
-        found["training peak RSS, --cache_features, one process"][1]
+        found["training peak memory (PSS of the tree), --cache_features, one process and its workers"][1]
         == f"{(intercept + slope * 227_835) / 1024:.1f} GB"
     )
 
@@ -78,7 +83,7 @@ def test_the_doc_table_is_generated_from_the_results_file(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Perf\n\nbefore\n") and text.endswith(f"{scale_report.DOC_END}\nafter\n")
     assert "stale" not in text and scale_report.doc_block(doc) == scale_report.render_markdown(results)
-    assert "| 80 | 3.0 | 2.0 | 1.50x | yes | 151 | 252 / 202 | 0.4 | 0.8 | 901 |" in text
+    assert "| 80 | 3.0 | 2.0 | 1.50x | yes | 151 | 252 / 202 | 0.4 | 0.8 | 1401 / 901 |" in text
     assert "A proving run at 40, 80 studies, not the measurement" in text
     assert "avx512_bf16 yes, amx_bf16 no" in text
 
