@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from torch.utils.data import DataLoader
@@ -82,7 +83,7 @@ class GpuSettings:
     warmup_steps: int = 5
     repeats: int = 20
     beam_repeats: int = 2
-    loader_studies: int = 256
+    loader_studies: int = 512
     loader_image_px: int = 512
     loader_workers: int = min(os.cpu_count() or 1, 8)
     loader_epochs: int = 2
@@ -183,7 +184,7 @@ def loader_rate(settings: GpuSettings, device: torch.device, model, workdir: Pat
         workdir / "layout", num_studies=settings.loader_studies, image_size=settings.loader_image_px
     )
     dataset, _ = build_dataset(layout, image_size=settings.loader_image_px, cache_dir=workdir / "cache")
-    split = dataset["train"]
+    split = datasets.concatenate_datasets([part for part in dataset.values() if len(part)])  # every study
     tokenizer = train_tokenizer(list(split["report"]) * 4, vocab_size=300)
     image_processor = XrayCapImageProcessor(size=model.config.image_size)
     processor = XrayCapProcessor(image_processor, tokenizer, max_views=model.config.max_views)
