@@ -1,5 +1,5 @@
 """The demo serves only the model the user named, takes uploads as they come and says what the model
-knows (issue 20, points 10, 11, 13). No browser: the Blocks' components are driven directly."""
+knows. No browser: the Blocks' components are driven directly."""
 
 import shutil
 

@@ -1,4 +1,4 @@
-"""The caption command runs only the model the user named and loses nothing (issue 20, points 10, 12, 13)."""
+"""The caption command runs only the model the user named, through the model folder's pipeline, and loses nothing."""
 
 import csv
 import json
@@ -45,7 +45,7 @@ def loads(monkeypatch):
     return calls
 
 
-# ----------------------------------------------------------------------------------- point 10: Hub ids
+# ------------------------------------------------------------------------------ which model is loaded
 def test_typo_model_path_is_an_error_not_a_download(tmp_path, monkeypatch, scans, loads, capsys):
     """`--model outputs/xraycap-iu` under an existing outputs/ folder: exit 2 naming the path, nothing loaded."""
     monkeypatch.chdir(tmp_path)
@@ -68,7 +68,7 @@ def test_hub_id_needs_trust_remote_code_and_takes_revision(tmp_path, monkeypatch
     assert loads[0][2]["trust_remote_code"] is True and loads[0][2]["revision"] == "0123abc"
 
 
-# ------------------------------------------------------------------------------ point 12: nothing lost
+# ------------------------------------------------------------------------------------- nothing lost
 def test_crash_mid_run_keeps_the_finished_batches(model_dir, scans, tmp_path, monkeypatch):
     real_load = caption.load_pipeline
     calls = []
@@ -130,7 +130,7 @@ def test_pairs_csv_in_another_encoding_is_a_clear_error(model_dir, tmp_path, cap
     assert "pairs.csv" in err and "UTF-8" in err
 
 
-# -------------------------------------------------------------------- point 13: what the model knows
+# ---------------------------------------------------------------------------- what the model knows
 @pytest.mark.parametrize(
     "dataset_id, description, warned",
     [
