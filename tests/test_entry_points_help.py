@@ -15,9 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 XRAYCAP_CAPTION = ["-c", "import sys; from caption import main; sys.argv[0] = 'xraycap-caption'; main()"]
 
 ENTRY_POINTS = {
-    "run_captioning": (["run_captioning.py"], ["--output_dir", "--augment", "--mixed_precision", "--ddp_timeout"]),
+    "run_captioning": (
+        ["run_captioning.py"],
+        ["--output_dir", "--augment", "--mixed_precision", "--ddp_timeout"],
+    ),
     "dataset_builder": (["-m", "dataset_builder"], ["synthesize", "build", "download"]),
-    "dataset_builder synthesize": (["-m", "dataset_builder", "synthesize"], ["--output_dir", "--num_studies"]),
+    "dataset_builder synthesize": (
+        ["-m", "dataset_builder", "synthesize"],
+        ["--output_dir", "--num_studies"],
+    ),
     "dataset_builder build": (["-m", "dataset_builder", "build"], ["--output_dir", "--views"]),
     "dataset_builder download": (["-m", "dataset_builder", "download"], ["--output_dir"]),
     "metrics.radiology_report": (["-m", "metrics.radiology_report"], ["--predictions", "--references"]),
@@ -32,7 +38,12 @@ def test_help_of_every_entry_point_lists_its_options(name: str):
     command, options = ENTRY_POINTS[name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     done = subprocess.run(
-        [sys.executable, *command, "--help"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *command, "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "usage:" in done.stdout, done.stdout[-2000:]
