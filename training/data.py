@@ -233,7 +233,8 @@ def load_studies(
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return datasets.load_from_disk(data_args.dataset_dir), report
     cache = Path(data_args.cache_dir or os.environ.get("XRAYCAP_CACHE", Path.home() / ".cache" / "xraycap"))
-    with accelerator.main_process_first():
+    # Each node's first process builds into its node's cache (often node-local), then that node's others read it.
+    with accelerator.local_main_process_first():
         if data_args.download:
             data_dir = Path(download(cache / "kaggle"))
         elif data_args.data_dir is not None:
