@@ -10,6 +10,8 @@ steps are read and classified later, every `--logging_steps` (see `training.step
 - under fp16, a finite loss whose scaled gradients overflowed is the GradScaler at work (it skips the step and
   halves its scale: the first steps, then about every 2,000): listed in `history["scaler_skipped_steps"]` with
   its loss, no warning; only once the scale has collapsed below `MIN_LOSS_SCALE` is it a failure.
+
+A skipped step still advances the learning-rate schedule by one step (deciding otherwise would need the host read).
 """
 
 from __future__ import annotations
