@@ -59,7 +59,11 @@ def test_static_cache_generation_reads_nothing_back_per_token(tiny, model_reads)
     for tokens in (3, 9):
         model_reads.clear()
         ids = model.generate(
-            **batch, cache_implementation="static", max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            **batch,
+            cache_implementation="static",
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
         )
         assert ids.shape[1] == tokens
         reads.append(sum(model_reads.values()))

@@ -81,7 +81,9 @@ def test_a_nan_gradient_changes_no_weight_and_no_optimizer_state(fused: bool):
     """The fused optimizer skips the update on the device (no host read); another optimizer is told not to step."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused, foreach=not fused)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=0.1, weight_decay=0.1, fused=fused, foreach=not fused
+    )
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -107,7 +109,9 @@ def test_step_values_are_read_once_per_flush(tmp_path: Path, monkeypatch):
     reads = []
     for name in ("item", "tolist", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a)
+        )
     for step in range(1, 6):
         for batch in range(2):  # two accumulated batches per step
             log.add_loss(torch.tensor(float(step + batch)))
