@@ -44,7 +44,9 @@ LAUNCHERS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_seeds", type=int, default=3, help="Seeds of the repeated run (0: none).")
     parser.add_argument(
         "--launchers",
@@ -66,7 +68,9 @@ def timed_run(command: list[str], cwd: Path) -> dict[str, float]:
     """Runs `command` to completion; its wall seconds and the CPU seconds of it and its children."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(command, cwd=cwd, check=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    subprocess.run(
+        command, cwd=cwd, check=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -76,7 +80,10 @@ def timed_run(command: list[str], cwd: Path) -> dict[str, float]:
 def per_observation(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
     """`{observation_key: {"f1", "support"}}` of one evaluation's scores."""
     return {
-        key.removeprefix("ce_f1_"): {"f1": value, "support": scores.get("ce_support_" + key.removeprefix("ce_f1_"))}
+        key.removeprefix("ce_f1_"): {
+            "f1": value,
+            "support": scores.get("ce_support_" + key.removeprefix("ce_f1_")),
+        }
         for key, value in scores.items()
         if key.startswith("ce_f1_")
     }
@@ -87,14 +94,22 @@ def main_job(launcher: str, work: Path, extra: list[str]) -> dict[str, Any]:
     folder = work / launcher.replace(" ", "-")
     output, cache = folder / "outputs" / "xraycap-demo", folder / "cache"
     os.environ["XRAYCAP_CACHE"] = str(cache)
-    command = [*LAUNCHERS[launcher], str(REPO_ROOT / "run_captioning.py"), "--output_dir", str(output), *extra]
+    command = [
+        *LAUNCHERS[launcher],
+        str(REPO_ROOT / "run_captioning.py"),
+        "--output_dir",
+        str(output),
+        *extra,
+    ]
     timing = timed_run(command, folder.parent)
     results = json.loads((output / "eval_results.json").read_text())
     return {
         "command": " ".join([launcher, "run_captioning.py", *extra]),
         **timing,
         "scores": {split: results[split] for split in TABLE_SPLITS if split in results},
-        "per_observation": {split: per_observation(results[split]) for split in TABLE_SPLITS if split in results},
+        "per_observation": {
+            split: per_observation(results[split]) for split in TABLE_SPLITS if split in results
+        },
     }
 
 
@@ -102,7 +117,12 @@ def repeated(num_seeds: int, work: Path, extra: list[str]) -> dict[str, Any]:
     """The `--num_seeds` run; its `eval_summary.json`."""
     output = work / "seeds" / "outputs"
     os.environ["XRAYCAP_CACHE"] = str(work / "seeds" / "cache")
-    command = [*LAUNCHERS["accelerate launch"], str(REPO_ROOT / "run_captioning.py"), "--output_dir", str(output)]
+    command = [
+        *LAUNCHERS["accelerate launch"],
+        str(REPO_ROOT / "run_captioning.py"),
+        "--output_dir",
+        str(output),
+    ]
     timing = timed_run([*command, "--num_seeds", str(num_seeds), *extra], work)
     summary = json.loads((output / "eval_summary.json").read_text())
     return {"command": f"accelerate launch run_captioning.py --num_seeds {num_seeds}", **timing, **summary}
@@ -122,7 +142,9 @@ def write_readme(results: dict[str, Any], readme: Path = README) -> None:
     """Replaces the table between the README's demo-table markers with the one of `results`."""
     text = readme.read_text()
     if TABLE_START not in text or TABLE_END not in text:
-        raise ValueError(f"{readme} has no '{TABLE_START}' ... '{TABLE_END}' markers to write the demo table into.")
+        raise ValueError(
+            f"{readme} has no '{TABLE_START}' ... '{TABLE_END}' markers to write the demo table into."
+        )
     head, rest = text.split(TABLE_START, 1)
     tail = rest.split(TABLE_END, 1)[1]
     readme.write_text(f"{head}{TABLE_START}\n{readme_table(results)}\n{TABLE_END}{tail}")
@@ -150,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     for launcher, run in results["main_job"].items():
         test = run["scores"]["test"]
-        print(f"{launcher}: {run['wall_s']} s wall, {run['cores_busy']} cores busy, test ce_macro_f1 "
-              f"{test['ce_macro_f1']:.3f}")
+        print(
+            f"{launcher}: {run['wall_s']} s wall, {run['cores_busy']} cores busy, test ce_macro_f1 "
+            f"{test['ce_macro_f1']:.3f}"
+        )
     if "seeds" in results:
         print(readme_table(results))
     return 0

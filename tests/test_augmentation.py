@@ -220,7 +220,11 @@ def test_evaluation_and_ablation_collators_never_augment(processor):
     with pytest.raises(ValueError, match="ablate=True, augmentation"):
         StudyCollator(processor, 1, 32, ablate=True, augmentation=XrayAugmentation())
     cached = StudyCollator(processor, 1, 32, augmentation=XrayAugmentation())
-    study = {"report": "Clear.", "image_features": np.zeros((1, 4, 8), np.float32), "view_mask": np.array([True])}
+    study = {
+        "report": "Clear.",
+        "image_features": np.zeros((1, 4, 8), np.float32),
+        "view_mask": np.array([True]),
+    }
     with pytest.raises(ValueError, match="cached encoder features with an augmentation"):
         cached([(0, study)])
 

@@ -100,30 +100,21 @@ def test_dataloader_workers_default_to_the_cores_per_local_process(monkeypatch):
     assert DataArguments().dataloader_num_workers is None
 
 
-@pytest.mark.parametrize("takes_num_proc", [True, False])
-def test_num_proc_reaches_the_dataset_build(takes_num_proc, tmp_path: Path, monkeypatch):
-    """--num_proc goes to dataset_builder.build_dataset where it takes it (default None: all cores)."""
+def test_num_proc_reaches_the_dataset_build(tmp_path: Path, monkeypatch):
+    """--num_proc goes to dataset_builder.build_dataset (default None: all cores)."""
+    from accelerate import PartialState
+
     calls = []
 
-    def with_num_proc(data_dir, *, num_proc=None, **options):
+    def build_dataset(data_dir, *, num_proc=None, **options):
         calls.append(num_proc)
         return datasets.DatasetDict(), {}
 
-    def without_num_proc(data_dir, **options):
-        calls.append("absent")
-        return datasets.DatasetDict(), {}
-
-    monkeypatch.setattr(data, "build_dataset", with_num_proc if takes_num_proc else without_num_proc)
+    monkeypatch.setattr(data, "build_dataset", build_dataset)
     data_args = DataArguments(data_dir=str(tmp_path), num_proc=3, cache_dir=str(tmp_path / "cache"))
     resolve_build_options(data_args)
-    from accelerate import PartialState
-
-    class OneProcess:
-        def main_process_first(self):
-            return PartialState().main_process_first()
-
-    data.load_studies(data_args, "pair", 0, OneProcess())
-    assert calls == ([3] if takes_num_proc else ["absent"])
+    data.load_studies(data_args, "pair", 0, PartialState())
+    assert calls == [3]
 
 
 def test_a_split_with_cached_features_decodes_no_image(tmp_path: Path):
@@ -154,6 +145,20 @@ def test_a_split_with_cached_features_decodes_no_image(tmp_path: Path):
     batch = StudyCollator(processor, 2, 32)(studies.__getitems__([0, 1]))
     assert torch.equal(batch["image_features"], torch.from_numpy(stored[[2, 0]]))
     assert batch["view_mask"].tolist() == [[True, False]] * 2 and batch["index"].tolist() == [0, 1]
+
+
+def test_the_collator_refuses_a_study_without_any_view():
+    """A row whose view mask holds no view is refused once per batch, on the CPU, by the collator (the model's
+    training forward no longer reads the mask back from the device)."""
+    from testing_utils import make_tiny_model_and_processor
+
+    _, processor = make_tiny_model_and_processor(image_size=64)
+    rows = [
+        {"uid": uid, "report": "x", "image_features": np.zeros((2, 4, 8), np.float32), "view_mask": mask}
+        for uid, mask in (("a", [True, False]), ("b", [False, False]))
+    ]
+    with pytest.raises(ValueError, match=r"no view present in rows \[1\]"):
+        StudyCollator(processor, 2, 32)(list(enumerate(rows)))
 
 
 def processed_the_old_way(processor: XrayCapImageProcessor, image) -> torch.Tensor:

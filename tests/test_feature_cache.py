@@ -67,7 +67,9 @@ def test_features_are_encoded_once_and_read_back_exactly(precision, tmp_path: Pa
     assert len(entry) == 5 and len(list(tmp_path.iterdir())) == 1
     items = list(enumerate(split))
     expected, masks = [], []
-    for start in range(0, 5, 2):  # the cache's batches (kernels may round differently with another batch size)
+    for start in range(
+        0, 5, 2
+    ):  # the cache's batches (kernels may round differently with another batch size)
         batch = collator(items[start : start + 2])
         with torch.no_grad(), accelerator.autocast():
             expected.append(model.get_image_features(batch["pixel_values"], batch["view_mask"]))

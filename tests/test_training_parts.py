@@ -158,6 +158,7 @@ def test_ablated_batches_show_every_study_the_same_grey_image():
 def test_cached_features_replace_the_images():
     """With a feature cache the collator decodes no image and hands the model each study's cached features."""
     _, processor = make_tiny_model_and_processor(image_size=64)
+
     def study(i: int, report: str) -> dict:
         features = np.full((1, 4, 8), float(i), dtype=np.float32)
         return {"report": report, "image_features": features, "view_mask": np.array([True])}

@@ -24,8 +24,9 @@ from .precision import MIXED_PRECISION_CHOICES
 
 
 def arg(default: Any, help: str, **metadata) -> Any:
-    """A dataclass field with its command-line help (`HfArgumentParser` reads `metadata`)."""
-    return field(default=default, metadata={"help": help, **metadata})
+    """A dataclass field with its command-line help (`HfArgumentParser` reads `metadata`; argparse formats help
+    with `%`, so a literal "5 %" is escaped here)."""
+    return field(default=default, metadata={"help": help.replace("%", "%%"), **metadata})
 
 
 @dataclass
@@ -165,6 +166,17 @@ class TrainingArguments:
         "Compile the model with torch.compile (Accelerate's dynamo plugin, inductor backend). Resume a compiled "
         "run's checkpoints with this flag too. On CPU, torch 2.14's inductor fails to build some bf16 training "
         "kernels: add --mixed_precision no there.",
+    )
+    tf32: bool | None = arg(
+        None,
+        "Let fp32 matmuls and convolutions use TF32 on Ampere+ GPUs (torch.backends.*.allow_tf32), as Trainer's "
+        "--tf32. Default: torch's own setting.",
+    )
+    ddp_timeout: int = arg(
+        1800,
+        "Seconds a process waits at a collective (a barrier while the main process builds the dataset, a "
+        "gather) before the run fails; torch's default is 600. Build big data first with `python -m "
+        "dataset_builder build` and pass --dataset_dir.",
     )
     do_train: bool = arg(True, "Train.")
     do_eval: bool = arg(True, "Evaluate on validation each epoch and on test.")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
 from dataset_builder import build_dataset, download, synthesize
+from modeling_xraycap import check_view_mask_rows
 from processing_xraycap import XrayCapProcessor
 from training.augmentation import XrayAugmentation
 
@@ -146,6 +147,8 @@ class StudyCollator:
                     images=images, text=text, return_tensors="pt", max_length=self.max_target_length
                 )
             )
+        if "view_mask" in batch:  # checked here, on the CPU, so the model's training forward never waits for it
+            check_view_mask_rows(batch["view_mask"].bool())
         batch["index"] = torch.tensor(indices)
         return batch
 
@@ -235,7 +238,8 @@ def load_studies(
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return datasets.load_from_disk(data_args.dataset_dir), report
     cache = cache_root(data_args)
-    with accelerator.main_process_first():
+    # Each node's first process builds into its node's cache (often node-local), then that node's others read it.
+    with accelerator.local_main_process_first():
         if data_args.download:
             data_dir = Path(download(cache / "kaggle"))
         elif data_args.data_dir is not None:
