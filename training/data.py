@@ -181,7 +181,9 @@ def study_dataloader(
         seed (`int`, *optional*, defaults to 0): seed of the loader's generator (the shuffling order).
         pin_memory (`bool`, *optional*, defaults to `False`): pin batches for non-blocking copies to a GPU.
 
-    Workers persist across epochs (no restart at each epoch).
+    Workers persist across epochs (no restart at each epoch), except with an augmenting collator: a persistent
+    worker keeps the collator it was started with, so `set_epoch` would never reach it and every epoch would
+    repeat the first epoch's draws.
     """
     return DataLoader(
         IndexedStudies(split),
@@ -190,7 +192,7 @@ def study_dataloader(
         collate_fn=collator,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and collator.augmentation is None,
         generator=torch.Generator().manual_seed(seed),
     )
 
