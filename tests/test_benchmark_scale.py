@@ -156,3 +156,24 @@ def test_measured_run_tells_anonymous_memory_from_mapped_file_pages(tmp_path):
     for peaks in (anon, mapped):
         assert peaks["peak_rss_mb"] >= max(peaks["peak_rss_anon_mb"], peaks["peak_rss_file_mb"])
         assert peaks["peak_pss_mb"] > 200 and peaks["peak_pss_file_mb"] + peaks["peak_pss_anon_mb"] > 200
+
+
+def test_the_doc_shows_anonymous_and_file_backed_peaks_where_measured():
+    """Rows measured with the kinds get a table of RssAnon / RssFile (and PSS) peaks and the note on what file pages
+    are; rows measured before the kinds were recorded render without it."""
+    rows = [
+        _row(40, 2.0, 1.5, 150.0, 250.0, 900.0, 400_000),
+        _row(80, 3.0, 2.0, 151.0, 252.0, 901.0, 800_000),
+    ]
+    assert scale_report.memory_kinds(rows) == []
+    for scale_factor, row in enumerate(rows, 1):
+        for key in ("build_all_cores", "train_cache_features"):
+            row[key] |= {
+                "peak_rss_anon_mb": 100.0 * scale_factor,
+                "peak_rss_file_mb": 40.0 * scale_factor,
+                "peak_pss_anon_mb": 60.0,
+                "peak_pss_file_mb": 20.0,
+            }
+    text = "\n".join(scale_report.memory_kinds(rows))
+    assert "| 80 | 200 / 80 | 60 / 20 | 200 / 80 | 60 / 20 |" in text
+    assert "page cache" in text and "reclaims" in text
