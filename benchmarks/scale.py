@@ -30,9 +30,45 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 3
 
 
+# The fields of /proc/<pid>/status (resident pages by kind) and smaps_rollup (proportional ones) summed per sample.
+STATUS_FIELDS = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
+ROLLUP_FIELDS = {"Pss": "pss", "Pss_Anon": "pss_anon", "Pss_File": "pss_file"}
+PEAKS = ("rss", "pss", "rss_anon", "rss_file", "rss_shmem", "pss_anon", "pss_file")
+
+
+def process_memory(process: psutil.Process) -> dict[str, int]:
+    """One process's resident memory in bytes: `rss` and `pss` (proportional set size: pages shared by forked
+    workers counted once), and on Linux their kinds: `rss_anon` / `pss_anon` (the heap, tensors, Python objects),
+    `rss_file` / `pss_file` (pages of mapped files: libraries and memory-mapped Arrow files, page cache the kernel
+    can reclaim) and `rss_shmem` (shared memory: DataLoader batches in flight).
+
+    Raises:
+        `psutil.Error`: the process exited.
+    """
+    fields = dict.fromkeys(PEAKS, 0)
+    try:
+        for path, names in ((f"/proc/{process.pid}/status", STATUS_FIELDS), (f"/proc/{process.pid}/smaps_rollup", ROLLUP_FIELDS)):  # fmt: skip
+            with open(path) as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name in names:
+                        fields[names[name]] = int(value.split()[0]) * 1024  # kB
+        fields["rss"] = fields["rss_anon"] + fields["rss_file"] + fields["rss_shmem"]
+    except FileNotFoundError:  # not Linux, or the process is gone
+        if not psutil.pid_exists(process.pid):
+            raise psutil.NoSuchProcess(process.pid) from None
+        info = process.memory_full_info()
+        fields["rss"], fields["pss"] = info.rss, getattr(info, "pss", info.rss)
+    except ProcessLookupError:
+        raise psutil.NoSuchProcess(process.pid) from None
+    return fields
+
+
 def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.05) -> dict[str, Any]:
-    """Runs `cmd` to its end; returns its wall seconds and the peak, over time, of its process tree's summed RSS and
-    PSS (proportional set size: pages shared by forked workers counted once), in MB.
+    """Runs `cmd` to its end; returns its wall seconds and the peak, over time, of its process tree's summed memory
+    in MB ([`process_memory`]): `peak_rss_mb`, `peak_pss_mb`, and beside them the peaks of each kind
+    (`peak_rss_anon_mb`, `peak_rss_file_mb`, `peak_rss_shmem_mb`, `peak_pss_anon_mb`, `peak_pss_file_mb`), so a
+    growth can be told apart: anonymous memory the program holds, or pages of files it has read through a mapping.
 
     Raises:
         `RuntimeError`: the command failed; the message holds the end of its output.
@@ -45,28 +81,28 @@ def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.05) 
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
-    peak = {"rss": 0, "pss": 0}
+    peak = dict.fromkeys(PEAKS, 0)
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
-        rss = pss = 0
+        total = dict.fromkeys(PEAKS, 0)
         try:
             tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
         for process in tree:
             try:
-                info = process.memory_full_info()
-            except psutil.Error:  # exited between the listing and the read
+                memory = process_memory(process)
+            except (psutil.Error, OSError):  # exited between the listing and the read
                 continue
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-        peak = {"rss": max(peak["rss"], rss), "pss": max(peak["pss"], pss)}
+            total = {key: total[key] + memory[key] for key in PEAKS}
+        peak = {key: max(peak[key], total[key]) for key in PEAKS}
         time.sleep(interval)
     proc.wait()
     reader.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {''.join(output)[-3000:]}")
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak["rss"] / 2**20, 1), "peak_pss_mb": round(peak["pss"] / 2**20, 1)}  # fmt: skip
+    return {"seconds": round(seconds, 2), **{f"peak_{key}_mb": round(peak[key] / 2**20, 1) for key in PEAKS}}
 
 
 def disk_bytes(*folders: Path) -> int:
@@ -196,6 +232,11 @@ def scale_section(sizes: tuple[int, ...], workdir: Path, seed: int = 0) -> dict[
         "train_cache_features_rss_growth": ("train_cache_features", "peak_rss_mb", "training peak RSS, --cache_features"),
         "build_all_cores_pss_growth": ("build_all_cores", "peak_pss_mb", "build peak PSS (process tree), all cores"),
         "train_cache_features_pss_growth": ("train_cache_features", "peak_pss_mb", "training peak PSS, --cache_features"),
+        # What grows: anonymous memory the processes hold, or pages of the (memory-mapped Arrow) files they read.
+        "build_all_cores_rss_anon_growth": ("build_all_cores", "peak_rss_anon_mb", "build peak RssAnon (process tree), all cores"),
+        "build_all_cores_rss_file_growth": ("build_all_cores", "peak_rss_file_mb", "build peak RssFile (process tree), all cores"),
+        "train_cache_features_rss_anon_growth": ("train_cache_features", "peak_rss_anon_mb", "training peak RssAnon, --cache_features"),
+        "train_cache_features_rss_file_growth": ("train_cache_features", "peak_rss_file_mb", "training peak RssFile, --cache_features"),
     }  # fmt: skip
     figures = {
         name: {
@@ -205,6 +246,7 @@ def scale_section(sizes: tuple[int, ...], workdir: Path, seed: int = 0) -> dict[
             "baseline": "-",
         }
         for name, (key, field, what) in growth.items()
+        if first[key].get(field)  # the kinds are read from /proc: Linux only
     }
     speedup = last["build_num_proc_1"]["seconds"] / last["build_all_cores"]["seconds"]
     figures["build_speedup_all_cores"] = {

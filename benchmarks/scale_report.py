@@ -90,6 +90,37 @@ def projections(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return lines
 
 
+def memory_kinds(rows: list[dict[str, Any]]) -> list[str]:
+    """The peaks split by kind (anonymous memory held vs pages of mapped files read), and what each means; nothing
+    for results measured before the kinds were recorded."""
+    kinds = ("peak_rss_anon_mb", "peak_rss_file_mb", "peak_pss_anon_mb", "peak_pss_file_mb")
+    if not all(kind in row[key] for row in rows for key in ("build_all_cores", "train_cache_features") for kind in kinds):  # fmt: skip
+        return []
+    procs = rows[-1]["build_all_cores"]["num_proc"]
+    out = [
+        "",
+        "Each peak above is the sum over the process tree, each process's RSS being the anonymous memory it holds "
+        "(RssAnon: heap, tensors, Python objects) plus the pages of files it has read through a memory map (RssFile: "
+        "libraries, and the memory-mapped Arrow files of the built dataset and of the feature cache). File pages are "
+        "page cache: the kernel shares them between processes and reclaims them under memory pressure; they grow "
+        "with the studies a process has read (the encoder's DataLoader workers read every image of a split, the "
+        "training workers the features of the studies drawn so far), not with memory the run holds. A forked "
+        "worker's RssAnon also counts the pages it still shares with its parent; PSS counts those once.",
+        "",
+        f"| Studies | Build RssAnon / RssFile MB, {procs} procs | Build Pss_Anon / Pss_File MB, {procs} procs "
+        "| Train RssAnon / RssFile MB | Train Pss_Anon / Pss_File MB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[key][f'peak_{pss}_anon_mb']:.0f} / {row[key][f'peak_{pss}_file_mb']:.0f}"
+            for key in ("build_all_cores", "train_cache_features")
+            for pss in ("rss", "pss")
+        ]
+        out.append(f"| {row['studies']:,} | {' | '.join(cells)} |")
+    return out
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The block between `DOC_BEGIN` and `DOC_END`: machine, table, growth and the projection with its arithmetic."""
     machine, section = results["machine"], results["sections"]["scale"]
@@ -121,6 +152,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{one['peak_rss_mb']:.0f} | {allc['peak_rss_mb']:.0f} / {allc['peak_pss_mb']:.0f} | "
             f"{allc['output_bytes'] / 1e6:.1f} | {allc['output_and_cache_bytes'] / 1e6:.1f} | {train['peak_rss_mb']:.0f} / {train['peak_pss_mb']:.0f} |"
         )
+    out += memory_kinds(rows)
     out += ["", "Growth from the smallest to the largest size:", ""]
     for figure in section["figures"].values():
         value = f"{figure['median']:+.1%}" if "growth" in figure["what"] else f"{figure['median']:.2f}x"

@@ -4,6 +4,7 @@ it writes into docs/PERFORMANCE.md."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from testing_utils import REPO_ROOT
@@ -133,3 +134,46 @@ def test_scale_section_at_tiny_sizes_builds_identical_datasets_and_measures_each
     assert set(results["machine"]["cpu_flags"]) == {"avx512_bf16", "amx_bf16", "amx_tile"}
     # A results file elsewhere leaves docs/PERFORMANCE.md alone; its table renders from this one too.
     assert "| 60 |" in scale_report.render_markdown(results)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="reads /proc (Linux)")
+def test_measured_run_tells_anonymous_memory_from_mapped_file_pages(tmp_path):
+    """A process that fills 200 MB of its heap shows it as RssAnon; one that reads a 200 MB file through a memory
+    map shows it as RssFile (page cache, not memory it holds); each peak sits beside RSS and PSS."""
+    from benchmarks.scale import measured_run
+
+    hold = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)"
+    anon = measured_run([sys.executable, "-c", hold], cwd=tmp_path)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"\1" * (200 * 2**20))
+    read = (
+        f"import mmap, time; f = open({str(data)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+        "s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(0.5)"
+    )
+    mapped = measured_run([sys.executable, "-c", read], cwd=tmp_path)
+    assert anon["peak_rss_anon_mb"] > 200 and anon["peak_rss_file_mb"] < 100, anon
+    assert mapped["peak_rss_file_mb"] > 200 and mapped["peak_rss_anon_mb"] < 100, mapped
+    for peaks in (anon, mapped):
+        assert peaks["peak_rss_mb"] >= max(peaks["peak_rss_anon_mb"], peaks["peak_rss_file_mb"])
+        assert peaks["peak_pss_mb"] > 200 and peaks["peak_pss_file_mb"] + peaks["peak_pss_anon_mb"] > 200
+
+
+def test_the_doc_shows_anonymous_and_file_backed_peaks_where_measured():
+    """Rows measured with the kinds get a table of RssAnon / RssFile (and PSS) peaks and the note on what file pages
+    are; rows measured before the kinds were recorded render without it."""
+    rows = [
+        _row(40, 2.0, 1.5, 150.0, 250.0, 900.0, 400_000),
+        _row(80, 3.0, 2.0, 151.0, 252.0, 901.0, 800_000),
+    ]
+    assert scale_report.memory_kinds(rows) == []
+    for scale_factor, row in enumerate(rows, 1):
+        for key in ("build_all_cores", "train_cache_features"):
+            row[key] |= {
+                "peak_rss_anon_mb": 100.0 * scale_factor,
+                "peak_rss_file_mb": 40.0 * scale_factor,
+                "peak_pss_anon_mb": 60.0,
+                "peak_pss_file_mb": 20.0,
+            }
+    text = "\n".join(scale_report.memory_kinds(rows))
+    assert "| 80 | 200 / 80 | 60 / 20 | 200 / 80 | 60 / 20 |" in text
+    assert "page cache" in text and "reclaims" in text

@@ -89,6 +89,26 @@ def test_features_are_encoded_once_and_read_back_exactly(precision, tmp_path: Pa
     assert np.array_equal(again.with_format("numpy")[:]["image_features"], stored["image_features"])
 
 
+def test_encoding_starts_one_set_of_loader_workers(tmp_path: Path, fresh_state, monkeypatch):
+    """Encoding a split with DataLoader workers starts them once: no second, idle set of worker processes (each a
+    copy of the training process holding prefetched batches) lives beside the one that decodes."""
+    from torch.utils.data import dataloader
+
+    started = []
+    start_workers = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counted(self, loader):
+        started.append(loader.num_workers)
+        start_workers(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
+    collator = StudyCollator(processor, 1, 32, with_text=False)
+    cache = FeatureCache(tmp_path, Accelerator(cpu=True), collator, batch_size=2, num_workers=1)
+    assert len(cache.features(model, image_split(3), desc="train")) == 3
+    assert started == [1]
+
+
 def test_another_tower_image_size_or_split_makes_a_new_entry():
     """The entry's name follows the tower's weights, the image options and the split; nothing else."""
     model, processor = make_tiny_model_and_processor(image_size=64, max_views=1)

@@ -228,8 +228,15 @@ class FeatureCache:
         )
         shard = entry / f"shard-{accelerator.process_index:05d}-of-{accelerator.num_processes:05d}.arrow"
         writer = None
-        progress = tqdm(loader, desc=f"encoding {desc}", disable=not accelerator.is_local_main_process)
-        for batch in progress:
+        # One iterator, handed to tqdm: given the loader itself, tqdm.auto would open a second one, whose idle
+        # workers would each hold a copy of this process and prefetched batches until encoding ends.
+        batches = tqdm(
+            iter(loader),
+            total=len(loader),
+            desc=f"encoding {desc}",
+            disable=not accelerator.is_local_main_process,
+        )
+        for batch in batches:
             pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             view_mask = batch["view_mask"].to(accelerator.device, non_blocking=True)
             with (
