@@ -109,6 +109,28 @@ def test_encoding_starts_one_set_of_loader_workers(tmp_path: Path, fresh_state, 
     assert started == [1]
 
 
+def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, monkeypatch):
+    """Evaluation's generation, like encoding, starts its loader's workers once, and every study comes back."""
+    from torch.utils.data import dataloader
+
+    from training.data import study_dataloader
+    from training.evaluation import generate_reports
+
+    started = []
+    start_workers = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counted(self, loader):
+        started.append(loader.num_workers)
+        start_workers(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
+    collator = StudyCollator(processor, 1, 32, with_text=False)
+    loader = study_dataloader(image_split(3), collator, batch_size=2, num_workers=1)
+    reports = generate_reports(model, loader, processor, Accelerator(cpu=True), "test", max_new_tokens=3)
+    assert sorted(reports) == [0, 1, 2] and started == [1]
+
+
 def test_another_tower_image_size_or_split_makes_a_new_entry():
     """The entry's name follows the tower's weights, the image options and the split; nothing else."""
     model, processor = make_tiny_model_and_processor(image_size=64, max_views=1)

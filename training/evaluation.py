@@ -56,7 +56,16 @@ def generate_reports(
     unwrapped.eval()
     pad_id = processor.tokenizer.pad_token_id
     reports: dict[int, str] = {}
-    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    # One iterator, handed to tqdm: given the loader itself, tqdm.auto opens a second one (a second, idle set of
+    # worker processes, each a copy of this one).
+    batches = tqdm(
+        iter(dataloader),
+        total=len(dataloader),
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    )
+    for batch in batches:
         ids = unwrapped.generate(**model_inputs(batch), do_sample=False, **generate_kwargs)
         ids = accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id)
         indices, ids = accelerator.gather_for_metrics((batch["index"], ids))
