@@ -113,7 +113,7 @@ def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, monkey
     """Evaluation's generation, like encoding, starts its loader's workers once, and every study comes back."""
     from torch.utils.data import dataloader
 
-    from training.data import study_dataloader
+    from training.data import IndexedStudies
     from training.evaluation import generate_reports
 
     started = []
@@ -126,7 +126,9 @@ def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, monkey
     monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
     model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
     collator = StudyCollator(processor, 1, 32, with_text=False)
-    loader = study_dataloader(image_split(3), collator, batch_size=2, num_workers=1)
+    loader = dataloader.DataLoader(
+        IndexedStudies(image_split(3)), batch_size=2, collate_fn=collator, num_workers=1
+    )
     reports = generate_reports(model, loader, processor, Accelerator(cpu=True), "test", max_new_tokens=3)
     assert sorted(reports) == [0, 1, 2] and started == [1]
 
