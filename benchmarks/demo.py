@@ -1,16 +1,21 @@
 #!/usr/bin/env python
 """Measure the embedded demo (the README's first command) and write `benchmarks/results/demo.json`.
 
-    python benchmarks/demo.py                       # the main job twice (accelerate launch, python), 3 seeds
-    python benchmarks/demo.py --num_seeds 0         # the main job only
+    python benchmarks/demo.py                       # the main job, the launcher comparison, 3 seeds
+    python benchmarks/demo.py --num_seeds 0         # without the seeds
     python benchmarks/demo.py --write_readme        # refresh the README's demo table from the results file
 
-Each main-job run starts from a fresh cache folder (synthesis and build included) and is timed from the outside:
-wall seconds, and the CPU seconds of the process tree, whose ratio is the number of cores kept busy. The
-`--num_seeds` run (seeds 42, 43, ... on one split) gives `eval_summary.json`, mean ± sample std per metric,
-for the test split beside both floors (`test_image_ablated`: every image mid-grey; `test_nearest_train`: each
-study given its nearest training study's report). The results file names the commit and the machine; the
-README's demo table is generated from it (`--write_readme`) and a test checks that the two agree.
+Three measurements, each timed from the outside (wall seconds, and the CPU seconds of the process tree, whose
+ratio is the number of cores kept busy):
+- `main_job`: `accelerate launch run_captioning.py` with no arguments from a fresh cache folder, synthesis and
+  build included, with its evaluation results (per observation too);
+- `launchers`: the same training, `--launcher_steps` steps without evaluation on the now-built data, under
+  `accelerate launch` and under `python`: on a CPU both must keep the same cores busy;
+- `seeds`: `--num_seeds` runs (seeds 42, 43, ... on one split), whose `eval_summary.json` gives mean ± sample std
+  per metric for the test split beside both floors (`test_image_ablated`: every image mid-grey;
+  `test_nearest_train`: each study given its nearest training study's report).
+The results file names the commit and the machine; the README's demo table is generated from it
+(`--write_readme`) and a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.run import machine_info  # noqa: E402
+from metrics.radiology_report.clinical_efficacy import observation_key  # noqa: E402
+from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "demo.json"
 README = REPO_ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 TABLE_SPLITS = ("test", "test_image_ablated", "test_nearest_train")
-TABLE_METRICS = ("ce_macro_f1", "ce_micro_f1", "bleu_4", "cider")
 LAUNCHERS = {
-    "accelerate launch": ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1"],
+    "accelerate launch": ["accelerate", "launch"],  # as the README runs it (no config: one process)
     "python": [sys.executable],
 }
 
@@ -49,9 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_seeds", type=int, default=3, help="Seeds of the repeated run (0: none).")
     parser.add_argument(
-        "--launchers",
-        default="accelerate launch,python",
-        help="Comma-separated launchers of the timed main job: 'accelerate launch', 'python' or both.",
+        "--launcher_steps",
+        type=int,
+        default=60,
+        help="Training steps of each launcher's run (0: no comparison).",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="The results file written.")
     parser.add_argument("--work_dir", type=Path, default=None, help="Run folders (default: a temporary one).")
@@ -89,22 +96,20 @@ def per_observation(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
-def main_job(launcher: str, work: Path, extra: list[str]) -> dict[str, Any]:
-    """One timed main job from a fresh cache; its evaluation results."""
-    folder = work / launcher.replace(" ", "-")
-    output, cache = folder / "outputs" / "xraycap-demo", folder / "cache"
-    os.environ["XRAYCAP_CACHE"] = str(cache)
+def main_job(work: Path, extra: list[str]) -> dict[str, Any]:
+    """The main job under `accelerate launch`, timed from a fresh cache; its evaluation results."""
+    output = work / "main_job" / "outputs" / "xraycap-demo"
+    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
     command = [
-        *LAUNCHERS[launcher],
+        *LAUNCHERS["accelerate launch"],
         str(REPO_ROOT / "run_captioning.py"),
         "--output_dir",
         str(output),
-        *extra,
     ]
-    timing = timed_run(command, folder.parent)
+    timing = timed_run([*command, *extra], work)
     results = json.loads((output / "eval_results.json").read_text())
     return {
-        "command": " ".join([launcher, "run_captioning.py", *extra]),
+        "command": " ".join(["accelerate launch run_captioning.py", *extra]),
         **timing,
         "scores": {split: results[split] for split in TABLE_SPLITS if split in results},
         "per_observation": {
@@ -113,10 +118,24 @@ def main_job(launcher: str, work: Path, extra: list[str]) -> dict[str, Any]:
     }
 
 
+def launcher_runs(steps: int, work: Path, extra: list[str]) -> dict[str, Any]:
+    """The same `steps` training steps (no evaluation, data already built) under each launcher, timed."""
+    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
+    runs = {}
+    for launcher, prefix in LAUNCHERS.items():
+        output = work / "launchers" / launcher.replace(" ", "-")
+        options = ["--output_dir", str(output), "--max_steps", str(steps), "--do_eval", "false", *extra]
+        runs[launcher] = {
+            "steps": steps,
+            **timed_run([*prefix, str(REPO_ROOT / "run_captioning.py"), *options], work),
+        }
+    return runs
+
+
 def repeated(num_seeds: int, work: Path, extra: list[str]) -> dict[str, Any]:
     """The `--num_seeds` run; its `eval_summary.json`."""
     output = work / "seeds" / "outputs"
-    os.environ["XRAYCAP_CACHE"] = str(work / "seeds" / "cache")
+    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
     command = [
         *LAUNCHERS["accelerate launch"],
         str(REPO_ROOT / "run_captioning.py"),
@@ -129,12 +148,21 @@ def repeated(num_seeds: int, work: Path, extra: list[str]) -> dict[str, Any]:
 
 
 def readme_table(results: dict[str, Any]) -> str:
-    """The README's demo table: mean ± std over the seeds of each metric, test beside both floors."""
+    """The README's demo table: per split (test beside both floors), the macro F1 and each observation's F1 with
+    support in the test split, mean ± std over the seeds."""
     summary = results["seeds"]["summary"]
-    lines = ["| metric | " + " | ".join(TABLE_SPLITS) + " |", "|---" * (len(TABLE_SPLITS) + 1) + "|"]
-    for metric in TABLE_METRICS:
-        cells = [f"{summary[s][metric]['mean']:.3f} ± {summary[s][metric]['std']:.3f}" for s in TABLE_SPLITS]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    test = summary["test"]
+    keys = [
+        observation_key(name)
+        for name in CHEXPERT_OBSERVATIONS
+        if test.get(f"ce_support_{observation_key(name)}", {}).get("mean", 0) > 0
+    ]
+    names = {observation_key(name): name for name in CHEXPERT_OBSERVATIONS}
+    header = ["", "macro F1", *(names[key] for key in keys)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for split in TABLE_SPLITS:
+        cells = [summary[split][metric] for metric in ("ce_macro_f1", *(f"ce_f1_{key}" for key in keys))]
+        lines.append(f"| {split} | " + " | ".join(f"{c['mean']:.2f} ± {c['std']:.2f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -155,26 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_readme:
         write_readme(json.loads(args.output.read_text()))
         return 0
-    launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
-    unknown = [name for name in launchers if name not in LAUNCHERS]
-    if unknown:
-        raise SystemExit(f"--launchers {unknown} unknown: use {list(LAUNCHERS)}.")
     extra = args.extra_args.split()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="xraycap-demo-"))
-    results: dict[str, Any] = {"machine": machine_info(), "main_job": {}}
-    for launcher in launchers:
-        results["main_job"][launcher] = main_job(launcher, work, extra)
+    results: dict[str, Any] = {"machine": machine_info(), "main_job": main_job(work, extra)}
+    if args.launcher_steps:
+        results["launchers"] = launcher_runs(args.launcher_steps, work, extra)
     if args.num_seeds:
         results["seeds"] = repeated(args.num_seeds, work, extra)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    for launcher, run in results["main_job"].items():
-        test = run["scores"]["test"]
+    run = results["main_job"]
+    print(
+        f"main job: {run['wall_s']} s wall, {run['cores_busy']} cores busy, test ce_macro_f1 "
+        f"{run['scores']['test']['ce_macro_f1']:.3f}"
+    )
+    for launcher, timing in results.get("launchers", {}).items():
         print(
-            f"{launcher}: {run['wall_s']} s wall, {run['cores_busy']} cores busy, test ce_macro_f1 "
-            f"{test['ce_macro_f1']:.3f}"
+            f"{launcher}: {timing['steps']} steps in {timing['wall_s']} s, {timing['cores_busy']} cores busy"
         )
     if "seeds" in results:
         print(readme_table(results))
