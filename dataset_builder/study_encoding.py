@@ -15,6 +15,7 @@ The skipped entries are therefore exact, and in plan order, for any `num_proc`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -50,13 +51,18 @@ def _min_images(study: PlannedStudy, cfg) -> int:
     return max(1, min(cfg.min_images, len(study.filenames)))
 
 
-def encode_study(study: PlannedStudy, image_dir: Path, cfg) -> dict | None:
+def encode_study(
+    study: PlannedStudy, image_dir: Path, cfg, texts_of: Callable[[PlannedStudy], dict[str, str]] | None = None
+) -> dict | None:
     """Encodes the chosen images of `study` into its example (the builder's `FEATURES`).
 
     Args:
         study (`PlannedStudy`): the planned study.
         image_dir (`Path`): the folder its filenames are relative to.
         cfg (`ChestXrayConfig`): the build options (`image_size`, `max_image_pixels`, `min_images`).
+        texts_of (`Callable[[PlannedStudy], dict[str, str]]`, *optional*): the study's text columns (the
+            format's `example_texts`, which reads a study planned from a report file again); by default the
+            texts the plan holds. Called only for a study that is kept.
 
     Returns:
         `dict | None`: the example, or None when fewer than `min(min_images, chosen)` images could be read.
@@ -72,18 +78,8 @@ def encode_study(study: PlannedStudy, image_dir: Path, cfg) -> dict | None:
         names.append(filename)
     if len(encoded) < _min_images(study, cfg):
         return None
-    return {
-        "uid": study.uid,
-        "images": encoded,
-        "projections": projections,
-        "image_filenames": names,
-        "findings": study.findings,
-        "impression": study.impression,
-        "report": study.report,
-        "mesh": study.mesh,
-        "problems": study.problems,
-        "indication": study.indication,
-    }
+    texts = texts_of(study) if texts_of is not None else study.texts()
+    return {"uid": study.uid, "images": encoded, "projections": projections, "image_filenames": names, **texts}
 
 
 def _problem_of(path: Path, cfg) -> img.ImageProblem | None:
