@@ -34,7 +34,11 @@ REASON_VIEW_NOT_SELECTED = "view not selected"
 
 
 def read_csv_checked(
-    path: Path, required: tuple[str, ...], hint: str = "", only_required: bool = False, header_only: bool = False
+    path: Path,
+    required: tuple[str, ...],
+    hint: str = "",
+    only_required: bool = False,
+    header_only: bool = False,
 ) -> pd.DataFrame:
     """Reads a CSV (or a `.csv.gz`) as strings ("" for empty cells; quoted multi-line fields are supported).
 
@@ -56,7 +60,12 @@ def read_csv_checked(
     usecols = (lambda column: column.strip() in required) if only_required else None
     try:
         df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8", usecols=usecols,
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            encoding="utf-8",
+            usecols=usecols,
             nrows=0 if header_only else None,
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as err:
@@ -284,7 +293,9 @@ class DataFormat:
         """The text columns of `study`'s example: read from its `report_file`, or as planned."""
         if study.report_file:
             if self.texts_of is None:
-                raise ValueError(f"format {self.name!r} planned study {study.uid} from a file but has no texts_of")
+                raise ValueError(
+                    f"format {self.name!r} planned study {study.uid} from a file but has no texts_of"
+                )
             return self.texts_of(study, cfg)
         return study.texts()
 
