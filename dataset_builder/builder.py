@@ -25,12 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
+import pyarrow.compute as pc
 
 from . import images as img
 from .configuration import ChestXrayConfig
@@ -38,12 +43,12 @@ from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_s
 from .formats import DEFAULT_FORMAT, get_format
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
-from .study_encoding import encode_study, shard_studies, skips_found_while_encoding
-from .study_plan import PlannedStudy
+from .study_encoding import StudyShard, encode_study, plan_in_shards, skips_found_while_encoding
 
 logger = logging.getLogger(__name__)
 
 SIDECAR = "xraycap_build_report.json"
+R = TypeVar("R")
 
 FEATURES = datasets.Features(
     {
@@ -80,7 +85,7 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         self.generated = False
         self.num_proc = num_proc or 1
         self.plan_skipped: list[dict] = []
-        self.planned: dict[str, list[PlannedStudy]] = {}
+        self.planned: dict[str, list[StudyShard]] = {}
         self.plan_stats: dict = {}
 
     def __getstate__(self):
@@ -106,12 +111,11 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         cfg.validate()
         self.generated = True
         data_format = get_format(cfg.data_format)
-        studies, self.plan_skipped, self.plan_stats = data_format.make_plan(cfg, Path(cfg.data_dir))
-        self.planned = {name: [s for s in studies if s.split == name] for name in SPLIT_NAMES}
+        self.planned, self.plan_skipped, self.plan_stats = run_apart(
+            plan_in_shards, data_format.make_plan, cfg, Path(cfg.data_dir), self.num_proc
+        )
         return [
-            datasets.SplitGenerator(
-                name=name, gen_kwargs={"shards": shard_studies(self.planned[name], self.num_proc)}
-            )
+            datasets.SplitGenerator(name=name, gen_kwargs={"shards": self.planned[name]})
             for name in SPLIT_NAMES
         ]
 
@@ -123,7 +127,7 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
             split_generator, num_proc=num_proc if num_proc and num_proc > 1 else None, **kwargs
         )
 
-    def _generate_examples(self, shards: list[list[PlannedStudy]]):
+    def _generate_examples(self, shards: list[StudyShard]):
         """Yields the examples of `shards` (consecutive runs of planned studies, in plan order).
 
         With `num_proc` > 1, `datasets` gives each worker process a consecutive group of shards and
@@ -133,12 +137,27 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         shards hold.
         """
         cfg: ChestXrayConfig = self.config
-        image_dir = get_format(cfg.data_format).image_root(Path(cfg.data_dir))
+        data_format = get_format(cfg.data_format)
+        image_dir = data_format.image_root(Path(cfg.data_dir))
         for shard in shards:
-            for study in shard:
-                example = encode_study(study, image_dir, cfg)
+            for study in shard.studies():
+                example = encode_study(study, image_dir, cfg, lambda s: data_format.example_texts(s, cfg))
                 if example is not None:
                     yield study.uid, example
+
+
+def run_apart(fn: Callable[..., R], *args) -> R:
+    """`fn(*args)` in a short-lived forked process, its result (pickled) returned here.
+
+    For the fingerprint and the plan: they read whole tables, listings and reports into many small objects
+    that are dropped at once, and the memory they leave behind stays with the process that read them. Done in
+    a child, it leaves with it, and the encoding processes (forked from this one afterwards) do not start with
+    a copy that grows with the number of studies. Runs in this process where `fork` is not available.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return fn(*args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def fingerprint_inputs(data_dir: Path, cfg: ChestXrayConfig, options: dict) -> str:
@@ -148,6 +167,12 @@ def fingerprint_inputs(data_dir: Path, cfg: ChestXrayConfig, options: dict) -> s
     get_format(cfg.data_format).fingerprint(h, data_dir, cfg)
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
+
+
+def _num_images(split: datasets.Dataset) -> int:
+    """The images of a split's examples, counted in the Arrow column (no row is read into Python)."""
+    column = split.data.column("projections")
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
 
 
 def _accounting(report: dict, ds: datasets.DatasetDict) -> dict:
@@ -323,7 +348,7 @@ def build_dataset(
         "xxxx": xxxx,
         "max_image_pixels": max_image_pixels,
     }
-    fingerprint = fingerprint_inputs(data_path, checked, options)
+    fingerprint = run_apart(fingerprint_inputs, data_path, checked, options)
     builder = ChestXrayBuilder(
         cache_dir=str(cache_dir) if cache_dir else None,
         dataset_name=fmt.dataset_name,
@@ -343,9 +368,7 @@ def build_dataset(
         "num_reports": stats["num_reports"],
         "num_projection_rows": stats["num_projection_rows"],
         "num_examples": {name: ds[name].num_rows for name in SPLIT_NAMES if name in ds},
-        "num_images": {
-            name: sum(len(p) for p in ds[name]["projections"]) for name in SPLIT_NAMES if name in ds
-        },
+        "num_images": {name: _num_images(ds[name]) for name in SPLIT_NAMES if name in ds},
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,
         "options": {**builder.config.options(), "data_dir": str(data_path)},

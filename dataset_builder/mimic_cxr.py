@@ -54,6 +54,7 @@ from .study_plan import (
     read_csv_checked,
     skip_entry,
     skip_study,
+    study_texts,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def check_layout(data_dir: Path, cfg) -> None:
         FileNotFoundError: naming the missing file or folder.
         ValueError: naming the table and its missing columns.
     """
-    read_csv_checked(table_path(data_dir, SPLIT_CSV), SPLIT_REQUIRED, MISSING_LAYOUT_HINT, True)
-    read_csv_checked(table_path(data_dir, METADATA_CSV), METADATA_REQUIRED, MISSING_LAYOUT_HINT, True)
+    for name, required in ((SPLIT_CSV, SPLIT_REQUIRED), (METADATA_CSV, METADATA_REQUIRED)):
+        read_csv_checked(table_path(data_dir, name), required, MISSING_LAYOUT_HINT, header_only=True)
     if not (data_dir / IMAGE_FOLDER).is_dir():
         raise FileNotFoundError(f"image folder {data_dir / IMAGE_FOLDER} not found: {MISSING_LAYOUT_HINT}")
     reports = _reports_root(data_dir, cfg)
@@ -276,12 +277,16 @@ def fingerprint(h: hashlib._Hash, data_dir: Path, cfg) -> None:
     for name in (SPLIT_CSV, METADATA_CSV):
         path = table_path(data_dir, name)
         h.update(path.name.encode())
-        h.update(path.read_bytes())
-    h.update("\n".join(list_files(data_dir)).encode())
+        with path.open("rb") as table:  # in blocks: a table is never held whole
+            for block in iter(lambda: table.read(1 << 20), b""):
+                h.update(block)
+    for i, rel in enumerate(list_files(data_dir)):
+        h.update(f"{chr(10) if i else ''}{rel}".encode())
     reports = _reports_root(data_dir, cfg)
     report_names = sorted({report_relpath(subject, study) for study, subject, _, _ in _split_rows(data_dir)})
     stats = threaded_map(lambda rel: _report_stat(reports / rel), report_names)
-    h.update("".join(f"{rel}\0{stat}\n" for rel, stat in zip(report_names, stats)).encode())
+    for rel, stat in zip(report_names, stats):
+        h.update(f"{rel}\0{stat}\n".encode())
 
 
 @dataclass
@@ -404,6 +409,7 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
             skipped,
             indication=sections.get("indication", ""),
             token=ANON_TOKEN,
+            report_file=report_relpath(study.subject_id, study_id),  # the encoding reads it again
         )
         if planned is not None:
             planned.split = study.split
@@ -417,6 +423,32 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
         )
     stats = {"num_reports": len(studies), "num_projection_rows": len(rows)}
     return candidates, skipped, stats
+
+
+def texts_of(study: PlannedStudy, cfg) -> dict[str, str]:
+    """The text columns of a planned study, from its report file (read again by the process that encodes it,
+    so the plan held for every study keeps no text).
+
+    Raises:
+        ValueError: when the report is now missing, unreadable or without the target section (it changed
+            after the build was planned: build again).
+    """
+    path = _reports_root(Path(cfg.data_dir), cfg) / study.report_file
+    text, problem = _read_report(path)
+    sections = parse_report(text) if text is not None else {}
+    texts = study_texts(
+        cfg,
+        sections.get("findings", ""),
+        sections.get("impression", ""),
+        indication=sections.get("indication", ""),
+        token=ANON_TOKEN,
+    )
+    if not texts["report"]:
+        raise ValueError(
+            f"report {path} of study {study.uid} changed while the dataset was built ("
+            f"{problem or 'missing' if text is None else f'no {cfg.section} section now'}); build again"
+        )
+    return texts
 
 
 FORMAT = DataFormat(
@@ -436,6 +468,7 @@ FORMAT = DataFormat(
     fingerprint=fingerprint,
     make_plan=make_plan,
     image_root=lambda data_dir: data_dir,
+    texts_of=texts_of,
     split_rule=f"the official split of {SPLIT_CSV} (by patient): train, validate -> validation, test",
     unsupported_options={
         "r2gen": "the R2Gen protocol is a 70/10/20 split of the Indiana studies; MIMIC-CXR has its official split",

@@ -4,6 +4,7 @@ a fingerprint that does not stat every image, and an output folder that does not
 import io
 import os
 import pathlib
+import pickle
 import shutil
 
 import datasets
@@ -15,7 +16,8 @@ from dataset_builder import build_dataset
 from dataset_builder import images as img
 from dataset_builder.builder import fingerprint_inputs
 from dataset_builder.configuration import ChestXrayConfig
-from dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, report_relpath
+from dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, make_plan, report_relpath
+from dataset_builder.study_encoding import plan_in_shards
 from dataset_builder.synthesize_mimic import dicom_id_of, ids_of, synthesize_mimic
 
 NUM_STUDIES = 48
@@ -163,3 +165,21 @@ def test_output_folder_links_the_cache_instead_of_copying(damaged_mimic, tmp_pat
     assert {os.stat(f).st_ino for f in arrow} <= cached  # the same files: the images are on disk once
     reloaded = datasets.load_from_disk(str(tmp_path / "out2"))
     assert {name: split.num_rows for name, split in reloaded.items()} == report["num_examples"]
+
+
+def test_what_the_workers_are_sent_per_study_does_not_grow_with_the_reports(tmp_path):
+    # the plan the main process holds (and pickles into every shard) is ids and file names: a long report
+    # costs it nothing, the worker reads the report file itself; the dataset still carries the full text
+    root = synthesize_mimic(tmp_path / "data", 16, seed=5, image_size=64, num_proc=1)
+    findings = "The lungs are clear without focal consolidation. " * 400  # ~20 KB a report
+    for report in root.glob("files/p1*/p*/s*.txt"):
+        report.write_text(f"FINAL REPORT\n FINDINGS: {findings}\n IMPRESSION: No acute process.\n")
+    cfg = ChestXrayConfig(name="default", data_format="mimic-cxr", data_dir=str(root))
+    shards, _, _ = plan_in_shards(make_plan, cfg, root, num_proc=2)
+    num_studies = sum(shard.num_studies for split in shards.values() for shard in split)
+    assert num_studies == 16
+    assert len(pickle.dumps(shards)) / num_studies < 1024
+    ds, _ = _build(root, tmp_path, 2)
+    assert {row["findings"] for row in ds["train"]} | {row["findings"] for row in ds["test"]} == {
+        findings.strip()
+    }
