@@ -39,17 +39,22 @@ def projections(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     sizes = [row["studies"] for row in rows]
     t1, tp = last["build_num_proc_1"]["seconds"], last["build_all_cores"]["seconds"]
     procs = last["build_all_cores"]["num_proc"]
-    efficiency = min(t1 / tp / procs, 1.0) if procs > 1 else 1.0
     one_core_h = t1 / last["studies"] * n / 3600
-    lines = [
-        (
-            "build time, 16 processes",
-            f"{t1:.1f} s / {last['studies']:,} studies x {n:,} = {one_core_h:.2f} h on one core; parallel efficiency "
-            f"here {t1:.1f} / {tp:.1f} / {procs} = {efficiency:.2f}"
-            + (" (one core here: taken as 1)" if procs == 1 else "")
-            + f"; {one_core_h:.2f} h / ({NODE_CORES} x {efficiency:.2f})",
-            f"{one_core_h / (NODE_CORES * efficiency):.2f} h",
+    if procs > 1:
+        # Amdahl's law from the two builds: t1 = s + p and tp = s + p / procs give the serial share s / t1, the
+        # part that more cores do not shorten.
+        serial = min(max((procs * tp - t1) / (procs - 1), 0.0), t1)
+        share = serial / t1
+        arithmetic = (
+            f"{t1:.1f} s / {last['studies']:,} studies x {n:,} = {one_core_h:.2f} h on one core; serial share "
+            f"(Amdahl, from {procs} processes: ({procs} x {tp:.1f} - {t1:.1f}) / {procs - 1} = {serial:.1f} s of "
+            f"{t1:.1f} s) {share:.2f}; {one_core_h:.2f} h x ({share:.2f} + {1 - share:.2f} / {NODE_CORES})"
         )
+    else:
+        share = 0.0
+        arithmetic = f"{t1:.1f} s / {last['studies']:,} studies x {n:,} = {one_core_h:.2f} h on one core (one core here: no serial share measured); / {NODE_CORES}"
+    lines = [
+        ("build time, 16 processes", arithmetic, f"{one_core_h * (share + (1 - share) / NODE_CORES):.2f} h")
     ]
     # Memory of the tree: PSS, as RSS counts the pages that forked workers share with their parent once per process.
     a, b = linear_fit(sizes, [row["build_num_proc_1"]["peak_pss_mb"] for row in rows])

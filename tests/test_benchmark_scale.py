@@ -44,10 +44,12 @@ def test_projection_to_mimic_size_shows_its_arithmetic():
         _row(16000, 160.0, 88.0, 260.0, 380.0, 1150.0, 160_000_000),
     ]
     found = {name: (arithmetic, value) for name, arithmetic, value in scale_report.projections(rows)}
-    # 160 s / 16,000 studies x 227,835 = 0.63 h on one core; efficiency 160 / 88 / 2 = 0.91; / (16 x 0.91)
+    # 160 s / 16,000 studies x 227,835 = 0.63 h on one core; Amdahl: serial 2 x 88 - 160 = 16 s of 160 s (0.10),
+    # the rest split over 16 cores
     one_core_h = 160 / 16000 * 227_835 / 3600
-    assert found["build time, 16 processes"][1] == f"{one_core_h / (16 * (160 / 88 / 2)):.2f} h"
+    assert found["build time, 16 processes"][1] == f"{one_core_h * (0.1 + 0.9 / 16):.2f} h"
     assert "0.63 h on one core" in found["build time, 16 processes"][0]
+    assert "16.0 s of 160.0 s" in found["build time, 16 processes"][0]
     # PSS: fit 1 proc (slope 0.004 MB per study) + 15 x (330 - 260) / (2 - 1) MB for the further processes
     assert scale_report.linear_fit([1000, 4000, 16000], [200.0, 212.0, 260.0]) == pytest.approx(
         (196.0, 0.004)
