@@ -12,6 +12,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from metrics.radiology_report.clinical_efficacy import observation_key
+from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+
 # The metrics the card shows (eval_results.json has more).
 CARD_METRICS = "bleu_1 bleu_4 meteor rouge_l cider bertscore_f1 ce_micro_f1 ce_macro_f1 ce_example_f1".split()
 SYNTHETIC_DATASET = "synthetic-phantom-cxr"
@@ -53,6 +56,8 @@ reference.
 
 {table}
 
+{observation_table}
+
 ## Intended use and limits
 
 Research on radiology report generation only. **Not for clinical use**: not a medical device, not validated
@@ -74,6 +79,27 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
         if any(key in results[s] for s in splits):
             lines.append(f"| {key} | " + " | ".join(format_value(results[s].get(key)) for s in splits) + " |")
     return "\n".join(lines)
+
+
+def observation_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the clinical efficacy F1 per CheXpert observation: test beside both floors.
+
+    One row per observation positive in at least one test reference (those `ce_macro_f1` averages), with its
+    test support; "" when the results hold no per-observation scores.
+    """
+    test = results.get("test", {})
+    splits = [s for s in ("test", "test_image_ablated", "test_nearest_train") if s in results]
+    rows = []
+    for observation in CHEXPERT_OBSERVATIONS:
+        key = observation_key(observation)
+        support = test.get(f"ce_support_{key}")
+        if isinstance(support, (int, float)) and support > 0:
+            values = " | ".join(format_value(results[s].get(f"ce_f1_{key}")) for s in splits)
+            rows.append(f"| {observation} | {int(support)} | {values} |")
+    if not rows:
+        return ""
+    header = "| observation (F1) | test support | " + " | ".join(splits) + " |"
+    return "\n".join([header, "|---" * (len(splits) + 2) + "|", *rows])
 
 
 def build_model_card(results: dict[str, dict[str, Any]], run_info: dict[str, Any]) -> ModelCard:
@@ -114,7 +140,9 @@ def build_model_card(results: dict[str, dict[str, Any]], run_info: dict[str, Any
         metrics=["bleu", "meteor", "rouge", "cider", "bertscore"],
         eval_results=eval_results or None,
     )
-    body = _BODY.format(**run_info, table=metrics_table(results))
+    body = _BODY.format(
+        **run_info, table=metrics_table(results), observation_table=observation_table(results)
+    )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
@@ -141,6 +169,13 @@ def describe_run(
     vision = model_args.vision_model or f"a ResNet built from the `{model_args.preset}` preset (random init)"
     text = model_args.text_model or f"a GPT-2 built from the `{model_args.preset}` preset (random init)"
     run = results.get("run", {})
+    novelty = build_report.get("finding_sets") or {}
+    unseen = (
+        f" {novelty['test_unseen_in_train']:.0%} of the test studies show a set of findings (with their sides, "
+        "sizes and locations) that no training study shows."
+        if synthetic and "test_unseen_in_train" in novelty
+        else ""
+    )
     return {
         "model_name": Path(train_args.hub_model_id or train_args.output_dir).name,
         "dataset_id": SYNTHETIC_DATASET if synthetic else INDIANA_DATASET,
@@ -151,6 +186,7 @@ def describe_run(
         "data_description": (
             f"{data_args.synthetic_studies} synthetic phantom chest radiograph studies from `python -m "
             "dataset_builder synthesize` (findings drawn into the image; the report is determined by what is drawn)."
+            + unseen
             if synthetic
             else "Indiana University chest X-ray collection (Open-i; Kaggle copy raddar/chest-xrays-indiana-university), "
             f"built with `python -m dataset_builder build`; {len(build_report.get('skipped', []))} input rows "
