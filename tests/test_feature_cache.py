@@ -89,9 +89,9 @@ def test_features_are_encoded_once_and_read_back_exactly(precision, tmp_path: Pa
     assert np.array_equal(again.with_format("numpy")[:]["image_features"], stored["image_features"])
 
 
-def test_encoding_starts_one_set_of_loader_workers(tmp_path: Path, fresh_state, monkeypatch):
-    """Encoding a split with DataLoader workers starts them once: no second, idle set of worker processes (each a
-    copy of the training process holding prefetched batches) lives beside the one that decodes."""
+@pytest.fixture
+def started_worker_sets(monkeypatch) -> list[int]:
+    """The `num_workers` of every set of DataLoader worker processes started while the test runs."""
     from torch.utils.data import dataloader
 
     started = []
@@ -102,35 +102,33 @@ def test_encoding_starts_one_set_of_loader_workers(tmp_path: Path, fresh_state, 
         start_workers(self, loader)
 
     monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    return started
+
+
+def test_encoding_starts_one_set_of_loader_workers(tmp_path: Path, fresh_state, started_worker_sets):
+    """Encoding a split with DataLoader workers starts them once: no second, idle set of worker processes (each a
+    copy of the training process holding prefetched batches) lives beside the one that decodes."""
     model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
     collator = StudyCollator(processor, 1, 32, with_text=False)
     cache = FeatureCache(tmp_path, Accelerator(cpu=True), collator, batch_size=2, num_workers=1)
     assert len(cache.features(model, image_split(3), desc="train")) == 3
-    assert started == [1]
+    assert started_worker_sets == [1]
 
 
-def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, monkeypatch):
+def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, started_worker_sets):
     """Evaluation's generation, like encoding, starts its loader's workers once, and every study comes back."""
     from torch.utils.data import dataloader
 
     from training.data import IndexedStudies
     from training.evaluation import generate_reports
 
-    started = []
-    start_workers = dataloader._MultiProcessingDataLoaderIter.__init__
-
-    def counted(self, loader):
-        started.append(loader.num_workers)
-        start_workers(self, loader)
-
-    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
     model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
     collator = StudyCollator(processor, 1, 32, with_text=False)
     loader = dataloader.DataLoader(
         IndexedStudies(image_split(3)), batch_size=2, collate_fn=collator, num_workers=1
     )
     reports = generate_reports(model, loader, processor, Accelerator(cpu=True), "test", max_new_tokens=3)
-    assert sorted(reports) == [0, 1, 2] and started == [1]
+    assert sorted(reports) == [0, 1, 2] and started_worker_sets == [1]
 
 
 def test_another_tower_image_size_or_split_makes_a_new_entry():
