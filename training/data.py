@@ -147,7 +147,9 @@ class StudyCollator:
                     images=images, text=text, return_tensors="pt", max_length=self.max_target_length
                 )
             )
-        if "view_mask" in batch:  # checked here, on the CPU, so the model's training forward never waits for it
+        if (
+            "view_mask" in batch
+        ):  # checked here, on the CPU, so the model's training forward never waits for it
             check_view_mask_rows(batch["view_mask"].bool())
         batch["index"] = torch.tensor(indices)
         return batch
