@@ -147,9 +147,8 @@ class StudyCollator:
                     images=images, text=text, return_tensors="pt", max_length=self.max_target_length
                 )
             )
-        if (
-            "view_mask" in batch
-        ):  # checked here, on the CPU, so the model's training forward never waits for it
+        # Checked here, on the CPU, so that the model's training forward never waits for the device to read it.
+        if "view_mask" in batch:
             check_view_mask_rows(batch["view_mask"].bool())
         batch["index"] = torch.tensor(indices)
         return batch
