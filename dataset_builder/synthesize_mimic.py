@@ -27,7 +27,6 @@ import csv
 import gzip
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -38,9 +37,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_sibling, write_text_atomic
 from .mimic_cxr import METADATA_CSV, SPLIT_CSV, image_relpath, report_relpath
-from .synthesize import SETTINGS_JSON, Study, make_study
+from .synthesize import Study, make_study, write_phantom_folder
 
 logger = logging.getLogger(__name__)
 
@@ -222,21 +220,8 @@ def synthesize_mimic(
         num_proc = default_num_proc() if num_studies >= 200 else 1
     out = Path(output_dir).expanduser().resolve()
     settings = {"format": "mimic-cxr", "num_studies": num_studies, "seed": seed, "image_size": image_size}
-    with folder_lock(out):
-        if not overwrite and _settings_of(out) == settings:
-            logger.info("%s already holds these %d phantom studies; nothing written", out, num_studies)
-            return out
-        refuse_non_empty(out, overwrite, "phantom studies", "overwrite=True (--overwrite)")
-        with temporary_sibling(out) as tmp:
-            _write_studies(tmp, num_studies, seed, image_size, num_proc)
-            write_text_atomic(tmp / SETTINGS_JSON, json.dumps(settings, indent=1))
-            move_into_place(tmp, out)
-    logger.info("Wrote %d phantom studies in the MIMIC-CXR-JPG layout to %s", num_studies, out)
+    if write_phantom_folder(
+        out, settings, overwrite, lambda tmp: _write_studies(tmp, num_studies, seed, image_size, num_proc)
+    ):
+        logger.info("Wrote %d phantom studies in the MIMIC-CXR-JPG layout to %s", num_studies, out)
     return out
-
-
-def _settings_of(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / SETTINGS_JSON).read_text())
-    except (OSError, ValueError):
-        return None
