@@ -72,27 +72,14 @@ def probe_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     Raises:
         ImageProblem: `REASON_NOT_IMAGE`, `REASON_TOO_LARGE` or `REASON_UNREADABLE`.
     """
-    if path.stat().st_size == 0:
-        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is an empty (zero-byte) file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                size = im.size
-    except Image.DecompressionBombError as err:
-        raise ImageProblem(REASON_TOO_LARGE, str(err)) from None
-    except UnidentifiedImageError:
-        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is not a recognised image format") from None
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a data problem, not a crash
+        fh = open(path, "rb")
+    except OSError as err:
         raise ImageProblem(REASON_UNREADABLE, f"{type(err).__name__}: {err}") from None
-    if size[0] * size[1] > max_image_pixels:
-        raise ImageProblem(
-            REASON_TOO_LARGE,
-            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} px > max_image_pixels={max_image_pixels:,}",
-        )
-    if size[0] < 1 or size[1] < 1:
-        raise ImageProblem(REASON_UNREADABLE, f"invalid size {size}")
-    return size
+    with fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open_checked(fh, path, max_image_pixels) as im:
+            return im.size
 
 
 def to_grayscale_8bit(im: Image.Image) -> Image.Image:
@@ -125,7 +112,7 @@ def _target_size(size: tuple[int, int], image_size: int) -> tuple[int, int] | No
 
 
 def _open_checked(fh, path: Path, max_image_pixels: int) -> Image.Image:
-    """`Image.open` on the open file `fh` with the header checks of `probe_image` (no pixel decoded)."""
+    """`Image.open` on the open file `fh`, checked: not empty, a known format, within the pixel cap (no pixel decoded)."""
     if os.fstat(fh.fileno()).st_size == 0:
         raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is an empty (zero-byte) file")
     try:
