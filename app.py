@@ -11,8 +11,12 @@ Run it:
     XRAYCAP_MODEL=path/to/folder python app.py      # what a Space sets as a variable
     python app.py --model user/xraycap-iu --trust_remote_code --revision <commit sha>   # a Hub repo
 
-The model comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else
-`outputs/xraycap-demo` (written by `python run_captioning.py`). A Hub repo id runs that repo's code, so it
+Reports come from the image-to-text pipeline the model folder ships (`pipeline_xraycap.py`), loaded by
+`inference.model_source.load_pipeline` as the command line loads it; the heat map re-reads the ids it
+generated with the pipeline's model.
+
+The model comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else `outputs/xraycap-demo`
+(written by `python run_captioning.py`). A Hub repo id runs that repo's code, so it
 needs `--trust_remote_code` (or `XRAYCAP_TRUST_REMOTE_CODE=1`); `--revision` / `XRAYCAP_REVISION` pins the
 commit, the safe way. A name that looks like a path and does not exist is an error, never a download.
 Uploads reach the processor as uploaded (16-bit films keep their depth), up to `MAX_FILE_SIZE`. For a
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference.model_source import DEFAULT_MODEL, resolve_model_source, training_data_warning
+from inference.model_source import DEFAULT_MODEL, add_model_arguments, load_pipeline, training_data_warning
 from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
 logger = logging.getLogger("xraycap.app")
@@ -65,14 +69,22 @@ class ModelOptions:
     revision: str | None = None
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`python app.py`'s options: the model ones shared with the command line, then host and port."""
+    parser = argparse.ArgumentParser(
+        description="XrayCap Gradio demo.",
+        epilog="Unset model options fall back on XRAYCAP_MODEL, XRAYCAP_TRUST_REMOTE_CODE=1 and XRAYCAP_REVISION.",
+    )
+    add_model_arguments(parser, default=None)
+    parser.add_argument("--host", default=None, help="server name (default: Gradio's, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
+    return parser
+
+
 def resolve_model_options(argv: list[str] | None = None) -> ModelOptions:
     """`--model` / `--trust_remote_code` / `--revision` in `argv`, else `$XRAYCAP_MODEL` /
     `$XRAYCAP_TRUST_REMOTE_CODE` (1, true or yes) / `$XRAYCAP_REVISION`, else the default folder."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--revision")
-    args, _ = parser.parse_known_args(argv or [])
+    args, _ = build_parser().parse_known_args(argv or [])
     trust_env = os.environ.get("XRAYCAP_TRUST_REMOTE_CODE", "").strip().lower() in ("1", "true", "yes")
     return ModelOptions(
         model=args.model or os.environ.get("XRAYCAP_MODEL") or DEFAULT_MODEL,
@@ -83,7 +95,7 @@ def resolve_model_options(argv: list[str] | None = None) -> ModelOptions:
 
 class Captioner:
     """
-    Loads an XrayCap folder once (thread-safe, on first use) and writes reports with attention maps.
+    The model's own image-to-text pipeline, loaded once (thread-safe, on first use), with attention maps.
 
     Args:
         model_dir (`str`): a saved XrayCap folder, or a Hub repo id with `trust_remote_code`.
@@ -100,45 +112,37 @@ class Captioner:
         revision: str | None = None,
     ):
         self.model_dir = model_dir
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self._lock = threading.Lock()
-        self._loaded: tuple[Any, Any] | None = None
+        self._pipeline = None
 
-    def load(self) -> tuple[Any, Any]:
-        """The `(model, processor)`, loaded on first use.
+    def load(self):
+        """The `XrayCapImageToTextPipeline` (its `.model` and `.processor` loaded), built on first use.
 
         Raises:
             `FileNotFoundError` for a path-like name that does not exist; `ModelSourceError` for a Hub repo id
             without `trust_remote_code`.
         """
         with self._lock:
-            if self._loaded is None:
-                from transformers import AutoModel, AutoProcessor
-
-                source, load_kwargs = resolve_model_source(
-                    self.model_dir, self.trust_remote_code, self.revision
-                )
+            if self._pipeline is None:
                 # Eager attention: the SDPA kernels return no attention weights, which the heat map needs.
-                model = AutoModel.from_pretrained(source, attn_implementation="eager", **load_kwargs)
-                model = model.to(self.device).eval()
-                processor = AutoProcessor.from_pretrained(source, **load_kwargs)
-                self._loaded = (model, processor)
-                logger.info("Loaded %s on %s", self.model_dir, self.device)
-            return self._loaded
+                self._pipeline = load_pipeline(
+                    self.model_dir,
+                    self.device,
+                    trust_remote_code=self.trust_remote_code,
+                    revision=self.revision,
+                    attn_implementation="eager",
+                )
+                logger.info("Loaded %s on %s", self.model_dir, self._pipeline.device)
+            return self._pipeline
 
-    @property
-    def is_grid(self) -> bool:
-        model, _ = self.load()
-        return model.config.visual_tokens == "grid"
-
-    @torch.inference_mode()
     def generate(
         self, views: list[Any], num_beams: int = 1, max_new_tokens: int | None = None
     ) -> dict[str, Any]:
         """
-        Write the report for one study.
+        Write the report for one study with the pipeline, stage by stage so the heat map can re-read the ids.
 
         Args:
             views (`list`): the frontal image then optionally the lateral (PIL images or paths).
@@ -146,19 +150,23 @@ class Captioner:
             max_new_tokens (`int`, *optional*): length cap.
 
         Returns:
-            `dict` with `report` (str), `ids` (the generated token ids, 1-D) and `inputs` (the processor batch).
+            `dict` with `report` (str, what `pipeline(study)` returns), `ids` (the generated token ids, 1-D),
+            `pixel_values` and `view_mask` (the processor's batch of one study).
         """
-        model, processor = self.load()
-        inputs = processor(images=[views], return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device)
-        view_mask = inputs.get("view_mask")
-        view_mask = None if view_mask is None else view_mask.to(self.device)
-        kwargs: dict[str, Any] = {"num_beams": int(num_beams)}
+        captioner = self.load()
+        generate_kwargs: dict[str, Any] = {"num_beams": int(num_beams)}
         if max_new_tokens:
-            kwargs["max_new_tokens"] = int(max_new_tokens)
-        ids = model.generate(pixel_values=pixel_values, view_mask=view_mask, **kwargs)
-        report = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        return {"report": report, "ids": ids[0].cpu(), "pixel_values": pixel_values, "view_mask": view_mask}
+            generate_kwargs["max_new_tokens"] = int(max_new_tokens)
+        model_inputs = captioner.preprocess(tuple(views))
+        outputs = captioner.forward(model_inputs, generate_kwargs=generate_kwargs)
+        report = captioner.postprocess(outputs)[0]["generated_text"]
+        ids = outputs["generated_ids"].reshape(-1, outputs["generated_ids"].shape[-1])[0]
+        return {
+            "report": report,
+            "ids": ids,
+            "pixel_values": model_inputs["pixel_values"],
+            "view_mask": model_inputs.get("view_mask"),
+        }
 
     @torch.inference_mode()
     def attention_maps(
@@ -175,7 +183,8 @@ class Captioner:
             `np.ndarray` of shape `(views, side, side)`, min-max scaled to [0, 1] over the present views
             (absent views stay 0).
         """
-        model, _ = self.load()
+        model = self.load().model
+        device = model.device
         config = model.config
         keep = ids
         if config.pad_token_id is not None:
@@ -184,9 +193,12 @@ class Captioner:
         if eos is not None and (keep == eos).any():  # stop at (and include) the first eos
             keep = keep[: int((keep == eos).nonzero()[0]) + 1]
         bos = torch.tensor([config.bos_token_id], dtype=torch.long)
-        input_ids = torch.cat([bos, keep.cpu()])[None].to(self.device)
+        input_ids = torch.cat([bos, keep.cpu()])[None].to(device)
         outputs = model(
-            pixel_values=pixel_values, view_mask=view_mask, input_ids=input_ids, output_attentions=True
+            pixel_values=pixel_values.to(device, model.dtype),
+            view_mask=None if view_mask is None else view_mask.to(device),
+            input_ids=input_ids,
+            output_attentions=True,
         )
         if not outputs.attentions or outputs.attentions[0] is None:
             raise RuntimeError(
@@ -272,7 +284,7 @@ def caption_study(
         raise gr.Error("Upload a frontal chest X-ray first.")
     try:
         views = [_open_image(frontal)] + ([_open_image(lateral)] if lateral is not None else [])
-        model, _ = captioner.load()
+        model = captioner.load().model
     except (OSError, ValueError) as error:
         raise gr.Error(str(error)) from error
     if len(views) > model.config.max_views:
@@ -367,17 +379,5 @@ demo = build_demo(options=resolve_model_options(sys.argv[1:] if __name__ == "__m
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description="XrayCap Gradio demo.")
-    cli.add_argument(
-        "--model", help=f"model folder or Hub repo id (default: $XRAYCAP_MODEL or {DEFAULT_MODEL})"
-    )
-    cli.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="allow --model to be a Hub repo id, whose code runs here (or XRAYCAP_TRUST_REMOTE_CODE=1)",
-    )
-    cli.add_argument("--revision", help="Hub commit sha to load, the safe way (or XRAYCAP_REVISION)")
-    cli.add_argument("--host", default=None, help="server name (default: Gradio's, 127.0.0.1)")
-    cli.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
-    cli_args = cli.parse_args()
+    cli_args = build_parser().parse_args()
     launch(demo, cli_args.host, cli_args.port)

@@ -13,6 +13,10 @@ Examples:
     # a model on the Hub: its code runs on this machine, so say so, and pin the commit you reviewed
     xraycap-caption --model user/xraycap-iu --trust_remote_code --revision 4f1c2e0... chest.png
 
+Reports are written by the image-to-text pipeline the model folder ships (`pipeline_xraycap.py`, loaded by
+`inference.model_source.load_pipeline`, as the demo loads it): the same text as
+`pipeline("image-to-text", model=..., trust_remote_code=True)`.
+
 `--model` is a local folder or, only with `--trust_remote_code`, a Hub repo id; a name that looks like a
 path (`./x`, `~/x`, `/x`, `outputs/x` when `outputs/` exists, the default folder) and does not exist is an
 error, never a download. `--revision` (a commit sha) is the safe way to load a Hub repo's code.
@@ -48,9 +52,9 @@ from typing import Any
 from PIL import Image
 
 from inference.model_source import (
-    DEFAULT_MODEL,
     ModelSourceError,
-    resolve_model_source,
+    add_model_arguments,
+    load_pipeline,
     training_data_warning,
 )
 from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
@@ -187,13 +191,6 @@ def _batches(items: list[Study], size: int) -> Iterator[list[Study]]:
         yield items[start : start + size]
 
 
-def _load_views(study: Study, load_image) -> list[Any]:
-    views = [load_image(study.frontal)]
-    if study.lateral:
-        views.append(load_image(study.lateral))
-    return views
-
-
 def _check_readable(path: str) -> None:
     if not path:
         raise ValueError("no image path given")
@@ -203,13 +200,20 @@ def _check_readable(path: str) -> None:
         raise ValueError(f"{path}: is a folder, not an image")
 
 
+def _read_study(study: Study, max_views: int) -> tuple[Any, ...]:
+    """The study's decoded views (frontal first), or an error naming the file that cannot be read."""
+    from processing_xraycap import load_image
+
+    paths = [study.frontal] + ([study.lateral] if study.lateral else [])
+    if len(paths) > max_views:
+        raise ValueError(f"{study.id}: a lateral was given but this model takes max_views={max_views}")
+    for path in paths:
+        _check_readable(path)
+    return tuple(load_image(path) for path in paths)
+
+
 def caption_batches(
-    studies: list[Study],
-    model,
-    processor,
-    batch_size: int = 8,
-    progress: bool = True,
-    **generate_kwargs: Any,
+    studies: list[Study], captioner, batch_size: int = 8, progress: bool = True, **generate_kwargs: Any
 ) -> Iterator[list[Study]]:
     """
     Caption studies in batches, yielding each batch (in input order) as soon as it is done; a study whose
@@ -218,20 +222,17 @@ def caption_batches(
     Args:
         studies (`list[Study]`): from `expand_inputs` / `read_pairs` (studies with `error` already set are
             yielded as they are, in their place).
-        model: an `XrayCapForConditionalGeneration` (eval mode).
-        processor: its `XrayCapProcessor`.
+        captioner: the model's `XrayCapImageToTextPipeline` (`inference.model_source.load_pipeline`).
         batch_size (`int`, *optional*, defaults to 8): studies per `generate` call.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar on stderr.
-        **generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
+        **generate_kwargs: passed to `generate` (`num_beams`, `max_new_tokens`, ...).
 
     Yields:
         `list[Study]`: the next studies, with `report` or `error` filled in.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    load_image = _image_loader()
-    device = next(model.parameters()).device
+    max_views = captioner.model.config.max_views
     todo = sum(s.error is None for s in studies)
     with tqdm(total=todo, desc="captioning", unit="study", disable=not progress, file=sys.stderr) as bar:
         for chunk in _batches(studies, max(1, batch_size)):
@@ -239,53 +240,17 @@ def caption_batches(
             ready, views = [], []
             for study in pending:
                 try:
-                    _check_readable(study.frontal)
-                    if study.lateral:
-                        _check_readable(study.lateral)
-                    study_views = _load_views(study, load_image)
-                    if len(study_views) > model.config.max_views:
-                        raise ValueError(
-                            f"{study.id}: a lateral was given but this model takes max_views={model.config.max_views}"
-                        )
+                    views.append(_read_study(study, max_views))
                 except (OSError, ValueError, Image.DecompressionBombError) as error:
                     study.error = str(error)
                     continue
                 ready.append(study)
-                views.append(study_views)
-            if ready:  # the processor pads every study to max_views (view_mask marks the real ones)
-                inputs = processor(images=views, return_tensors="pt")
-                view_mask = inputs.get("view_mask")
-                with torch.inference_mode():
-                    ids = model.generate(
-                        pixel_values=inputs["pixel_values"].to(device),
-                        view_mask=None if view_mask is None else view_mask.to(device),
-                        **generate_kwargs,
-                    )
-                texts = processor.batch_decode(ids, skip_special_tokens=True)
-                per_study = len(texts) // len(ready)  # num_return_sequences > 1: keep the first (best)
-                for i, study in enumerate(ready):
-                    study.report = texts[i * per_study].strip()
+            if ready:  # one (frontal, lateral) tuple per study; the processor pads each to max_views
+                outputs = captioner(views, batch_size=len(ready), **generate_kwargs)
+                for study, candidates in zip(ready, outputs):  # num_return_sequences > 1: the first (best)
+                    study.report = candidates[0]["generated_text"]
             bar.update(len(pending))
             yield chunk
-
-
-def caption_studies(
-    studies: list[Study], model, processor, batch_size: int = 8, progress: bool = True, **generate_kwargs: Any
-) -> list[Study]:
-    """`caption_batches` run to the end: the same `studies`, with `report` or `error` filled in."""
-    for _ in caption_batches(studies, model, processor, batch_size, progress, **generate_kwargs):
-        pass
-    return studies
-
-
-def _image_loader():
-    try:
-        from processing_xraycap import load_image
-    except ImportError as error:  # pragma: no cover - the repo's own module
-        raise ImportError(
-            "processing_xraycap is not importable: install xraycap (pip install -e .)."
-        ) from error
-    return load_image
 
 
 def add_findings(studies: list[Study]) -> None:
@@ -386,21 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 usage error.",
     )
     parser.add_argument("inputs", nargs="*", help="Image files, folders (their image files) or quoted globs.")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"Saved XrayCap folder, or a Hub repo id with --trust_remote_code (default: {DEFAULT_MODEL}).",
-    )
-    parser.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="Allow --model to be a Hub repo id: its Python code is downloaded and run here.",
-    )
-    parser.add_argument(
-        "--revision",
-        default=None,
-        help="Hub commit sha (or tag/branch) to load: pinning a reviewed commit is the safe way to run Hub code.",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--lateral", help="Lateral view of the single frontal image given as input.")
     parser.add_argument("--pairs", help="CSV with columns frontal,lateral (optional id): one study per row.")
     parser.add_argument("--batch_size", type=int, default=8, help="Studies per generate call (default: 8).")
@@ -443,33 +394,6 @@ def _collect_studies(args: argparse.Namespace) -> list[Study]:
     return studies
 
 
-def load_model_and_processor(
-    model_name: str,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    **model_kwargs: Any,
-):
-    """
-    Load an XrayCap folder (or, with `trust_remote_code`, a Hub repo) with its processor, in eval mode.
-
-    Args:
-        model_name (`str`): see `resolve_model_source`.
-        device (`str`, *optional*): torch device (default: cuda when available, else cpu).
-        trust_remote_code (`bool`, *optional*, defaults to `False`): allow a Hub repo's code.
-        revision (`str`, *optional*): the Hub commit to load.
-        **model_kwargs: passed to `AutoModel.from_pretrained` (e.g. `attn_implementation`).
-    """
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    source, load_kwargs = resolve_model_source(model_name, trust_remote_code, revision)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(source, **load_kwargs, **model_kwargs).to(device).eval()
-    processor = AutoProcessor.from_pretrained(source, **load_kwargs)
-    return model, processor
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the command line.
@@ -496,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         studies = _collect_studies(args)
-        model, processor = load_model_and_processor(
+        captioner = load_pipeline(
             args.model, args.device, trust_remote_code=args.trust_remote_code, revision=args.revision
         )
     except (UsageError, ModelSourceError, OSError) as error:  # OSError: model folder / Hub id not loadable
@@ -512,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens is not None:
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
     batches = caption_batches(
-        studies, model, processor, batch_size=args.batch_size, progress=not args.quiet, **generate_kwargs
+        studies, captioner, batch_size=args.batch_size, progress=not args.quiet, **generate_kwargs
     )
     with record_sink(output) as write:
         for batch in batches:

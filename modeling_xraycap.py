@@ -31,6 +31,12 @@ DEFAULT_MAX_NEW_TOKENS = 256  # the default report length, where `n_positions` l
 IMAGE_INPUTS = ("pixel_values", "image_features", "view_mask")
 
 
+def check_view_mask_rows(view_mask: torch.Tensor) -> None:
+    """Refuses a `(batch, views)` mask with a study without any view (a read of the mask: once a batch)."""
+    if not bool((present := view_mask.any(dim=1)).all()):
+        raise ValueError(f"view_mask: no view present in rows {(~present).nonzero().flatten().tolist()}.")
+
+
 @dataclass
 class XrayCapCausalLMOutput(ModelOutput):
     r"""
@@ -275,9 +281,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
                 f"max_views={self.config.max_views}: drop extra views or use a config with max_views=2."
             )
         if min(pixel_values.shape[-2:]) < 32:
-            raise ValueError(
-                f"pixel_values images are {tuple(pixel_values.shape[-2:])} px; need at least 32 px."
-            )
+            raise ValueError(f"pixel_values images are {tuple(pixel_values.shape[-2:])} px: below 32 px.")
         return pixel_values
 
     def _check_view_mask(self, view_mask: torch.Tensor | None, data: torch.Tensor) -> torch.Tensor:
@@ -287,19 +291,13 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         if view_mask is None:
             view_mask = data.detach().flatten(2).ne(0).any(dim=-1)
             return view_mask | ~view_mask.any(dim=1, keepdim=True)  # an all-zero study keeps its views
-        view_mask = torch.as_tensor(view_mask, device=device)
+        view_mask = torch.as_tensor(view_mask, device=device).bool()
         if view_mask.ndim == 1 and views == 1:
             view_mask = view_mask.unsqueeze(1)
         if tuple(view_mask.shape) != (batch, views):
-            raise ValueError(
-                f"view_mask has shape {tuple(view_mask.shape)}; expected (batch, views) = {(batch, views)}."
-            )
-        view_mask = view_mask.bool()
-        if not bool(view_mask.any(dim=1).all()):
-            empty = (~view_mask.any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(
-                f"view_mask marks no view as present for batch rows {empty}: each study needs one."
-            )
+            raise ValueError(f"view_mask has shape {tuple(view_mask.shape)}; expected {(batch, views)}.")
+        if not self.training:  # a read that waits for the GPU; in training the collator checks
+            check_view_mask_rows(view_mask)
         return view_mask
 
     def get_image_features(
@@ -467,7 +465,10 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             if labels is not None:
                 labels = torch.cat([labels.new_full((batch, prefix_length), -100), labels], dim=1)
 
-        total = (cache.get_seq_length() if cache is not None else 0) + inputs_embeds.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past, torch.Tensor):  # a static cache's count is on the device: its size bounds it
+            past = max(cache.get_max_length() - inputs_embeds.shape[1], 0)
+        total = past + inputs_embeds.shape[1]
         n_positions = self.config.text_config.n_positions
         if total > n_positions:
             raise ValueError(

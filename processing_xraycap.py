@@ -70,8 +70,8 @@ def _array_to_pil(array: np.ndarray, name: str = "array") -> Image.Image:
     return Image.fromarray(array)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> its 8-bit luminance, as 3 equal channels.
+def _to_luminance(image: Image.Image) -> Image.Image:
+    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> its 8-bit luminance ("L").
 
     The same conversion as the dataset builder (`dataset_builder.images.to_grayscale_8bit`, which stores
     every training image as 8-bit grayscale "L"): high-bit-depth images are scaled from their own min-max
@@ -90,7 +90,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # X-ray background is black
         image = Image.alpha_composite(background, rgba)
-    return image.convert("L").convert("RGB")
+    return image if image.mode == "L" else image.convert("L")
 
 
 def load_image(path_or_image: ImageLike) -> Image.Image:
@@ -110,13 +110,18 @@ def load_image(path_or_image: ImageLike) -> Image.Image:
         `FileNotFoundError` if the path does not exist; `ValueError` naming the file if it is not a readable
         image in an accepted format, or is larger than `MAX_IMAGE_PIXELS`.
     """
+    return _load_luminance(path_or_image).convert("RGB")
+
+
+def _load_luminance(path_or_image: ImageLike) -> Image.Image:
+    """[`load_image`] before the expansion to three channels: the 8-bit luminance ("L")."""
     if isinstance(path_or_image, Image.Image):
         _check_pixels(path_or_image.size, "image")
-        return _to_rgb(path_or_image)
+        return _to_luminance(path_or_image)
     if isinstance(path_or_image, torch.Tensor):
-        return _to_rgb(_array_to_pil(path_or_image.detach().cpu().numpy(), "tensor"))
+        return _to_luminance(_array_to_pil(path_or_image.detach().cpu().numpy(), "tensor"))
     if isinstance(path_or_image, np.ndarray):
-        return _to_rgb(_array_to_pil(path_or_image))
+        return _to_luminance(_array_to_pil(path_or_image))
     if isinstance(path_or_image, bytes | bytearray):
         source, name = io.BytesIO(path_or_image), "<bytes>"
     elif isinstance(path_or_image, str | os.PathLike):
@@ -134,7 +139,7 @@ def load_image(path_or_image: ImageLike) -> Image.Image:
             with Image.open(source, formats=ACCEPTED_FORMATS) as image:
                 _check_pixels(image.size, name)
                 image.load()
-                return _to_rgb(image)
+                return _to_luminance(image)
     except Image.DecompressionBombError as err:
         raise ValueError(
             f"{name} is too large to decode ({err}); the limit is {MAX_IMAGE_PIXELS:,} pixels: downscale it."
@@ -221,8 +226,11 @@ class XrayCapImageProcessor(ImageProcessingMixin):
         return cls(size=size, **normalisation)
 
     def process_image(self, image: ImageLike) -> torch.Tensor:
-        """One image (anything `load_image` reads) -> a normalised `(3, size, size)` float32 tensor."""
-        image = load_image(image)
+        """One image (anything `load_image` reads) -> a normalised `(3, size, size)` float32 tensor.
+
+        The luminance is resized and cropped, then expanded to three channels: a third of the work of resizing
+        three equal channels, with the same values."""
+        image = _load_luminance(image)
         width, height = image.size
         scale = self.size / min(width, height)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
@@ -230,7 +238,7 @@ class XrayCapImageProcessor(ImageProcessingMixin):
             image = image.resize((new_w, new_h), self._RESAMPLE[self.resample])
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None].expand(3, -1, -1)
         mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
         return (array - mean) / std

@@ -26,13 +26,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 import evaluate
 import torch
-import transformers
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate import PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -47,22 +45,27 @@ from training.arguments import (
 )
 from training.augmentation import XrayAugmentation
 from training.checkpoints import load_checkpoint, nonfinite_parameters, resolve_checkpoint, save_checkpoint
-from training.data import StudyCollator, load_studies, model_inputs, precompute_features, study_dataloader
-from training.evaluation import (
-    generate_reports,
-    nearest_train_reports,
-    score,
-    write_predictions,
-    write_samples,
+from training.data import (
+    StudyCollator,
+    cache_root,
+    dataloader_workers,
+    load_studies,
+    model_inputs,
+    run_splits,
+    study_dataloader,
 )
+from training.distributed import build_accelerator
+from training.evaluation import generate_reports, nearest_train_floor, score, write_predictions, write_samples
+from training.feature_cache import FeatureCache, with_features
 from training.figures import plot_training_curves
 from training.hub import push_to_hub
 from training.model_card import CARD_METRICS, add_card_section, build_model_card, describe_run, format_value
-from training.models import build_config, build_model, build_processor, encoder_is_frozen
-from training.nonfinite import NonFiniteSteps
+from training.models import build_config, build_model, build_processor, sync_batchnorm
+from training.nonfinite import NonFiniteSteps, skip_nonfinite_update
 from training.optimization import build_optimizer, training_loss
 from training.precision import resolve_mixed_precision
-from training.repeats import cross_validation_fold, run_plan, summarize, summary_table
+from training.repeats import run_plan, summarize, summary_table
+from training.step_log import StepLog, new_history
 
 logger = get_logger(__name__)
 
@@ -119,38 +122,9 @@ def train(
     start_time = time.perf_counter()
     output_dir = Path(train_args.output_dir)
 
-    # Accelerator: autocast over fp32 weights in the precision this hardware runs well; a seedable sampler so
-    # a resumed run sees the same batches.
+    # Accelerator: autocast over fp32 weights in the precision this hardware runs well (training/distributed.py).
     mixed_precision = resolve_mixed_precision(train_args.mixed_precision)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=None if train_args.report_to == "none" else train_args.report_to,
-        project_dir=str(output_dir / "runs"),  # tracker logs (--report_to)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        dynamo_backend="inductor" if train_args.torch_compile else None,
-        # A trained tower may hold parameters the prefix never reads (a ViT's pooler, a class-token head):
-        # DDP must not wait for their gradients.
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=not encoder_is_frozen(model_args))
-        ],
-    )
-    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
-    datasets.utils.logging.set_verbosity(verbosity)
-    transformers.utils.logging.set_verbosity(verbosity)
-    compiled = accelerator.state.dynamo_plugin.backend.value.lower()
-    logger.info(
-        f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}, mixed "
-        f"precision {mixed_precision}, torch.compile {'off' if compiled == 'no' else f'on ({compiled})'}",
-        main_process_only=False,
-    )
-    if train_args.torch_compile and accelerator.device.type == "cpu" and mixed_precision == "bf16":
-        logger.warning(
-            "--torch_compile with bf16 on CPU: torch 2.14's Inductor fails to build some bf16 backward kernels "
-            "(CppCompileError); if it does here, add --mixed_precision no."
-        )
+    accelerator = build_accelerator(model_args, train_args, mixed_precision, str(output_dir / "runs"))
     set_seed(train_args.seed)
     if accelerator.is_main_process:
         stale = output_dir / "checkpoints"
@@ -169,38 +143,43 @@ def train(
     views = data_args.views or ("frontal" if config.max_views == 1 else "pair")
     split_seed = train_args.seed if data_args.split_seed is None else data_args.split_seed
     dataset, build_report = load_studies(data_args, views, split_seed, accelerator)
-    train_split, val_split, test_split = dataset["train"], dataset["validation"], dataset["test"]
+    train_split, val_split, test_split = run_splits(dataset, data_args, split_seed)
     if data_args.fold is not None:
-        train_split, val_split = cross_validation_fold(
-            train_split, val_split, data_args.folds, data_args.fold, split_seed
-        )
         logger.info(
             f"fold {data_args.fold} of {data_args.folds}: {len(train_split)} train, {len(val_split)} validation"
-        )
-    if data_args.max_eval_samples is not None:
-        val_split, test_split = (
-            s.select(range(min(len(s), data_args.max_eval_samples))) for s in (val_split, test_split)
         )
     processor = build_processor(model_args, config, train_split["report"])
     set_seed(train_args.seed)
     model = build_model(model_args, config, processor)
     # channels_last: faster convolutions (oneDNN / cuDNN), same math.
     model.vision_model.to(memory_format=torch.channels_last)
+    sync_batchnorm(model, accelerator)  # a trained BatchNorm tower on several GPUs: batch statistics over all
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"Model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable")
 
     # Dataloaders (each with its own seeded generator: creating an iterator never draws from the global RNG).
-    augmentation = None
-    if (
-        train_args.augment
-    ):  # the training images only, drawn anew each epoch (keyed on seed, epoch, row, view)
-        augmentation = XrayAugmentation(seed=train_args.seed)
+    # --augment: the training images only, drawn anew each epoch (keyed on seed, epoch, row, view).
+    augmentation = XrayAugmentation(seed=train_args.seed) if train_args.augment else None
     collator = StudyCollator(
         processor, config.max_views, data_args.max_target_length, augmentation=augmentation
     )
     eval_collator = StudyCollator(processor, config.max_views, data_args.max_target_length, with_text=False)
-    workers, eval_batch = data_args.dataloader_num_workers, train_args.per_device_eval_batch_size
+    eval_batch = train_args.per_device_eval_batch_size
+    workers = dataloader_workers(data_args.dataloader_num_workers, accelerator.num_processes)
+    pin = accelerator.device.type == "cuda"  # pinned batches: non-blocking copies to the GPU
+    features = FeatureCache(
+        cache_root(data_args) / "feature_cache", accelerator, eval_collator, eval_batch, workers
+    )
+    if train_args.cache_features and train_args.augment:
+        logger.warning(
+            "--cache_features is off: --augment changes the training images every epoch, so their encoder "
+            "features cannot be computed once; the frozen encoder runs on every batch instead."
+        )
+    elif train_args.cache_features:  # the built splits carry their features (on disk) instead of their images
+        for name in ("train", "validation"):
+            dataset[name] = with_features(dataset[name], features.features(model, dataset[name], desc=name))
+        train_split, val_split, _ = run_splits(dataset, data_args, split_seed)
     train_dataloader = study_dataloader(
         train_split,
         collator,
@@ -208,9 +187,11 @@ def train(
         shuffle=True,
         num_workers=workers,
         seed=train_args.seed,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=pin,
     )
-    val_dataloader = study_dataloader(val_split, eval_collator, eval_batch, num_workers=workers)
+    val_dataloader = study_dataloader(
+        val_split, eval_collator, eval_batch, num_workers=workers, pin_memory=pin
+    )
 
     # Optimizer and schedule; the prepared scheduler steps once per process, so its steps are scaled.
     optimizer = build_optimizer(model, train_args.learning_rate, train_args.weight_decay, accelerator.device)
@@ -231,17 +212,6 @@ def train(
     model, optimizer, train_dataloader, val_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, val_dataloader, scheduler
     )
-    if train_args.cache_features and train_args.augment:
-        logger.warning(
-            "--cache_features is off: --augment changes the training images every epoch, so their encoder "
-            "features cannot be computed once; the frozen encoder runs on every batch instead."
-        )
-    elif train_args.cache_features:
-        encode_loader = accelerator.prepare(
-            study_dataloader(train_split, eval_collator, eval_batch, num_workers=workers)
-        )
-        with accelerator.autocast():
-            collator.feature_cache = precompute_features(model, encode_loader, accelerator)
     if train_args.report_to != "none":
         tracked = {k: v for k, v in asdict(train_args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("xraycap", config=tracked)
@@ -256,13 +226,13 @@ def train(
         "train_examples": len(train_split),
         "steps_per_epoch": steps_per_epoch,
         "seed": train_args.seed,
+        "mixed_precision": mixed_precision,
     }
-    history: dict[str, Any] = {"step": [], "loss": [], "lr": [], "epoch_metrics": [], "nonfinite_steps": []}
-    completed_steps, starting_epoch, skip_batches = 0, 0, 0
+    history, completed_steps, starting_epoch, skip_batches = new_history(), 0, 0, 0
     checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir / "checkpoints")
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, resume_arguments)
-        completed_steps, history = state["completed_steps"], {"nonfinite_steps": [], **state["history"]}
+        completed_steps, history = state["completed_steps"], new_history(state["history"])
         starting_epoch = completed_steps // steps_per_epoch
         skip_batches = (completed_steps % steps_per_epoch) * train_args.gradient_accumulation_steps
         if completed_steps >= max_steps:
@@ -271,6 +241,7 @@ def train(
             )
 
     def checkpoint_now() -> None:
+        log_steps()
         if bad := nonfinite_parameters(model):  # the step skip keeps weights finite; never save broken ones
             raise RuntimeError(
                 f"Not saving step {completed_steps}: non-finite weights in {bad[:3]}. Resume from the last "
@@ -293,7 +264,16 @@ def train(
         disable=not accelerator.is_local_main_process,
     )
     model.train()
-    nonfinite = NonFiniteSteps(train_args.max_nonfinite_steps, output_dir / "checkpoints")
+    steps = StepLog(
+        accelerator, NonFiniteSteps(train_args.max_nonfinite_steps, output_dir / "checkpoints"), history
+    )
+
+    def log_steps() -> None:  # the losses and gradient norms wait on the device until here: no sync per step
+        if (last := steps.flush()) is not None:
+            progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", epoch=epoch)
+            if train_args.report_to != "none":
+                accelerator.log({"train/loss": last["loss"], "train/lr": last["lr"]}, step=completed_steps)
+
     last_epoch = num_epochs if train_args.do_train and completed_steps < max_steps else starting_epoch
     for epoch in range(starting_epoch, last_epoch):
         train_dataloader.set_epoch(epoch)
@@ -305,33 +285,24 @@ def train(
             with accelerator.accumulate(model):
                 loss = training_loss(model, model_inputs(batch))
                 accelerator.backward(loss)
-                finite = True
-                if accelerator.sync_gradients:
-                    # The norm of the synced gradients is the same on every process; the losses are gathered.
+                steps.add_loss(loss)
+                update = True
+                if accelerator.sync_gradients:  # the synced gradients' norm is the same on every process
                     max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    losses = accelerator.gather(loss.detach()).float()
-                    finite = bool(torch.isfinite(losses).all()) and math.isfinite(float(grad_norm))
-                # A non-finite step updates nothing (fp16's GradScaler skips it itself, and lowers its scale).
-                if finite or accelerator.scaler is not None:
+                    # A NaN / inf gradient updates no weight (fp16's GradScaler skips it itself).
+                    update = skip_nonfinite_update(optimizer, grad_norm, accelerator.scaler)
+                if update:
                     optimizer.step()
-                if finite:
-                    scheduler.step()
+                scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
-            step_loss = losses.mean().item()
-            nonfinite.record(completed_steps, finite, step_loss, float(grad_norm), history)
-            lr = scheduler.get_last_lr()[0]
-            # A skipped step's loss is recorded as None (JSON has no NaN); it is listed in nonfinite_steps.
-            loss_value = step_loss if finite else None
-            for key, value in (("step", completed_steps), ("loss", loss_value), ("lr", lr)):
-                history[key].append(value)
+            steps.end_step(completed_steps, grad_norm, scheduler.get_last_lr()[0])
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", epoch=epoch)
-            if completed_steps % train_args.logging_steps == 0 and train_args.report_to != "none":
-                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=completed_steps)
+            if completed_steps % train_args.logging_steps == 0:
+                log_steps()
             if train_args.save_steps and completed_steps % train_args.save_steps == 0:
                 checkpoint_now()
             if completed_steps >= max_steps:
@@ -388,17 +359,12 @@ def train(
                 processor, config.max_views, data_args.max_target_length, False, ablate
             )
             loader = accelerator.prepare(
-                study_dataloader(test_split, test_collator, eval_batch, num_workers=workers)
+                study_dataloader(test_split, test_collator, eval_batch, num_workers=workers, pin_memory=pin)
             )
             reports[name] = generate_reports(model, loader, processor, accelerator, name, **generation)
-        vectors = []  # the retrieval floor: one pooled encoder vector per train and per test study
-        for split in (train_split, test_split):
-            loader = accelerator.prepare(
-                study_dataloader(split, eval_collator, eval_batch, num_workers=workers)
-            )
-            pooled = precompute_features(model, loader, accelerator, pooled=True)
-            vectors.append({row: vector for row, (vector, _) in pooled.items()})
-        reports["test_nearest_train"] = nearest_train_reports(*vectors, list(train_split["report"]))
+        reports["test_nearest_train"] = nearest_train_floor(
+            model, train_split, test_split, features, output_dir / "floor_features"
+        )
         if accelerator.is_main_process:
             for name, by_row in reports.items():
                 results[name] = score(metric, test_split, by_row)
@@ -443,15 +409,14 @@ def train(
                 f"{format_value(test.get('bleu_4'))}"
             )
 
-    # Push to the Hub.
+    # The test set's generation was the last collective: scoring, writing and the Hub upload keep no process waiting.
+    if train_args.report_to != "none":
+        accelerator.end_training()
     if train_args.push_to_hub and accelerator.is_main_process:
         url = push_to_hub(
             output_dir, train_args.hub_model_id, train_args.hub_private, extra=hub_upload_extra(train_args)
         )
         logger.info(f"Pushed to {url}")
-    accelerator.wait_for_everyone()
-    if train_args.report_to != "none":
-        accelerator.end_training()
     return results
 
 

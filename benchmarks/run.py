@@ -1,13 +1,16 @@
-"""xraycap's side-by-side benchmarks: five figures, each a ratio against a baseline timed back to back in this one
-process.
+"""xraycap's benchmarks: the CPU figures (each a ratio against a baseline timed back to back in this one process),
+the GPU benchmark (absolute rates at real size) and the scale section (dataset growth towards MIMIC-CXR).
 
     python benchmarks/run.py --quick                    # the README figures (real sizes; minutes on a CPU)
     python benchmarks/run.py                            # more repeats
     python benchmarks/run.py --sections train,beam --output /tmp/bench.json
+    python benchmarks/run.py --device cuda              # the GPU benchmark: benchmarks/results/<card>.json
+    python benchmarks/run.py --sections scale           # dataset growth: benchmarks/results/scale.json
 
 Prints a markdown table and writes `benchmarks/results/latest.json`: the machine (CPU model, whether it has bf16
-matmul hardware, GPU), the versions, and every figure with its median and spread. Where a GPU is available the
-`gpu` section gives the training, compute-fraction and beam-search figures on it too.
+matmul hardware, GPU), the versions, and every figure with its median and spread. `--device cuda` runs the `gpu`
+section (absolute rates at real size, MFU, the loader beside the step's demand) on the GPU; the `scale` section
+builds phantom MIMIC-CXR layouts of growing size (`--scale_sizes`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import operator
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,18 +38,27 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from benchmarks import gpu, scale, scale_report  # noqa: E402
 from benchmarks import sections as bench  # noqa: E402
 from training.precision import resolve_mixed_precision  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
-SECTIONS = ("train", "beam", "data", "build", "gpu")
+RESULTS = bench.REPO_ROOT / "benchmarks" / "results"
+SCALE_SIZES = (1000, 4000, 16000)
+
+SECTIONS = ("train", "beam", "data", "build", "scale", "gpu")
+DEFAULT_SECTIONS = {"cpu": "train,beam,data,build", "cuda": "gpu"}
 COMPARE = {">=": operator.ge, "<": operator.lt}
 TARGETS = {
     "train_speedup_vs_seed": (">=", 1.5),
     "beam_speedup_vs_nocache": (">=", 3.0),
     "data_speedup_vs_png": (">=", 5.0),
     "build_rss_growth": ("<", 0.25),
+    "build_num_proc_1_rss_growth": ("<", 0.25),
+    "build_all_cores_rss_growth": ("<", 0.25),
+    "train_cache_features_rss_growth": ("<", 0.25),
+    "build_speedup_all_cores": (">=", 1.7),
 }
 
 
@@ -53,13 +66,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (the README figures)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, to check the harness itself")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma-separated subset")
-    parser.add_argument("--output", default=str(bench.REPO_ROOT / "benchmarks" / "results" / "latest.json"))
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the GPU benchmark (default sections: gpu); cpu: the CPU sections (default: "
+        f"{DEFAULT_SECTIONS['cpu']}). `--device cpu --sections gpu --smoke` runs the GPU code on CPU at toy sizes.",
+    )
+    parser.add_argument("--sections", default=None, help=f"a comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense tensor-core peak (TFLOP/s, training precision) for MFU, where benchmarks/gpu.py's "
+        "table lacks the card",
+    )
+    parser.add_argument(
+        "--scale_sizes",
+        default=",".join(str(n) for n in SCALE_SIZES),
+        help="phantom MIMIC-CXR studies per size of the scale section, comma-separated",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="results file. Default: benchmarks/results/<card>.json with --device cuda, scale.json when only the "
+        "scale section runs, else latest.json",
+    )
     args = parser.parse_args(argv)
+    args.sections = args.sections or DEFAULT_SECTIONS[args.device]
     unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine "
+            "with an NVIDIA GPU and a CUDA build of torch, or leave --device out for the CPU sections."
+        )
+    try:
+        args.scale_sizes = tuple(int(n) for n in args.scale_sizes.split(","))
+    except ValueError:
+        parser.error(
+            f"--scale_sizes {args.scale_sizes!r}: give whole numbers separated by commas, e.g. 1000,4000"
+        )
+    if min(args.scale_sizes) < 20:
+        parser.error(f"--scale_sizes {args.scale_sizes}: each size needs >= 20 studies (three splits)")
+    args.output = args.output or str(RESULTS / default_output_name(args))
     return args
+
+
+def card_slug(name: str) -> str:
+    """A file name for a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def default_output_name(args: argparse.Namespace) -> str:
+    if args.device == "cuda":
+        return card_slug(torch.cuda.get_device_name(0)) + ".json"
+    return "scale.json" if args.sections == "scale" else "latest.json"
 
 
 def machine_info() -> dict[str, Any]:
@@ -70,6 +133,9 @@ def machine_info() -> dict[str, Any]:
     commit, changes = (
         subprocess.run(c, cwd=bench.REPO_ROOT, capture_output=True, text=True).stdout for c in git
     )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []
+    )
     return {
         "measured_at_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpus[0] if cpus else platform.processor() or platform.machine(),
@@ -77,35 +143,41 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_matmul_hardware": resolve_mixed_precision("auto", "cpu") == "bf16",
+        "cpu_flags": {flag: flag in flags for flag in ("avx512_bf16", "amx_bf16", "amx_tile")},
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "git_commit": commit.strip() or None,
-        "git_uncommitted_changes": bool(changes.strip()),
+        # the harness's own outputs (results files, the generated doc table) do not count
+        "git_uncommitted_changes": any(
+            not line[3:].startswith(("benchmarks/results/", "docs/PERFORMANCE.md"))
+            for line in changes.splitlines()
+        ),
         "versions": {"python": platform.python_version()}
         | {module.__name__: module.__version__ for module in (torch, transformers, datasets)},
     }
 
 
 def headline(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The figures of the sections that ran (the GPU's prefixed `gpu_`), each with its target and whether it is
-    met. The training target holds where training runs in half precision (GPUs, CPUs with bf16 matmul hardware);
-    in fp32 the figure is reported without a target. The compute fraction has none."""
+    """The figures of the sections that ran, each with its target and whether it is met. The training target holds
+    where training runs in half precision (GPUs, CPUs with bf16 matmul hardware); in fp32 the figure is reported
+    without a target. The compute fraction and the GPU's absolute rates have none."""
     found = {}
-    for prefix, group in (("", sections), ("gpu_", sections.get("gpu", {}))):
-        for section in (value for value in group.values() if isinstance(value, dict)):
-            for name, figure in section.get("figures", {}).items():
-                op, bound = TARGETS.get(name, (None, None))
-                if name == "train_speedup_vs_seed" and section["setup"]["precision"] == "fp32":
-                    op = None
-                met = None if op is None else COMPARE[op](figure["median"], bound)
-                found[prefix + name] = {**figure, "target": op and f"{op} {bound}", "met": met}
+    for section in (value for value in sections.values() if isinstance(value, dict)):
+        for name, figure in section.get("figures", {}).items():
+            op, bound = TARGETS.get(name, (None, None))
+            if name == "train_speedup_vs_seed" and section["setup"]["precision"] == "fp32":
+                op = None
+            met = None if op is None else COMPARE[op](figure["median"], bound)
+            found[name] = {**figure, "target": op and f"{op} {bound}", "met": met}
     return found
 
 
 def markdown_table(found: dict[str, dict[str, Any]]) -> str:
     """One row per figure: what, xraycap, its baseline, the ratio (median, min-max, n), the target and whether met."""
     rows = [
-        "| Figure | xraycap | Baseline | Ratio (median, min-max, n) | Target | Met |",
+        "| Figure | xraycap | Baseline | Value (median, min-max, n) | Target | Met |",
         "|---|---|---|---|---|---|",
     ]
     for name, f in found.items():
@@ -143,10 +215,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "beam": lambda: bench.beam_section(settings, "cpu", bench.build_model(settings.preset)),
             "data": lambda: bench.data_section(settings, workdir / "data"),
             "build": lambda: bench.build_section(settings, workdir / "build"),
-            "gpu": lambda: (
-                {"train": bench.train_section(settings, "cuda"), "beam": bench.beam_section(settings, "cuda")}
-                if torch.cuda.is_available()
-                else {"skipped": "no CUDA device"}
+            "scale": lambda: scale.scale_section(args.scale_sizes, workdir / "scale"),
+            "gpu": lambda: gpu.gpu_section(
+                gpu.GPU_SMOKE if args.smoke else gpu.GpuSettings.from_config(),
+                args.device,
+                workdir / "gpu",
+                args.peak_tflops,
             ),
         }
         for name in args.sections.split(","):
@@ -159,6 +233,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(to_json(results) + "\n")
             logger.info("section %s done in %.0f s", name, results["section_seconds"][name])
+    if "scale" in results["sections"] and Path(args.output).resolve() == (RESULTS / "scale.json").resolve():
+        scale_report.write_doc(
+            results
+        )  # the committed results file: docs/PERFORMANCE.md's scale table follows it
     return results
 
 
@@ -168,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
     print(results["table_markdown"])
+    for note in (results["sections"].get("gpu") or {}).get("notes", []):
+        print(f"\nnote: {note}")
     seconds = sum(results["section_seconds"].values())
     print(f"\nwritten to {args.output} ({results['mode']} mode, {seconds:.0f} s)")
-    beams = [results["sections"].get("beam"), (results["sections"].get("gpu") or {}).get("beam")]
-    if any(beam is not None and not beam["outputs_equal"] for beam in beams):
+    beam = results["sections"].get("beam")
+    if beam is not None and not beam["outputs_equal"]:
         print("FAILED: beam search gave other outputs with the KV cache than without it", file=sys.stderr)
         return 1
     return 0

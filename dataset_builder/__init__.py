@@ -1,8 +1,9 @@
 """Chest X-ray studies -> a study-level Arrow `DatasetDict` in one schema: the Indiana University collection
 (Kaggle layout, the default) or MIMIC-CXR-JPG with its reports (`data_format="mimic-cxr"`, credentialed data
-the user brings); synthetic phantom studies in the Indiana layout; the pinned kagglehub download.
+the user brings); synthetic phantom studies in the Indiana or the MIMIC-CXR-JPG layout; the pinned kagglehub
+download.
 
-    from dataset_builder import build_dataset, synthesize, download
+    from dataset_builder import build_dataset, synthesize, synthesize_mimic, download
 
 The layouts are in `indiana.py` and `mimic_cxr.py`, registered in `formats.py`; the plan, the builder, the
 build report and the saved folder are shared.
@@ -13,6 +14,7 @@ from .configuration import ChestXrayConfig, IndianaXrayConfig
 from .download import KAGGLE_HANDLE, download
 from .formats import FORMATS
 from .synthesize import synthesize
+from .synthesize_mimic import synthesize_mimic
 
 __all__ = [
     "ChestXrayBuilder",
@@ -24,4 +26,5 @@ __all__ = [
     "build_dataset",
     "download",
     "synthesize",
+    "synthesize_mimic",
 ]

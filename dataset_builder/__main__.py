@@ -2,7 +2,8 @@
 
 `build --format indiana` (default) reads the Kaggle layout; `build --format mimic-cxr` reads MIMIC-CXR-JPG with
 the MIMIC-CXR reports (`--reports_dir` where they are not inside `--data_dir`); both write the same schema and
-build report.
+build report. `synthesize --format mimic-cxr` writes phantom studies in the MIMIC-CXR-JPG layout; `build --num_proc`
+sets the processes that encode the images (default: every CPU this process may use).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .download import KAGGLE_HANDLE, download
 from .formats import DEFAULT_FORMAT, FORMATS
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .synthesize import synthesize
+from .synthesize_mimic import synthesize_mimic
 from .text_cleaning import XXXX_MODES
 
 
@@ -30,11 +32,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synthesize", help="write phantom studies in the Kaggle layout")
-    s.add_argument("--output_dir", required=True, help="folder to write (CSVs + images/images_normalized/)")
+    s = sub.add_parser("synthesize", help="write phantom studies in the Kaggle (or MIMIC-CXR-JPG) layout")
+    s.add_argument(
+        "--output_dir",
+        required=True,
+        help="folder to write (indiana: CSVs + images/images_normalized/; mimic-cxr: .csv.gz tables + files/)",
+    )
+    s.add_argument(
+        "--format",
+        dest="data_format",
+        choices=tuple(FORMATS),
+        default=DEFAULT_FORMAT,
+        help=f"layout to write (default {DEFAULT_FORMAT}); mimic-cxr: JPEGs, tables and reports as MIMIC-CXR-JPG",
+    )
     s.add_argument("--num_studies", type=int, default=2000, help="number of studies (default 2000)")
     s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical output (default 0)")
-    s.add_argument("--image_size", type=int, default=256, help="PNG side in pixels (default 256)")
+    s.add_argument(
+        "--image_size", type=int, default=256, help="image side in pixels (PNG or JPEG; default 256)"
+    )
     s.add_argument("--num_proc", type=int, default=None, help="worker processes (default: CPU count)")
     s.add_argument(
         "--overwrite", action="store_true", help="replace the contents of a non-empty --output_dir"
@@ -88,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--writer_batch_size", type=int, default=64, help="examples per Arrow write (bounds memory)"
     )
+    b.add_argument(
+        "--num_proc",
+        type=int,
+        default=None,
+        help="processes encoding the images (default: every CPU this process may use); same rows either way",
+    )
     b.add_argument("--force_rebuild", action="store_true", help="ignore the cache and re-encode")
     b.add_argument(
         "--overwrite",
@@ -123,7 +144,8 @@ def _refuse_unsupported(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "synthesize":
-        out = synthesize(
+        mimic = args.data_format == "mimic-cxr"
+        out = (synthesize_mimic if mimic else synthesize)(
             args.output_dir,
             args.num_studies,
             seed=args.seed,
@@ -132,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(f"Wrote {args.num_studies} phantom studies to {out}")
-        print(f"Next: python -m dataset_builder build --data_dir {out} --output_dir OUT")
+        fmt = " --format mimic-cxr" if mimic else ""
+        print(f"Next: python -m dataset_builder build{fmt} --data_dir {out} --output_dir OUT")
         return 0
     if args.command == "download":
         try:
@@ -161,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         writer_batch_size=args.writer_batch_size,
         force_rebuild=args.force_rebuild,
         overwrite=args.overwrite,
+        num_proc=args.num_proc,
     )
     print(format_summary(report, args.output_dir))
     return 0

@@ -4,13 +4,14 @@
 in-process (loading scripts no longer exist in datasets >= 4). It follows the plan of its format's `make_plan`
 (the Indiana Kaggle layout in `indiana.py`, MIMIC-CXR-JPG in `mimic_cxr.py`) and yields one example per study
 (uid) in one schema (`FEATURES`) whatever the format, with each image decoded once, converted to 8-bit
-grayscale and re-encoded as PNG bytes (never paths).
+grayscale and re-encoded as PNG bytes (never paths). The studies are handed to `datasets` in shards
+(`study_encoding.py`), encoded by `num_proc` processes, the rows and their order the same for any `num_proc`.
 
-`build_dataset` is the entry point: it fingerprints the inputs (the format's tables, the names, sizes and mtimes
-of its images and reports, the split file, every option) so that rebuilding with the same inputs and options
-reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With `output_dir`
-it also writes the `save_to_disk` layout to `output_dir` (`saving.py`) and `output_dir/build_report.json`: into
-a temporary folder next to it, renamed into place once complete (an earlier build there is replaced only by a
+`build_dataset` is the entry point: it fingerprints the inputs (the format's tables, a listing of its images and
+reports, the split file, every option: see each format's `fingerprint`) so that rebuilding with the same inputs
+and options reuses the `datasets` cache instead of re-encoding, and returns `(DatasetDict, build_report)`. With
+`output_dir` it also writes the `save_to_disk` layout to `output_dir` (`saving.py`: hard links to the cache's
+files) and `output_dir/build_report.json`: into a temporary folder next to it, renamed into place once complete (an earlier build there is replaced only by a
 complete new one; a non-empty folder that is not an earlier build is refused without `overwrite=True`). The
 cache entry is prepared under an inter-process lock, so two runs on one cache build it once, and its sidecar
 JSON is written atomically.
@@ -24,12 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
+import pyarrow.compute as pc
 
 from . import images as img
 from .configuration import ChestXrayConfig
@@ -37,11 +43,13 @@ from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_s
 from .formats import DEFAULT_FORMAT, get_format
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
-from .study_plan import REASON_TOO_FEW_IMAGES, PlannedStudy, finding_set_novelty, skip_entry
+from .study_encoding import StudyShard, encode_study, plan_in_shards, skips_found_while_encoding
+from .study_plan import finding_set_novelty
 
 logger = logging.getLogger(__name__)
 
 SIDECAR = "xraycap_build_report.json"
+R = TypeVar("R")
 
 FEATURES = datasets.Features(
     {
@@ -73,13 +81,17 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "default"
     DEFAULT_WRITER_BATCH_SIZE = 64
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, num_proc: int | None = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.generated = False
+        self.num_proc = num_proc or 1
         self.plan_skipped: list[dict] = []
-        self.runtime_skipped: list[dict] = []
+        self.planned: dict[str, list[StudyShard]] = {}
         self.plan_stats: dict = {}
-        self.num_encoded = 0
+
+    def __getstate__(self):
+        # what a worker process is sent: the plan stays in the main process (the shards carry the studies)
+        return {k: v for k, v in self.__dict__.items() if k not in ("planned", "plan_skipped")}
 
     def _info(self) -> datasets.DatasetInfo:
         data_format = get_format(self.config.data_format)
@@ -100,53 +112,53 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         cfg.validate()
         self.generated = True
         data_format = get_format(cfg.data_format)
-        studies, self.plan_skipped, self.plan_stats = data_format.make_plan(cfg, Path(cfg.data_dir))
-        by_split = {name: [s for s in studies if s.split == name] for name in SPLIT_NAMES}
+        self.planned, self.plan_skipped, self.plan_stats = run_apart(
+            plan_in_shards, data_format.make_plan, cfg, Path(cfg.data_dir), self.num_proc
+        )
         return [
-            datasets.SplitGenerator(name=name, gen_kwargs={"studies": by_split[name]}) for name in SPLIT_NAMES
+            datasets.SplitGenerator(name=name, gen_kwargs={"shards": self.planned[name]})
+            for name in SPLIT_NAMES
         ]
 
-    def _generate_examples(self, studies: list[PlannedStudy]):
+    def _prepare_split(self, split_generator: datasets.SplitGenerator, num_proc: int | None = None, **kwargs):
+        # no more processes than the split has shards (datasets would say so in a warning per split)
+        num_shards = len(split_generator.gen_kwargs["shards"])
+        num_proc = min(num_proc, num_shards) if num_proc else None
+        return super()._prepare_split(
+            split_generator, num_proc=num_proc if num_proc and num_proc > 1 else None, **kwargs
+        )
+
+    def _generate_examples(self, shards: list[StudyShard]):
+        """Yields the examples of `shards` (consecutive runs of planned studies, in plan order).
+
+        With `num_proc` > 1, `datasets` gives each worker process a consecutive group of shards and
+        concatenates their files in shard order, so the rows and their order do not depend on `num_proc`.
+        Nothing is recorded on the side: an image that fails here is simply left out of its example (and a
+        study left with too few images is not yielded); `encoding_skips` finds both afterwards from what the
+        shards hold.
+        """
         cfg: ChestXrayConfig = self.config
-        image_dir = get_format(cfg.data_format).image_root(Path(cfg.data_dir))
-        for study in studies:
-            # a study keeps at least min(min_images, number selected) readable images (and at least 1)
-            min_images = max(1, min(cfg.min_images, len(study.filenames)))
-            encoded, projections, names = [], [], []
-            for filename, projection in zip(study.filenames, study.projections):
-                try:
-                    data, _ = img.encode_image(image_dir / filename, cfg.image_size, cfg.max_image_pixels)
-                except img.ImageProblem as problem:
-                    self.runtime_skipped.append(
-                        skip_entry(study.uid, filename, problem.reason, problem.detail)
-                    )
-                    continue
-                self.num_encoded += 1
-                encoded.append({"bytes": data, "path": None})
-                projections.append(projection)
-                names.append(filename)
-            if len(encoded) < min_images:
-                detail = f"{len(encoded)} readable image(s) after decoding"
-                self.runtime_skipped.append(skip_entry(study.uid, None, REASON_TOO_FEW_IMAGES, detail))
-                self.runtime_skipped.extend(
-                    skip_entry(study.uid, fn, REASON_TOO_FEW_IMAGES, detail) for fn in names
-                )
-                continue
-            yield (
-                study.uid,
-                {
-                    "uid": study.uid,
-                    "images": encoded,
-                    "projections": projections,
-                    "image_filenames": names,
-                    "findings": study.findings,
-                    "impression": study.impression,
-                    "report": study.report,
-                    "mesh": study.mesh,
-                    "problems": study.problems,
-                    "indication": study.indication,
-                },
-            )
+        data_format = get_format(cfg.data_format)
+        image_dir = data_format.image_root(Path(cfg.data_dir))
+        for shard in shards:
+            for study in shard.studies():
+                example = encode_study(study, image_dir, cfg, lambda s: data_format.example_texts(s, cfg))
+                if example is not None:
+                    yield study.uid, example
+
+
+def run_apart(fn: Callable[..., R], *args) -> R:
+    """`fn(*args)` in a short-lived forked process, its result (pickled) returned here.
+
+    For the fingerprint and the plan: they read whole tables, listings and reports into many small objects
+    that are dropped at once, and the memory they leave behind stays with the process that read them. Done in
+    a child, it leaves with it, and the encoding processes (forked from this one afterwards) do not start with
+    a copy that grows with the number of studies. Runs in this process where `fork` is not available.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return fn(*args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def fingerprint_inputs(data_dir: Path, cfg: ChestXrayConfig, options: dict) -> str:
@@ -156,6 +168,12 @@ def fingerprint_inputs(data_dir: Path, cfg: ChestXrayConfig, options: dict) -> s
     get_format(cfg.data_format).fingerprint(h, data_dir, cfg)
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
+
+
+def _num_images(split: datasets.Dataset) -> int:
+    """The images of a split's examples, counted in the Arrow column (no row is read into Python)."""
+    column = split.data.column("projections")
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
 
 
 def _accounting(report: dict, ds: datasets.DatasetDict) -> dict:
@@ -183,6 +201,14 @@ def _is_a_build(folder: Path) -> bool:
     ).is_file()
 
 
+def default_num_proc() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _prepare(
     builder: ChestXrayBuilder, force_rebuild: bool, start: float
 ) -> tuple[datasets.DatasetDict, dict]:
@@ -192,7 +218,8 @@ def _prepare(
     download_mode = (
         "force_redownload" if force_rebuild or not sidecar.is_file() else "reuse_dataset_if_exists"
     )
-    builder.download_and_prepare(download_mode=download_mode)
+    num_proc = builder.num_proc if builder.num_proc > 1 else None
+    builder.download_and_prepare(download_mode=download_mode, num_proc=num_proc)
     ds = datasets.DatasetDict()
     for name in SPLIT_NAMES:
         # datasets cannot read back a split with no example: give it an empty Dataset with the features
@@ -202,10 +229,14 @@ def _prepare(
             ds[name] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
 
     if builder.generated:
+        cfg = builder.config
+        image_dir = get_format(cfg.data_format).image_root(Path(cfg.data_dir))
+        encoding_skipped, num_decoded = skips_found_while_encoding(builder.planned, ds, image_dir, cfg)
         cached = {
-            "skipped": builder.plan_skipped + builder.runtime_skipped,
+            "skipped": builder.plan_skipped + encoding_skipped,
             "stats": builder.plan_stats,
-            "num_images_encoded": builder.num_encoded,
+            "num_images_encoded": num_decoded,
+            "num_proc": builder.num_proc,
             "generation_seconds": round(time.perf_counter() - start, 2),
         }
         write_text_atomic(sidecar, json.dumps(cached, indent=1))
@@ -235,6 +266,7 @@ def build_dataset(
     writer_batch_size: int = 64,
     force_rebuild: bool = False,
     overwrite: bool = False,
+    num_proc: int | None = None,
 ) -> tuple[datasets.DatasetDict, dict]:
     """Builds the study-level `DatasetDict` (train / validation / test) and its build report.
 
@@ -266,12 +298,17 @@ def build_dataset(
         force_rebuild (`bool`, defaults to False): ignore an existing cache entry.
         overwrite (`bool`, defaults to False): replace a non-empty `output_dir` that is not an earlier build
             (an earlier build, with its `build_report.json` and `dataset_dict.json`, is always replaced).
+        num_proc (`int`, *optional*): processes encoding the images (default: the CPUs this process may use,
+            `default_num_proc()`). The dataset is the same rows in the same order whatever it is, and it is no
+            part of the cache key.
 
     Returns:
         `tuple[DatasetDict, dict]`: the dataset and the build report (also saved as
         `build_report.json` when `output_dir` is given).
     """
     start = time.perf_counter()
+    if num_proc is not None and num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1 (or None for every CPU), got {num_proc} (--num_proc)")
     out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
     if out is not None:  # before the (long) build
         refuse_non_empty(out, overwrite, "the built dataset", "overwrite=True (--overwrite)", _is_a_build)
@@ -312,7 +349,7 @@ def build_dataset(
         "xxxx": xxxx,
         "max_image_pixels": max_image_pixels,
     }
-    fingerprint = fingerprint_inputs(data_path, checked, options)
+    fingerprint = run_apart(fingerprint_inputs, data_path, checked, options)
     builder = ChestXrayBuilder(
         cache_dir=str(cache_dir) if cache_dir else None,
         dataset_name=fmt.dataset_name,
@@ -320,6 +357,7 @@ def build_dataset(
         hash=fingerprint,
         data_dir=str(data_path),
         fingerprint=fingerprint,
+        num_proc=num_proc or default_num_proc(),
         **options,
     )
     with folder_lock(builder.cache_dir):  # another run on this cache entry waits, then reuses it
@@ -331,9 +369,7 @@ def build_dataset(
         "num_reports": stats["num_reports"],
         "num_projection_rows": stats["num_projection_rows"],
         "num_examples": {name: ds[name].num_rows for name in SPLIT_NAMES if name in ds},
-        "num_images": {
-            name: sum(len(p) for p in ds[name]["projections"]) for name in SPLIT_NAMES if name in ds
-        },
+        "num_images": {name: _num_images(ds[name]) for name in SPLIT_NAMES if name in ds},
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped).most_common()),
         "skipped": skipped,
         "options": {**builder.config.options(), "data_dir": str(data_path)},
@@ -341,7 +377,8 @@ def build_dataset(
         "fingerprint": fingerprint,
         "cache_dir": builder.cache_dir,
         "reused_cache": not builder.generated,
-        "num_images_encoded_this_run": builder.num_encoded,
+        "num_images_encoded_this_run": cached["num_images_encoded"] if builder.generated else 0,
+        "num_proc": builder.num_proc,
         "seconds": round(time.perf_counter() - start, 2),
     }
     if "split_file" in stats:

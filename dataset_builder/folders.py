@@ -1,7 +1,8 @@
 """Output folders that are never half-written and never replace what the user did not ask to replace.
 
 - `folder_lock(path)`: an inter-process file lock (`.<name>.lock` next to `path`), so two runs on one cache
-  take turns.
+  take turns; on a file system without `flock` (some NFS / Lustre / FUSE mounts) it falls back to a lock file
+  that exists while it is held, and says so.
 - `refuse_non_empty(path, ...)`: a non-empty target is refused unless it is ours to replace or the caller
   passed `overwrite`.
 - `temporary_sibling(path)`: a fresh folder next to `path` (same file system), removed if anything fails.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -20,14 +22,59 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock, SoftFileLock, Timeout
 
 logger = logging.getLogger(__name__)
+
+
+# flock errors that mean "this file system has no flock" (not "someone else holds it")
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _acquire(lock: FileLock | SoftFileLock, path: Path, lock_path: Path) -> None:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        how = (
+            f"if no other process is running, {lock_path} was left by a killed one: delete it"
+            if isinstance(lock, SoftFileLock)
+            else f"lock {lock_path}"
+        )
+        logger.info("Waiting for another process working on %s (%s)", path, how)
+        lock.acquire()
+
+
+def _flock_lock(lock_path: Path, path: Path) -> FileLock | SoftFileLock:
+    """An acquired `FileLock` (flock), or an acquired `SoftFileLock` where the file system has no flock."""
+    lock = FileLock(str(lock_path))
+    try:
+        _acquire(lock, path, lock_path)
+        return lock
+    except NotImplementedError:  # filelock < 3.30 on a file system without flock
+        pass
+    except OSError as err:
+        if err.errno not in _NO_FLOCK:
+            raise
+    logger.warning(
+        "The file system of %s has no flock (file locks); using the lock file %s instead, which exists while a "
+        "process holds it. Only processes that see this folder take turns; if one is killed, delete %s before "
+        "the next run (or put the folder (cache_dir / --output_dir) on a local disk).",
+        path,
+        lock_path,
+        lock_path,
+    )
+    soft = SoftFileLock(str(lock_path.with_name(lock_path.name + ".soft")))
+    _acquire(soft, path, Path(soft.lock_file))
+    return soft
 
 
 @contextlib.contextmanager
 def folder_lock(path: str | os.PathLike) -> Iterator[None]:
     """Holds the inter-process lock `.<name>.lock` next to `path` (its folder is created); logs when it waits.
+
+    Where the file system has no `flock` (`NotImplementedError` from older filelock, or `ENOSYS` / `ENOLCK` /
+    `ENOTSUP`), a `SoftFileLock` (`.<name>.lock.soft`, present while held) takes its place, with a warning
+    naming the folder and what to do with a lock file left by a killed process.
 
     Args:
         path (`str` or `os.PathLike`): the folder the lock protects.
@@ -35,12 +82,7 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
     path = Path(path)
     lock_path = path.parent / f".{path.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("Waiting for another process working on %s (lock %s)", path, lock_path)
-        lock.acquire()
+    lock = _flock_lock(lock_path, path)
     try:
         yield
     finally:

@@ -72,27 +72,14 @@ def probe_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     Raises:
         ImageProblem: `REASON_NOT_IMAGE`, `REASON_TOO_LARGE` or `REASON_UNREADABLE`.
     """
-    if path.stat().st_size == 0:
-        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is an empty (zero-byte) file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                size = im.size
-    except Image.DecompressionBombError as err:
-        raise ImageProblem(REASON_TOO_LARGE, str(err)) from None
-    except UnidentifiedImageError:
-        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is not a recognised image format") from None
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a data problem, not a crash
+        fh = open(path, "rb")
+    except OSError as err:
         raise ImageProblem(REASON_UNREADABLE, f"{type(err).__name__}: {err}") from None
-    if size[0] * size[1] > max_image_pixels:
-        raise ImageProblem(
-            REASON_TOO_LARGE,
-            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} px > max_image_pixels={max_image_pixels:,}",
-        )
-    if size[0] < 1 or size[1] < 1:
-        raise ImageProblem(REASON_UNREADABLE, f"invalid size {size}")
-    return size
+    with fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open_checked(fh, path, max_image_pixels) as im:
+            return im.size
 
 
 def to_grayscale_8bit(im: Image.Image) -> Image.Image:
@@ -115,32 +102,76 @@ def to_grayscale_8bit(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def _target_size(size: tuple[int, int], image_size: int) -> tuple[int, int] | None:
+    """The (width, height) with the longer side at most `image_size` (None when no shrinking is needed)."""
+    w, h = size
+    scale = image_size / max(w, h)
+    if scale >= 1.0:
+        return None
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _open_checked(fh, path: Path, max_image_pixels: int) -> Image.Image:
+    """`Image.open` on the open file `fh`, checked: not empty, a known format, within the pixel cap (no pixel decoded)."""
+    if os.fstat(fh.fileno()).st_size == 0:
+        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is an empty (zero-byte) file")
+    try:
+        im = Image.open(fh)
+    except Image.DecompressionBombError as err:
+        raise ImageProblem(REASON_TOO_LARGE, str(err)) from None
+    except UnidentifiedImageError:
+        raise ImageProblem(REASON_NOT_IMAGE, f"{path.name} is not a recognised image format") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a data problem, not a crash
+        raise ImageProblem(REASON_UNREADABLE, f"{type(err).__name__}: {err}") from None
+    w, h = im.size
+    if w * h > max_image_pixels:
+        im.close()
+        raise ImageProblem(
+            REASON_TOO_LARGE, f"{w}x{h} = {w * h:,} px > max_image_pixels={max_image_pixels:,}"
+        )
+    if w < 1 or h < 1:
+        im.close()
+        raise ImageProblem(REASON_UNREADABLE, f"invalid size {im.size}")
+    return im
+
+
 def encode_image(
     path: Path, image_size: int = 512, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> tuple[bytes, tuple[int, int]]:
-    """Decodes `path` fully, converts it to 8-bit grayscale, shrinks it so its longer side is at most
-    `image_size` (never enlarges) and re-encodes it as PNG.
+    """Opens `path` once, checks its header (as `probe_image`), decodes it, converts it to 8-bit grayscale,
+    shrinks it so its longer side is at most `image_size` (never enlarges) and re-encodes it as PNG.
+
+    A JPEG is decoded with `Image.draft` straight to the smallest DCT scale (1/2, 1/4, 1/8) that is still at
+    least the target size, and converted to grayscale by the decoder: a 2,500 x 3,000 px radiograph built at
+    512 px decodes about a sixteenth of its pixels. The final resize is the same bicubic resize as for other
+    formats, from the original size's target, so the output has the same size either way.
 
     Returns:
         `tuple[bytes, tuple[int, int]]`: the PNG bytes and the ORIGINAL (width, height).
 
     Raises:
-        ImageProblem: for truncated, corrupt, non-image or oversized files.
+        ImageProblem: for missing, truncated, corrupt, non-image or oversized files.
     """
-    size = probe_image(path, max_image_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; the one open of this image
+    except FileNotFoundError:
+        raise ImageProblem(REASON_MISSING, str(path)) from None
+    except OSError as err:
+        raise ImageProblem(REASON_UNREADABLE, f"{path.name}: {type(err).__name__}: {err}") from None
+    with fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open_checked(fh, path, max_image_pixels) as im:
+            size = im.size
+            target = _target_size(size, image_size)
+            try:
+                if target is not None and im.format == "JPEG":
+                    im.draft("L", target)
                 im.load()
                 gray = to_grayscale_8bit(im)
-    except Exception as err:  # noqa: BLE001
-        raise ImageProblem(REASON_UNREADABLE, f"{path.name}: {type(err).__name__}: {err}") from None
-    w, h = gray.size
-    scale = image_size / max(w, h)
-    if scale < 1.0:
-        new = (max(1, round(w * scale)), max(1, round(h * scale)))
-        gray = gray.resize(new, Image.BICUBIC, reducing_gap=3.0)
+            except Exception as err:  # noqa: BLE001
+                raise ImageProblem(REASON_UNREADABLE, f"{path.name}: {type(err).__name__}: {err}") from None
+    if target is not None and gray.size != target:
+        gray = gray.resize(target, Image.BICUBIC, reducing_gap=3.0)
     buf = io.BytesIO()
     gray.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue(), size

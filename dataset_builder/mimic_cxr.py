@@ -34,22 +34,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from .images import REASON_MISSING
 from .study_plan import (
     REASON_DUPLICATE_ROW,
     DataFormat,
     PlannedStudy,
-    hash_file_stats,
     plan_study,
-    probe_row,
     read_csv_checked,
     skip_entry,
     skip_study,
+    study_texts,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,9 @@ MISSING_LAYOUT_HINT = (
     "(credentialed PhysioNet data: https://physionet.org/content/mimic-cxr-jpg/)"
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
+LISTING_THREADS = 16  # directory listings, report stats and report reads in flight at once
 REASON_NO_REPORT = "report file missing"
 REASON_UNREADABLE_REPORT = "unreadable report file"
 
@@ -170,8 +178,8 @@ def check_layout(data_dir: Path, cfg) -> None:
         FileNotFoundError: naming the missing file or folder.
         ValueError: naming the table and its missing columns.
     """
-    read_csv_checked(table_path(data_dir, SPLIT_CSV), SPLIT_REQUIRED, MISSING_LAYOUT_HINT, True)
-    read_csv_checked(table_path(data_dir, METADATA_CSV), METADATA_REQUIRED, MISSING_LAYOUT_HINT, True)
+    for name, required in ((SPLIT_CSV, SPLIT_REQUIRED), (METADATA_CSV, METADATA_REQUIRED)):
+        read_csv_checked(table_path(data_dir, name), required, MISSING_LAYOUT_HINT, header_only=True)
     if not (data_dir / IMAGE_FOLDER).is_dir():
         raise FileNotFoundError(f"image folder {data_dir / IMAGE_FOLDER} not found: {MISSING_LAYOUT_HINT}")
     reports = _reports_root(data_dir, cfg)
@@ -183,23 +191,102 @@ def check_layout(data_dir: Path, cfg) -> None:
         )
 
 
+def threaded_map(fn: Callable[[T], R], items: list[T], batch: int = 256) -> Iterator[R]:
+    """`map(fn, items)` on `LISTING_THREADS` threads, in order, with `batch` items a task (a task per item
+    would cost more than a `stat`) and at most two tasks a thread in flight (what is read waits in memory only
+    that far ahead of the consumer). For file-system calls, which release the GIL while they wait."""
+    batches = (items[i : i + batch] for i in range(0, len(items), batch))
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        pending: deque = deque()
+        for part in batches:
+            pending.append(pool.submit(lambda p: [fn(item) for item in p], part))
+            if len(pending) >= 2 * LISTING_THREADS:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _walk(folder: Path, prefix: str) -> list[str]:
+    """Relative paths (`prefix/...`) of the files under `folder`, sorted, from directory listings only."""
+    found: list[str] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            found.extend(_walk(Path(entry.path), f"{prefix}/{entry.name}"))
+        else:
+            found.append(f"{prefix}/{entry.name}")
+    return found
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under `root/files` as a path relative to `root` (`files/p10/p10000032/s50414267/x.jpg`), sorted.
+
+    Read from directory listings only (no per-file `stat`), one patient folder per task on `LISTING_THREADS`
+    threads, so a network file system answers many listings at once.
+
+    Args:
+        root (`Path`): the MIMIC-CXR-JPG folder (or the reports folder).
+
+    Returns:
+        `list[str]`: the relative paths, in sorted order (the same for the same tree).
+    """
+    top = root / IMAGE_FOLDER
+    found = _walk_top_level(top)
+    folders = [rel for rel, is_dir in found if is_dir]
+    below = dict(zip(folders, threaded_map(lambda rel: _walk(root / rel, rel), folders, batch=16)))
+    listing: list[str] = []
+    for rel, is_dir in found:
+        listing.extend(below[rel] if is_dir else [rel])
+    return listing
+
+
+def _walk_top_level(top: Path) -> list[tuple[str, bool]]:
+    """(path relative to the data folder, is a folder) for the group folders' children (p10/p10000032) and
+    any file on the way, sorted; a missing `top` gives nothing."""
+    out: list[tuple[str, bool]] = []
+    try:
+        groups = sorted(os.scandir(top), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for group in groups:
+        rel = f"{IMAGE_FOLDER}/{group.name}"
+        if not group.is_dir(follow_symlinks=True):
+            out.append((rel, False))
+            continue
+        for entry in sorted(os.scandir(group.path), key=lambda e: e.name):
+            out.append((f"{rel}/{entry.name}", entry.is_dir(follow_symlinks=True)))
+    return out
+
+
+def _report_stat(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return "missing"
+
+
 def fingerprint(h: hashlib._Hash, data_dir: Path, cfg) -> None:
-    """Adds both tables' bytes and the name, size and mtime of every referenced image and report to `h`,
-    without reading an image."""
+    """Adds both tables' bytes, the listing of `files/` (the names of the images and reports, no per-image
+    `stat`) and the size and mtime of every referenced report (read on `LISTING_THREADS` threads) to `h`,
+    without opening an image. An image replaced in place under the same name is not seen: rebuild with
+    `force_rebuild=True` (--force_rebuild) after doing that."""
     for name in (SPLIT_CSV, METADATA_CSV):
         path = table_path(data_dir, name)
         h.update(path.name.encode())
-        h.update(path.read_bytes())
+        with path.open("rb") as table:  # in blocks: a table is never held whole
+            for block in iter(lambda: table.read(1 << 20), b""):
+                h.update(block)
+    for i, rel in enumerate(list_files(data_dir)):
+        h.update(f"{chr(10) if i else ''}{rel}".encode())
     reports = _reports_root(data_dir, cfg)
-    seen: set[str] = set()
-    rows = _split_rows(data_dir)
-    for study_id, subject_id, dicom_id, _ in tqdm(
-        rows, desc="Fingerprinting inputs", unit="img", disable=len(rows) < 2000 or None
-    ):
-        hash_file_stats(h, data_dir, image_relpath(subject_id, study_id, dicom_id))
-        if study_id not in seen:
-            seen.add(study_id)
-            hash_file_stats(h, reports, report_relpath(subject_id, study_id))
+    report_names = sorted({report_relpath(subject, study) for study, subject, _, _ in _split_rows(data_dir)})
+    stats = threaded_map(lambda rel: _report_stat(reports / rel), report_names)
+    for rel, stat in zip(report_names, stats):
+        h.update(f"{rel}\0{stat}\n".encode())
 
 
 @dataclass
@@ -218,8 +305,20 @@ def _official_split(value: str, study_id: str, path: Path) -> str:
     return split
 
 
+def _read_report(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), (None, None) for a missing file, or (None, the error) for an unreadable one."""
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        return None, str(err)
+
+
 def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict]:
-    """Reads the split and metadata tables and the reports, checks every image's header, applies the options.
+    """Reads the split and metadata tables and the reports (on `LISTING_THREADS` threads), finds the images in
+    the listing of `files/` (no image is opened here: `encode_image` checks each one as it decodes it) and
+    applies the options.
 
     Args:
         cfg (`ChestXrayConfig`): the build options (`reports_dir` among them).
@@ -245,8 +344,8 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
     studies: dict[str, _Study] = {}
     seen_rows: set[tuple[str, str]] = set()
     no_metadata = 0
-    probe_bar = tqdm(rows, desc="Checking image files", unit="img", disable=len(rows) < 2000 or None)
-    for study_id, subject_id, dicom_id, split_value in probe_bar:
+    on_disk = set(list_files(data_dir))  # an image is opened once, when it is encoded
+    for study_id, subject_id, dicom_id, split_value in rows:
         if not (study_id.isdigit() and subject_id.isdigit()):  # they name folders and the report file
             raise ValueError(
                 f"{split_path}: the row of dicom_id {dicom_id!r} has study_id={study_id!r}, "
@@ -266,8 +365,10 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
         seen_rows.add((study_id, filename))
         if dicom_id not in view_of:
             no_metadata += 1
-        if probe_row(data_dir, study_id, filename, cfg.max_image_pixels, skipped):
-            study.rows.append((filename, projection_of(view_of.get(dicom_id, ""))))
+        if filename not in on_disk:
+            skipped.append(skip_entry(study_id, filename, REASON_MISSING, str(data_dir / filename)))
+            continue
+        study.rows.append((filename, projection_of(view_of.get(dicom_id, ""))))
     if no_metadata:
         logger.warning(
             "%d image(s) of %s have no row in %s: their projection is empty (neither frontal nor lateral)",
@@ -276,22 +377,26 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
             table_path(data_dir, METADATA_CSV).name,
         )
 
+    del on_disk, seen_rows
     reports = _reports_root(data_dir, cfg)
     candidates: list[PlannedStudy] = []
     num_read = 0
+    paths = [reports / report_relpath(study.subject_id, study_id) for study_id, study in studies.items()]
+    texts = threaded_map(_read_report, paths, batch=64)
     report_bar = tqdm(
-        studies.items(), desc="Reading reports", unit="report", disable=len(studies) < 2000 or None
+        zip(studies.items(), paths, texts),
+        total=len(studies),
+        desc="Reading reports",
+        unit="report",
+        disable=len(studies) < 2000 or None,
     )
-    for study_id, study in report_bar:
+    for (study_id, study), path, (text, problem) in report_bar:
         usable = sorted(study.rows, key=_view_rank)  # frontal, lateral, others; CSV order within each
-        path = reports / report_relpath(study.subject_id, study_id)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            skip_study(skipped, study_id, REASON_NO_REPORT, str(path), usable)
-            continue
-        except (OSError, UnicodeDecodeError) as err:
-            skip_study(skipped, study_id, REASON_UNREADABLE_REPORT, f"{path}: {err}", usable)
+        if text is None:
+            reason = REASON_NO_REPORT if problem is None else REASON_UNREADABLE_REPORT
+            skip_study(
+                skipped, study_id, reason, str(path) if problem is None else f"{path}: {problem}", usable
+            )
             continue
         num_read += 1
         sections = parse_report(text)
@@ -304,6 +409,7 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
             skipped,
             indication=sections.get("indication", ""),
             token=ANON_TOKEN,
+            report_file=report_relpath(study.subject_id, study_id),  # the encoding reads it again
         )
         if planned is not None:
             planned.split = study.split
@@ -317,6 +423,32 @@ def make_plan(cfg, data_dir: Path) -> tuple[list[PlannedStudy], list[dict], dict
         )
     stats = {"num_reports": len(studies), "num_projection_rows": len(rows)}
     return candidates, skipped, stats
+
+
+def texts_of(study: PlannedStudy, cfg) -> dict[str, str]:
+    """The text columns of a planned study, from its report file (read again by the process that encodes it,
+    so the plan held for every study keeps no text).
+
+    Raises:
+        ValueError: when the report is now missing, unreadable or without the target section (it changed
+            after the build was planned: build again).
+    """
+    path = _reports_root(Path(cfg.data_dir), cfg) / study.report_file
+    text, problem = _read_report(path)
+    sections = parse_report(text) if text is not None else {}
+    texts = study_texts(
+        cfg,
+        sections.get("findings", ""),
+        sections.get("impression", ""),
+        indication=sections.get("indication", ""),
+        token=ANON_TOKEN,
+    )
+    if not texts["report"]:
+        raise ValueError(
+            f"report {path} of study {study.uid} changed while the dataset was built ("
+            f"{problem or 'missing' if text is None else f'no {cfg.section} section now'}); build again"
+        )
+    return texts
 
 
 FORMAT = DataFormat(
@@ -336,6 +468,7 @@ FORMAT = DataFormat(
     fingerprint=fingerprint,
     make_plan=make_plan,
     image_root=lambda data_dir: data_dir,
+    texts_of=texts_of,
     split_rule=f"the official split of {SPLIT_CSV} (by patient): train, validate -> validation, test",
     unsupported_options={
         "r2gen": "the R2Gen protocol is a 70/10/20 split of the Indiana studies; MIMIC-CXR has its official split",

@@ -3,20 +3,53 @@
 `DatasetDict.save_to_disk` re-reads every example through the Arrow memory map, and every page it touches
 stays in the process's resident set until the dataset is closed: saving the real set (about 1.5 GB of 512-px
 PNGs) would grow the build's RSS by that much. The splits the builder prepares are Arrow files in the very
-format `save_to_disk` writes, so they are copied file to file instead, and the metadata `load_from_disk` reads
+format `save_to_disk` writes, so they are placed file to file instead, and the metadata `load_from_disk` reads
 (`dataset_info.json`, `state.json`, `dataset_dict.json`) is written from the datasets' public attributes. A
 split with no file of its own (an empty split, held in memory) goes through `save_to_disk`.
+
+Each Arrow file is hard-linked from the cache entry (one copy of the images on disk, however many builds
+share it; nothing rewrites an Arrow file in place, and a rebuild of the cache entry writes new files), and
+copied only where a link cannot be made (the cache on another file system: put `cache_dir` next to the
+output to store the images once).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import datasets
 from datasets import config
+
+logger = logging.getLogger(__name__)
+
+# errors that mean "no hard link here" (another file system, or one without links); others (disk full) raise
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Hard-links `src` to `dst` (a new name), or copies it where the file system cannot link it.
+
+    Args:
+        src (`str` or `os.PathLike`): an existing file.
+        dst (`str` or `os.PathLike`): the new file (must not exist).
+
+    Returns:
+        `bool`: True when linked (no extra disk used), False when copied.
+    """
+    try:
+        os.link(src, dst)
+        return True
+    except OSError as err:
+        if err.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(src, dst)
+    return False
 
 
 def _save_split(split: datasets.Dataset, folder: Path, fingerprint: str) -> None:
@@ -38,8 +71,20 @@ def _save_split(split: datasets.Dataset, folder: Path, fingerprint: str) -> None
     for stale in folder.glob("data-*.arrow"):  # an earlier build's files
         stale.unlink()
     names = [f"data-{i:05d}-of-{len(split.cache_files):05d}.arrow" for i in range(len(split.cache_files))]
-    for cache_file, name in zip(split.cache_files, names):
-        shutil.copyfile(cache_file["filename"], folder / name)
+    copied = [
+        not link_or_copy(cache_file["filename"], folder / name)
+        for cache_file, name in zip(split.cache_files, names)
+    ]
+    if any(copied):
+        logger.warning(
+            "Copied %d Arrow file(s) of the %s split from %s: the cache and %s are on different file systems "
+            "(or it has no hard links), so the images are stored twice; pass a cache_dir (--cache_dir) on the "
+            "output's file system to store them once",
+            sum(copied),
+            split.split,
+            Path(split.cache_files[0]["filename"]).parent,
+            folder,
+        )
     split_fingerprint = hashlib.sha256(f"{fingerprint}/{split.split}".encode()).hexdigest()[:16]
     state = {
         "_data_files": [{"filename": name} for name in names],

@@ -34,7 +34,11 @@ REASON_VIEW_NOT_SELECTED = "view not selected"
 
 
 def read_csv_checked(
-    path: Path, required: tuple[str, ...], hint: str = "", only_required: bool = False
+    path: Path,
+    required: tuple[str, ...],
+    hint: str = "",
+    only_required: bool = False,
+    header_only: bool = False,
 ) -> pd.DataFrame:
     """Reads a CSV (or a `.csv.gz`) as strings ("" for empty cells; quoted multi-line fields are supported).
 
@@ -44,6 +48,8 @@ def read_csv_checked(
         hint (`str`, defaults to ""): what the data folder should hold, for the not-found message.
         only_required (`bool`, defaults to False): read only the required columns (bounds the memory of wide
             files).
+        header_only (`bool`, defaults to False): read the header and no row (to check the columns of a large
+            table without holding it).
 
     Raises:
         FileNotFoundError: when the file is absent.
@@ -54,7 +60,13 @@ def read_csv_checked(
     usecols = (lambda column: column.strip() in required) if only_required else None
     try:
         df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8", usecols=usecols
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            encoding="utf-8",
+            usecols=usecols,
+            nrows=0 if header_only else None,
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as err:
         raise ValueError(f"{path} is not a readable CSV ({err}); expected columns {list(required)}") from None
@@ -71,9 +83,13 @@ def read_csv_checked(
     return df
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedStudy:
-    """A study that goes into a split: its chosen images (not yet encoded) and its texts."""
+    """A study that goes into a split: its chosen images (not yet encoded) and its texts.
+
+    With `report_file` set the texts are "" here: the study is planned from its report, and the encoding reads
+    that file again (`DataFormat.texts_of`), so the plan held for every study is its ids and file names only.
+    """
 
     uid: str
     split: str
@@ -85,6 +101,43 @@ class PlannedStudy:
     mesh: str
     problems: str
     indication: str
+    report_file: str = ""
+
+    def texts(self) -> dict[str, str]:
+        """The example's text columns, as planned (all "" when they are read from `report_file`)."""
+        return {name: getattr(self, name) for name in TEXT_COLUMNS}
+
+
+TEXT_COLUMNS = ("findings", "impression", "report", "mesh", "problems", "indication")
+
+
+def study_texts(
+    cfg,
+    findings: str,
+    impression: str,
+    *,
+    mesh: str = "",
+    problems: str = "",
+    indication: str = "",
+    token: re.Pattern = XXXX_TOKEN,
+) -> dict[str, str]:
+    """The text columns of an example (`TEXT_COLUMNS`): the raw sections stripped and `report`, the cleaned
+    target section of `cfg.section` ("" when the study has none)."""
+    clean_findings = clean_text(findings, cfg.xxxx, token)
+    clean_impression = clean_text(impression, cfg.xxxx, token)
+    target = {
+        "findings": clean_findings,
+        "impression": clean_impression,
+        "findings+impression": join_sections(clean_findings, clean_impression),
+    }[cfg.section]
+    return {
+        "findings": findings.strip(),
+        "impression": impression.strip(),
+        "report": target,
+        "mesh": mesh.strip(),
+        "problems": problems.strip(),
+        "indication": indication.strip(),
+    }
 
 
 def skip_entry(uid: str, filename: str | None, reason: str, detail: str = "") -> dict:
@@ -149,6 +202,7 @@ def plan_study(
     problems: str = "",
     indication: str = "",
     token: re.Pattern = XXXX_TOKEN,
+    report_file: str = "",
 ) -> PlannedStudy | None:
     """Applies the shared options to one study: the target section, `min_images` and the view selection.
 
@@ -161,18 +215,16 @@ def plan_study(
         skipped (`list[dict]`): the build report's skipped list; a skipped study adds its entries here.
         mesh (`str`), problems (`str`), indication (`str`): the other text columns ("" where a format has none).
         token (`re.Pattern`, defaults to Indiana's `XXXX`): the format's anonymisation token.
+        report_file (`str`, defaults to ""): the file the texts come from, when the encoding reads it again:
+            the planned study then keeps no text (its memory is its ids and file names).
 
     Returns:
         `PlannedStudy | None`: the study without its split, or None when it was skipped.
     """
-    clean_findings = clean_text(findings, cfg.xxxx, token)
-    clean_impression = clean_text(impression, cfg.xxxx, token)
-    target = {
-        "findings": clean_findings,
-        "impression": clean_impression,
-        "findings+impression": join_sections(clean_findings, clean_impression),
-    }[cfg.section]
-    if not target:
+    texts = study_texts(
+        cfg, findings, impression, mesh=mesh, problems=problems, indication=indication, token=token
+    )
+    if not texts["report"]:
         skip_study(skipped, uid, REASON_EMPTY_SECTION, f"section={cfg.section}", rows)
         return None
     min_images = max(cfg.min_images, 1)
@@ -189,17 +241,15 @@ def plan_study(
         for fn, _ in rows
         if fn not in chosen_names
     )
+    if report_file:
+        texts = dict.fromkeys(TEXT_COLUMNS, "")
     return PlannedStudy(
         uid=uid,
         split="",
         filenames=[fn for fn, _ in chosen],
         projections=[p.strip() for _, p in chosen],
-        findings=findings.strip(),
-        impression=impression.strip(),
-        report=target,
-        mesh=mesh.strip(),
-        problems=problems.strip(),
-        indication=indication.strip(),
+        report_file=report_file,
+        **texts,
     )
 
 
@@ -219,6 +269,9 @@ class DataFormat:
             planned studies with their splits, the skipped entries and stats (`num_reports`,
             `num_projection_rows`, optionally `split_file`).
         image_root (`Callable[[Path], Path]`): the folder the planned filenames are relative to.
+        texts_of (`Callable[[PlannedStudy, ChestXrayConfig], dict[str, str]] | None`): the text columns of a
+            study planned with a `report_file` (read again by the process that encodes it); None when the plan
+            keeps its texts.
         split_rule (`str`): how the splits are made, for the build report's `split_arithmetic`.
         unsupported_options (`dict[str, str]`): option -> why it does not apply; setting it is an error.
     """
@@ -234,6 +287,17 @@ class DataFormat:
     image_root: Callable[[Path], Path]
     split_rule: str
     unsupported_options: dict[str, str] = field(default_factory=dict)
+    texts_of: Callable[..., dict[str, str]] | None = None
+
+    def example_texts(self, study: PlannedStudy, cfg) -> dict[str, str]:
+        """The text columns of `study`'s example: read from its `report_file`, or as planned."""
+        if study.report_file:
+            if self.texts_of is None:
+                raise ValueError(
+                    f"format {self.name!r} planned study {study.uid} from a file but has no texts_of"
+                )
+            return self.texts_of(study, cfg)
+        return study.texts()
 
 
 def hash_file_stats(h: hashlib._Hash, root: Path, relpath: str) -> None:

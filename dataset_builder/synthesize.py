@@ -213,16 +213,29 @@ def synthesize(
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 px for visible findings, got {image_size}")
     out = Path(output_dir).expanduser().resolve()
-    settings = {
-        "num_studies": num_studies,
-        "seed": seed,
-        "image_size": image_size,
-        "version": GENERATOR_VERSION,
-    }
+    settings = {"num_studies": num_studies, "seed": seed, "image_size": image_size}
+    if write_phantom_folder(
+        out, settings, overwrite, lambda tmp: _write_studies(tmp, num_studies, seed, image_size, num_proc)
+    ):
+        logger.info("Wrote %d phantom studies (%d images) to %s", num_studies, 2 * num_studies, out)
+    return out
+
+
+def write_phantom_folder(out: Path, settings: dict, overwrite: bool, write) -> bool:
+    """Writes a synthesis into `out` through `write(tmp_folder)`, under the folder's lock, into a temporary
+    sibling renamed into place; a folder that already holds the same `settings` (and this generator version,
+    added to them) is kept as it is, and the same synthesis by an older generator is replaced.
+
+    Returns:
+        `bool`: whether anything was written.
+    """
+    settings = {**settings, "version": GENERATOR_VERSION}
     with folder_lock(out):
         if not overwrite and _settings_of(out) == settings:
-            logger.info("%s already holds these %d phantom studies; nothing written", out, num_studies)
-            return out
+            logger.info(
+                "%s already holds these %d phantom studies; nothing written", out, settings["num_studies"]
+            )
+            return False
         refuse_non_empty(
             out,
             overwrite,
@@ -231,8 +244,7 @@ def synthesize(
             replaceable=_older_version_of(settings),
         )
         with temporary_sibling(out) as tmp:
-            _write_studies(tmp, num_studies, seed, image_size, num_proc)
+            write(tmp)
             write_text_atomic(tmp / SETTINGS_JSON, json.dumps(settings, indent=1))
             move_into_place(tmp, out)
-    logger.info("Wrote %d phantom studies (%d images) to %s", num_studies, 2 * num_studies, out)
-    return out
+    return True

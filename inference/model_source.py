@@ -1,6 +1,10 @@
 """Which model `--model` names, how to load it, and what its card says about its training data.
 
-Shared by the two ways of using a trained model, `caption.py` (the command line) and `app.py` (the demo).
+Shared by the two ways of using a trained model, `caption.py` (the command line) and `app.py` (the demo):
+both take `--model` / `--trust_remote_code` / `--revision` (`add_model_arguments`) and both caption through
+the pipeline that ships in the model folder (`load_pipeline`, the `pipeline_xraycap.py` a saved folder
+carries), so a report from either is the text `pipeline("image-to-text", model=..., trust_remote_code=True)`
+writes.
 
 A name is a local folder, or, only when the user allows it with `trust_remote_code`, a Hub repo id whose
 Python code is downloaded and run; `revision` (a commit sha) pins that code. A name that looks like a path
@@ -10,12 +14,15 @@ synthetic phantom dataset marks a model whose reports describe phantoms only.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from pipeline_xraycap import PIPELINE_TASK
 from training.model_card import SYNTHETIC_DATASET
 
 logger = logging.getLogger(__name__)
@@ -29,7 +36,8 @@ PHANTOM_WARNING = (
 
 
 class ModelSourceError(ValueError):
-    """`--model` names a Hub repo without permission to run its code, or mixes a folder with a revision."""
+    """`--model` names a Hub repo without permission to run its code, mixes a folder with a revision, or names a
+    folder that declares no image-to-text pipeline."""
 
 
 def _looks_local(name: str) -> bool:
@@ -83,6 +91,77 @@ def resolve_model_source(
             model,
         )
     return model, {"trust_remote_code": True, "revision": revision}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    """
+    Add `--model`, `--trust_remote_code` and `--revision`, worded alike for the command line and the demo.
+
+    Args:
+        parser (`argparse.ArgumentParser`): the parser to extend.
+        default (`str`, *optional*, defaults to `DEFAULT_MODEL`): `--model`'s default (None: the caller
+            falls back on its own source, e.g. an environment variable).
+    """
+    parser.add_argument(
+        "--model",
+        default=default,
+        help=f"Saved XrayCap folder, or a Hub repo id with --trust_remote_code (default: {default or DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Allow --model to be a Hub repo id: its Python code is downloaded and run here.",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="Hub commit sha (or tag/branch) to load: pinning a reviewed commit is the safe way to run Hub code.",
+    )
+
+
+def load_pipeline(
+    model: str,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **model_kwargs: Any,
+):
+    """
+    The model's own image-to-text pipeline (`pipeline_xraycap.XrayCapImageToTextPipeline`, as the folder
+    ships it), its model in eval mode on `device`.
+
+    Args:
+        model (`str`): a saved model folder or Hub repo id; see `resolve_model_source`.
+        device (`str`, *optional*): torch device (default: the pipeline's, the first GPU when there is one,
+            else cpu).
+        trust_remote_code (`bool`, *optional*, defaults to `False`): the user allows a Hub repo's code to run.
+        revision (`str`, *optional*): the Hub commit to load.
+        **model_kwargs: passed to the model's `from_pretrained` (e.g. `attn_implementation="eager"`).
+
+    Returns:
+        `XrayCapImageToTextPipeline`: call it on images or studies; `.model` and `.processor` are loaded.
+
+    Raises:
+        `FileNotFoundError` / `ModelSourceError`: see `resolve_model_source` (raised before anything loads).
+        `ModelSourceError`: a folder whose `config.json` declares no image-to-text pipeline.
+        `OSError`: the folder or Hub repo cannot be loaded.
+    """
+    from transformers import pipeline
+
+    source, load_kwargs = resolve_model_source(model, trust_remote_code, revision)
+    config_file = Path(source) / "config.json"
+    declared = (
+        json.loads(config_file.read_text()).get("custom_pipelines", {}) if config_file.is_file() else None
+    )
+    if declared is not None and PIPELINE_TASK not in declared:
+        raise ModelSourceError(
+            f"{config_file} declares no {PIPELINE_TASK!r} pipeline: run "
+            f"`python -c \"from pipeline_xraycap import add_pipeline_to_folder; add_pipeline_to_folder('{source}')\"` "
+            "from the xraycap repository, then load it again."
+        )
+    captioner = pipeline(PIPELINE_TASK, model=source, device=device, model_kwargs=model_kwargs, **load_kwargs)
+    captioner.model.eval()
+    return captioner
 
 
 def _card_says_phantom(card) -> bool:

@@ -153,7 +153,7 @@ def test_demo_in_headless_chromium(server, model_dir, phantom_pair, tmp_path):
 
     frontal, lateral = phantom_pair
     # Step 2 adds the lateral view where the model reads two views (the demo preset reads one).
-    config = app.Captioner(str(model_dir)).load()[0].config
+    config = app.Captioner(str(model_dir)).load().model.config
     second_views = [frontal, lateral] if config.max_views > 1 else [frontal]
     expected_frontal = _generate(model_dir, [frontal], num_beams=1)
     expected_second = _generate(model_dir, second_views, num_beams=2)
@@ -230,7 +230,7 @@ def test_caption_study_report_findings_and_heat_map(model_dir):
     captioner = app.Captioner(str(model_dir))
     frontal, lateral, _ = phantom_studies(1, 128, start=11)[0]
     report, rows, picture = app.caption_study(captioner, frontal, lateral, num_beams=2)
-    model, processor = captioner.load()
+    model, processor = captioner.load().model, captioner.load().processor
     with torch.no_grad():
         ids = model.generate(**processor(images=[[frontal, lateral]], return_tensors="pt"), num_beams=2)
     assert report == processor.batch_decode(ids, skip_special_tokens=True)[0]

@@ -160,6 +160,7 @@ def _copy_tree(src: Path, dst: Path) -> Path:
 
 
 def test_cache_reused_without_reencoding(phantom_30, tmp_path, monkeypatch):
+    # num_proc=1: the calls are counted in this process
     calls = []
     real = images_module.encode_image
 
@@ -169,27 +170,28 @@ def test_cache_reused_without_reencoding(phantom_30, tmp_path, monkeypatch):
 
     monkeypatch.setattr(images_module, "encode_image", counting)
     data = _copy_tree(phantom_30, tmp_path / "data")
-    ds1, rep1 = build_dataset(data, tmp_path / "out1", image_size=64, cache_dir=tmp_path / "cache")
+    kw = {"cache_dir": tmp_path / "cache", "num_proc": 1}
+    ds1, rep1 = build_dataset(data, tmp_path / "out1", image_size=64, **kw)
     assert len(calls) == 60 and not rep1["reused_cache"] and rep1["num_images_encoded_this_run"] == 60
     calls.clear()
-    ds2, rep2 = build_dataset(data, tmp_path / "out2", image_size=64, cache_dir=tmp_path / "cache")
+    ds2, rep2 = build_dataset(data, tmp_path / "out2", image_size=64, **kw)
     assert calls == [] and rep2["reused_cache"] and rep2["num_images_encoded_this_run"] == 0
     assert rep2["num_examples"] == rep1["num_examples"] and rep2["skipped"] == rep1["skipped"]
     assert ds2["train"]["uid"] == ds1["train"]["uid"]
     assert ds2["train"][0]["images"][0].tobytes() == ds1["train"][0]["images"][0].tobytes()
     assert json.loads((tmp_path / "out2" / "build_report.json").read_text())["reused_cache"] is True
     # another option -> another cache entry
-    build_dataset(data, image_size=48, cache_dir=tmp_path / "cache")
+    build_dataset(data, image_size=48, **kw)
     assert len(calls) == 60
     calls.clear()
     # a changed input file (new bytes, new mtime) -> rebuilt
     victim = next((data / "images" / "images_normalized").iterdir())
     Image.new("L", (80, 80), 128).save(victim)
-    _, rep3 = build_dataset(data, image_size=64, cache_dir=tmp_path / "cache")
+    _, rep3 = build_dataset(data, image_size=64, **kw)
     assert len(calls) == 60 and not rep3["reused_cache"]
     calls.clear()
     # force_rebuild ignores the cache
-    build_dataset(data, image_size=64, cache_dir=tmp_path / "cache", force_rebuild=True)
+    build_dataset(data, image_size=64, force_rebuild=True, **kw)
     assert len(calls) == 60
 
 

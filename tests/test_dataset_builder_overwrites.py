@@ -5,6 +5,7 @@ next to the target and renames it into place, so a failure while saving keeps th
 """
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -76,14 +77,19 @@ def test_build_failing_while_saving_keeps_the_previous_output(phantom_8, tmp_pat
     out = outs / "built"
     _, old = build_dataset(phantom_8, out, image_size=48, cache_dir=tmp_path / "cache")
     old_uids = datasets.load_from_disk(str(out))["train"]["uid"]
-    real_copy = shutil.copyfile
+    real_copy, real_link = shutil.copyfile, os.link
 
-    def disk_full(src, dst, *args, **kwargs):
-        if outs in Path(dst).parents:
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real_copy(src, dst, *args, **kwargs)
+    def disk_full(real):
+        def fail_in_outs(src, dst, *args, **kwargs):
+            if outs in Path(dst).parents:
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "copyfile", disk_full)
+        return fail_in_outs
+
+    # the Arrow files are hard-linked from the cache; the metadata files are written
+    monkeypatch.setattr(shutil, "copyfile", disk_full(real_copy))
+    monkeypatch.setattr(os, "link", disk_full(real_link))
     with pytest.raises(OSError, match="No space left"):
         build_dataset(phantom_8, out, image_size=56, cache_dir=tmp_path / "cache")
     monkeypatch.undo()

@@ -1,5 +1,5 @@
 """The demo serves only the model the user named, takes uploads as they come and says what the model
-knows (issue 20, points 10, 11, 13). No browser: the Blocks' components are driven directly."""
+knows. No browser: the Blocks' components are driven directly."""
 
 import shutil
 
@@ -39,6 +39,7 @@ def test_app_serves_only_the_model_the_user_named(tmp_path, monkeypatch):
         calls.append((str(source), kwargs))
         raise OSError("not loaded in this test")
 
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()

@@ -1,4 +1,4 @@
-"""The caption command runs only the model the user named and loses nothing (issue 20, points 10, 12, 13)."""
+"""The caption command runs only the model the user named, through the model folder's pipeline, and loses nothing."""
 
 import csv
 import json
@@ -29,7 +29,7 @@ def scans(tmp_path_factory):
 
 @pytest.fixture
 def loads(monkeypatch):
-    """Record every AutoModel/AutoProcessor.from_pretrained call (and fail it: no download happens)."""
+    """Record every AutoConfig/AutoModel/AutoProcessor.from_pretrained call (and fail it: no download happens)."""
     calls = []
 
     def record(name):
@@ -39,12 +39,13 @@ def loads(monkeypatch):
 
         return from_pretrained
 
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config"))
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", record("model"))
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", record("processor"))
     return calls
 
 
-# ----------------------------------------------------------------------------------- point 10: Hub ids
+# ------------------------------------------------------------------------------ which model is loaded
 def test_typo_model_path_is_an_error_not_a_download(tmp_path, monkeypatch, scans, loads, capsys):
     """`--model outputs/xraycap-iu` under an existing outputs/ folder: exit 2 naming the path, nothing loaded."""
     monkeypatch.chdir(tmp_path)
@@ -63,24 +64,29 @@ def test_hub_id_needs_trust_remote_code_and_takes_revision(tmp_path, monkeypatch
 
     argv = ["--model", "someone/xraycap-iu", "--trust_remote_code", "--revision", "0123abc", str(scans[0])]
     assert caption.main(argv) == 2  # the fake loader raises OSError: reported as a usage error
-    assert loads[0][:2] == ("model", "someone/xraycap-iu")
+    assert loads[0][:2] == ("config", "someone/xraycap-iu")  # the pipeline reads the config first
     assert loads[0][2]["trust_remote_code"] is True and loads[0][2]["revision"] == "0123abc"
 
 
-# ------------------------------------------------------------------------------ point 12: nothing lost
-def test_crash_mid_run_keeps_the_finished_batches(model_dir, loaded, scans, tmp_path, monkeypatch):
-    model, processor = loaded
-    real_generate = model.generate
+# ------------------------------------------------------------------------------------- nothing lost
+def test_crash_mid_run_keeps_the_finished_batches(model_dir, scans, tmp_path, monkeypatch):
+    real_load = caption.load_pipeline
     calls = []
 
-    def generate_then_crash(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected crash in the second batch")
-        return real_generate(*args, **kwargs)
+    def load_then_crash_in_the_second_batch(*args, **kwargs):
+        captioner = real_load(*args, **kwargs)
+        real_generate = captioner.model.generate
 
-    monkeypatch.setattr(model, "generate", generate_then_crash)
-    monkeypatch.setattr(caption, "load_model_and_processor", lambda *a, **k: (model, processor))
+        def generate_then_crash(*generate_args, **generate_kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected crash in the second batch")
+            return real_generate(*generate_args, **generate_kwargs)
+
+        monkeypatch.setattr(captioner.model, "generate", generate_then_crash)
+        return captioner
+
+    monkeypatch.setattr(caption, "load_pipeline", load_then_crash_in_the_second_batch)
     for suffix in (".jsonl", ".csv"):
         output = tmp_path / f"reports{suffix}"
         calls.clear()
@@ -124,7 +130,7 @@ def test_pairs_csv_in_another_encoding_is_a_clear_error(model_dir, tmp_path, cap
     assert "pairs.csv" in err and "UTF-8" in err
 
 
-# -------------------------------------------------------------------- point 13: what the model knows
+# ---------------------------------------------------------------------------- what the model knows
 @pytest.mark.parametrize(
     "dataset_id, description, warned",
     [
@@ -150,3 +156,15 @@ def test_phantom_trained_model_warns_beside_every_report(
         assert err.count(records[0]["warning"]) == 1  # stderr says it once
     else:
         assert all(r["warning"] is None for r in records) and "synthetic phantom" not in err
+
+
+def test_folder_without_the_pipeline_is_a_clear_error(model_dir, scans, tmp_path, capsys):
+    """A folder whose config declares no image-to-text pipeline: exit 2 with the fix, not a traceback."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["custom_pipelines"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert caption.main(["--model", str(folder), str(scans[0]), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "add_pipeline_to_folder" in err

@@ -1,4 +1,4 @@
-"""Images at inference arrive as uploaded and are read as training read them (issue 20, point 11)."""
+"""Images at inference arrive as uploaded and are read as training read them."""
 
 import numpy as np
 import pytest

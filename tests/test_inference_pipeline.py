@@ -1,4 +1,4 @@
-"""The pipeline loads only what its caller allowed and never waits forever on a URL (issue 20, point 10)."""
+"""The pipeline loads only what its caller allowed and never waits forever on a URL."""
 
 import io
 import urllib.request

@@ -10,19 +10,20 @@ OPAC, CONS, PNA, EDEMA = "Lung Opacity", "Consolidation", "Pneumonia", "Edema"
 LES, FX, DEV, NF = "Lung Lesion", "Fracture", "Support Devices", "No Finding"
 ECM, PO = "Enlarged Cardiomediastinum", "Pleural Other"
 
-# (sentence, {observation: CheXpert label}); None = not mentioned.
+# (sentence, {observation: CheXpert label}); None = not mentioned (for No Finding: blank, CheXpert never writes
+# No Finding = 0, stages/aggregate.py).
 CHEXPERT_TABLE: list[tuple[str, dict]] = [
     # Lung Lesion: mass, nodule, nodular density/opacity, lump, cavitary lesion, carcinoma, neoplasm, tumor
-    ("Calcified granuloma in the right upper lobe.", {LES: None, NF: 1}),
+    ("Calcified granuloma in the right upper lobe.", {LES: None, NF: None}),
     ("Multiple calcified granulomas.", {LES: None}),
     ("Calcified nodule in the left lung base.", {LES: None}),
-    ("Scattered calcified nodules.", {LES: None, NF: 1}),
+    ("Scattered calcified nodules.", {LES: None, NF: None}),
     ("No nodules or masses.", {LES: 0, NF: 1}),
     ("No suspicious pulmonary nodules or masses.", {LES: 0}),
-    ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: 0}),
+    ("Nodular opacity in the right midlung.", {LES: 1, OPAC: 1, NF: None}),
     ("Nodular density at the left base.", {LES: 1}),
     ("Nodular opacification in the lingula.", {LES: 1, OPAC: 1}),
-    ("Possible mass in the right hilum.", {LES: -1, NF: 0}),
+    ("Possible mass in the right hilum.", {LES: -1, NF: None}),
     ("Right upper lobe mass.", {LES: 1}),
     ("There is a 1 cm nodule in the left upper lobe.", {LES: 1}),
     ("Massive cardiomegaly.", {LES: None, CM: 1}),
@@ -32,7 +33,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Large tumor in the left lung.", {LES: 1}),
     ("Palpable lump in the chest wall.", {LES: 1}),
     ("Bone lesion in the humerus.", {LES: None}),
-    ("Old granulomatous disease.", {LES: None, NF: 1}),
+    ("Old granulomatous disease.", {LES: None, NF: None}),
     ("No evidence of metastatic disease.", {LES: None}),
     # Lung Opacity: opaci-, infiltrate, airspace disease, interstitial markings, reticulation, scar
     ("Patchy opacity in the right lower lobe.", {OPAC: 1}),
@@ -44,9 +45,9 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Peribronchial thickening.", {OPAC: 1}),
     ("Reticulation at the lung bases.", {OPAC: 1}),
     # Edema: edema, heart failure, CHF, vascular/pulmonary congestion (uncertain), vascular prominence (uncertain)
-    ("Pulmonary edema.", {EDEMA: 1, NF: 0}),
+    ("Pulmonary edema.", {EDEMA: 1, NF: None}),
     ("No pulmonary edema.", {EDEMA: 0}),
-    ("Mild pulmonary vascular congestion.", {EDEMA: -1, NF: 0}),
+    ("Mild pulmonary vascular congestion.", {EDEMA: -1, NF: None}),
     ("No vascular congestion.", {EDEMA: 0}),
     ("Central vascular prominence.", {EDEMA: -1}),
     ("Congestive heart failure.", {EDEMA: 1, CM: -1}),
@@ -110,7 +111,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     # --- Issue 21 review against the CheXpert sources (stanfordmlgroup/chexpert-labeler; NegBio). The
     # comment above each group names the file whose rule gives the label.
     # patterns/pre_negation_uncertainty.txt "no new XXX" (matched before negation), "no evidence to rule out"
-    ("No new pleural effusion.", {PE: -1, NF: 0}),
+    ("No new pleural effusion.", {PE: -1, NF: None}),
     ("No new focal consolidation.", {CONS: -1}),
     ("No evidence to rule out pneumonia.", {PNA: -1}),
     ("Cannot rule out pneumonia.", {PNA: -1}),
@@ -123,7 +124,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("The nodule was previously demonstrated.", {LES: 0}),
     # patterns/post_negation_uncertainty.txt "borderline heart size" (only heart size: "borderline cardiomegaly"
     # and "borderline cardiac enlargement" have no rule and stay positive)
-    ("Borderline heart size.", {CM: -1, NF: 0}),
+    ("Borderline heart size.", {CM: -1, NF: None}),
     ("Borderline cardiomegaly.", {CM: 1}),
     ("Borderline cardiac enlargement.", {CM: 1}),
     # patterns/post_negation_uncertainty.txt: secondary to, worrisome for, suspicion for, favor, maybe,
@@ -144,6 +145,50 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Pneumothorax is not clearly seen.", {PTX: -1}),
     ("Effusion is poorly evaluated on the lateral view.", {PE: -1}),
     ("Pneumothorax is not seen.", {PTX: 0}),
+    # phrases/mention/no_finding.txt: a positive or uncertain mention of one of its phrases (degenerative,
+    # calcified, granuloma, scoliosis, emphysema, blunting, defibrillator, ...) also leaves No Finding blank
+    # (stages/aggregate.py); a negated one does not (until issue 28 a documented departure ignored the list)
+    ("Degenerative changes of the thoracic spine.", {NF: None}),
+    ("Mild scoliosis.", {NF: None}),
+    ("Possible emphysema.", {NF: None}),
+    ("No emphysema.", {NF: 1}),
+    ("Blunting of the right costophrenic angle.", {NF: None, PE: None}),
+    ("Dual-chamber defibrillator in place.", {DEV: 1, NF: None}),
+    ("Hyperinflated lungs.", {NF: None}),
+    ("No hiatal hernia.", {NF: 1}),
+    # The phantom findings (atelectasis, edema, support devices, rib fracture, widened mediastinum), each a
+    # phrase on CheXpert's mention lists (phrases/mention/*.txt, mention_phrases/support_devices.txt)
+    ("Plate-like atelectasis at the left base with volume loss.", {ATEL: 1, NF: None}),
+    ("Bilateral perihilar opacities consistent with pulmonary edema.", {EDEMA: 1, OPAC: 1}),
+    ("Mild interstitial edema.", {EDEMA: 1}),
+    ("Right internal jugular central venous catheter with tip in the SVC.", {DEV: 1, NF: 1}),
+    ("Endotracheal tube terminates 4 cm above the carina.", {DEV: 1}),
+    ("Left chest wall pacemaker with leads in the right atrium and right ventricle.", {DEV: 1, NF: 1}),
+    ("Acute fracture of the left 7th rib.", {FX: 1, NF: None}),
+    ("Displaced right posterior rib fracture.", {FX: 1}),
+    ("The mediastinum is widened.", {ECM: 1, NF: None}),
+    ("Widening of the superior mediastinum.", {ECM: 1}),
+    ("The mediastinum is not widened.", {ECM: 0, NF: 1}),
+    ("No edema, atelectasis or rib fracture.", {EDEMA: 0, ATEL: 0, FX: 0, NF: 1}),
+    # patterns/post_negation_uncertainty.txt has no rule for "likely" (only "less likely"), "probably",
+    # "presumed", "suggestive of" / "suggests", "equivocal", "indeterminate", "questionably" or "evaluate for":
+    # CheXpert calls these mentions positive (until issue 28 a documented departure made them uncertain).
+    ("Left base opacity, likely atelectasis.", {ATEL: 1, OPAC: 1}),
+    ("Atelectasis is likely.", {ATEL: 1}),
+    ("Probably atelectasis at the left base.", {ATEL: 1}),
+    ("Presumed right lower lobe pneumonia.", {PNA: 1}),
+    ("Findings suggestive of pulmonary edema.", {EDEMA: 1}),
+    ("The appearance suggests pneumonia.", {PNA: 1}),
+    ("Equivocal small left pleural effusion.", {PE: 1}),
+    ("Indeterminate nodule in the right upper lobe.", {LES: 1}),
+    ("Questionably increased opacity at the right base.", {OPAC: 1}),
+    ("Evaluate for pneumonia.", {PNA: 1}),
+    # ... but it has "suggestion of XXX", "question of XXX", "XXX in question", "less likely" and
+    # "differential diagnosis includes XXX"
+    ("Suggestion of a small right pleural effusion.", {PE: -1}),
+    ("Question of a small left pneumothorax.", {PTX: -1}),
+    ("Pneumonia is less likely.", {PNA: -1}),
+    ("Differential diagnosis includes pneumonia.", {PNA: -1}),
     # patterns/post_negation_uncertainty.txt has no "suggestive" rule and NegBio's own rule
     # (negbio/neg/neg_detector.py, match_uncertainty) exempts "most suggestive of": not uncertain
     ("Streaky opacity most suggestive of atelectasis.", {ATEL: 1, OPAC: 1}),

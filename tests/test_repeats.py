@@ -8,10 +8,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate import Accelerator
 from testing_utils import SMALL_RUN, reset_accelerate_state
 
-from training.data import pool_views
-from training.evaluation import nearest_train_reports
+from training.evaluation import nearest_train_rows
+from training.feature_cache import pool_views
 from training.repeats import cross_validation_fold, run_plan, summarize, summary_table
 
 FAST = ["--max_steps", "2", "--num_beams", "1", "--max_new_tokens", "8", "--per_device_eval_batch_size", "16"]
@@ -67,10 +68,11 @@ def test_summary_is_mean_and_sample_std_of_each_metric():
 
 def test_nearest_train_returns_the_report_of_the_most_similar_study():
     """Cosine of the pooled features: direction counts, not length; absent views do not count."""
-    train = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0]), 2: torch.tensor([1.0, 1.0])}
-    test = {5: torch.tensor([10.0, 0.5]), 6: torch.tensor([0.1, 3.0]), 7: torch.tensor([2.0, 2.1])}
-    reports = ["right", "up", "diagonal"]
-    assert nearest_train_reports(train, test, reports) == {5: "right", 6: "up", 7: "diagonal"}
+    train = datasets.Dataset.from_dict({"pooled": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
+    test = datasets.Dataset.from_dict({"pooled": [[10.0, 0.5], [0.1, 3.0], [2.0, 2.1]]})
+    reset_accelerate_state()
+    assert nearest_train_rows(train, test, Accelerator(cpu=True)) == {0: 0, 1: 1, 2: 2}
+    reset_accelerate_state()
     features = torch.tensor(
         [[[[1.0, 0.0], [3.0, 0.0]], [[0.0, 50.0], [0.0, 50.0]]]]
     )  # (1 study, 2 views, 2 tokens)

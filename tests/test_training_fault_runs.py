@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 from testing_utils import SMALL_RUN, reset_accelerate_state
 
-SMALL = [*SMALL_RUN, "--do_eval", "false"]
+# fp32 on every CPU (`auto` is bf16 on one with AMX), so the resume tests know the checkpoints' precision.
+SMALL = [*SMALL_RUN, "--do_eval", "false", "--mixed_precision", "no"]
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def train(args: list[str], output_dir: Path, cache: Path) -> dict:
@@ -75,10 +77,22 @@ def _nan_loss_at(monkeypatch, bad_calls: set[int] | None) -> None:
     monkeypatch.setattr(run_captioning, "training_loss", loss)
 
 
-def test_a_nan_loss_skips_its_step_and_training_goes_on(cache, tmp_path: Path, monkeypatch):
-    """The NaN step changes no weight, is counted in trainer_history.json, and the saved weights are finite."""
+def test_a_nan_loss_skips_its_step_and_training_goes_on(cache, tmp_path: Path, monkeypatch, caplog):
+    """The NaN step warns once, changes no weight (the checkpoints before and after it hold the same weights), is
+    counted in trainer_history.json, and the saved weights are finite."""
     _nan_loss_at(monkeypatch, {2})
-    history = train(["--max_steps", "3"], tmp_path / "model", cache)
+    with caplog.at_level(logging.WARNING):
+        history = train(
+            ["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "0"], tmp_path / "model", cache
+        )
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("step 2:"), warnings
+    checkpoints = tmp_path / "model" / "checkpoints"
+    weights = [load_file(checkpoints / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)]
+    # Parameters only: a trained tower's BatchNorm statistics follow every forward, the NaN batch's included.
+    weights = [{k: v for k, v in w.items() if not k.endswith(BATCHNORM_BUFFERS)} for w in weights]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])  # step 3 trains
     assert history["nonfinite_steps"] == [2]
     assert history["step"] == [1, 2, 3] and history["loss"][1] is None  # strict JSON: no NaN in the file
     json.loads((tmp_path / "model" / "trainer_history.json").read_text(), parse_constant=pytest.fail)
@@ -112,6 +126,11 @@ def test_nan_steps_in_a_row_stop_the_run_with_a_clear_error(cache, tmp_path: Pat
         (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps"),
         (["--max_steps", "12"], "max_steps"),
         (["--seed", "4"], "seed"),
+        (
+            ["--synthetic_studies", "48"],
+            "train_examples",
+        ),  # other data; the process count: test_distributed.py
+        (["--mixed_precision", "bf16"], "mixed_precision"),  # the checkpoint trained in fp32 (`no`)
     ],
 )
 def test_resume_with_changed_arguments_is_refused_naming_the_field(
@@ -161,3 +180,62 @@ def test_overwrite_starts_fresh_and_latest_is_the_new_run(finished_run, cache, t
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["completed_steps"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop on a GPU: no host read per step; the upload after the last collective
+# --------------------------------------------------------------------------------------------------
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_reads(monkeypatch) -> dict[str, int]:
+    """Counts tensor -> Python reads (each one waits for the GPU) made by the run's own code, by file."""
+    import sys
+    from collections import Counter
+
+    repo = Path(__file__).resolve().parents[1]
+    counts: Counter = Counter()
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.is_relative_to(repo) and "tests" not in caller.parts and caller.name != "data.py":
+                counts[str(caller.relative_to(repo))] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return counts
+
+
+def test_training_steps_read_nothing_back_from_the_device_between_logging_steps(
+    cache, tmp_path: Path, monkeypatch
+):
+    """On a GPU every `.item()` / `float()` / `bool()` of a device tensor stalls the loop: training 6 steps instead
+    of 2 (no logging step, one checkpoint each) reads no more values back than training 2."""
+    reads = []
+    for steps in (2, 6):
+        with monkeypatch.context() as patch:
+            counts = _count_host_reads(patch)
+            train(["--max_steps", str(steps), "--logging_steps", "100"], tmp_path / f"model-{steps}", cache)
+        reads.append(counts)
+    grown = {f: reads[1][f] - reads[0][f] for f in reads[1] if reads[1][f] != reads[0][f]}
+    assert not grown, f"host reads that grow with the steps, by file: {grown}"
+
+
+def test_the_hub_upload_comes_after_the_last_collective(cache, tmp_path: Path, monkeypatch):
+    """No process waits at a barrier while the main process uploads to the Hub (it may take longer than the
+    collective timeout)."""
+    import accelerate
+
+    import run_captioning
+
+    events = []
+    real_wait = accelerate.Accelerator.wait_for_everyone
+    monkeypatch.setattr(
+        accelerate.Accelerator, "wait_for_everyone", lambda self: events.append("barrier") or real_wait(self)
+    )
+    monkeypatch.setattr(run_captioning, "push_to_hub", lambda *args, **kwargs: events.append("push") or "url")
+    train(["--max_steps", "1", "--push_to_hub", "--hub_model_id", "me/xraycap"], tmp_path / "model", cache)
+    assert "push" in events and "barrier" not in events[events.index("push") :], events

@@ -217,3 +217,75 @@ def test_hub_upload_extra_argument_reaches_the_upload():
     args = ["--hub_upload_extra", "predictions.jsonl, eval_results.json", "--output_dir", "/nonexistent/x"]
     *_, train_args = run_captioning.parse_args(args)
     assert run_captioning.hub_upload_extra(train_args) == ["predictions.jsonl", "eval_results.json"]
+
+
+# A process that saves checkpoint-1, then stalls in the middle of writing checkpoint-2 (after its first file) as a
+# slow disk would, printing where it is, until the test kills it.
+MID_WRITE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from training.checkpoints import save_checkpoint
+
+root = Path(sys.argv[1])
+accelerator = Accelerator(cpu=True)
+model = torch.nn.Linear(64, 64)
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+model, optimizer = accelerator.prepare(model, optimizer)
+for step in (1, 2):
+    model(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if step == 2:
+        real_save = torch.save
+        def stalled_save(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            print("writing", f, flush=True)
+            time.sleep(300)
+        torch.save = stalled_save
+    save_checkpoint(accelerator, root, step, {"completed_steps": step, "history": {}}, keep=0)
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_leaves_latest_on_the_complete_one(tmp_path: Path):
+    """A process killed (SIGKILL) in the middle of writing a checkpoint leaves it as `checkpoint-N.tmp`; `latest`
+    is the previous, complete checkpoint, which loads, and the next save of that step replaces the partial one."""
+    import signal
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+
+    from training.checkpoints import load_checkpoint
+
+    root = tmp_path / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", MID_WRITE_SCRIPT, str(root)]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()  # blocks until the child is mid-write
+        assert line.startswith("writing") and "checkpoint-2.tmp" in line, (line, proc.stderr.read())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-2.tmp"]
+    assert resolve_checkpoint("latest", root) == root / "checkpoint-1"
+
+    from testing_utils import reset_accelerate_state
+
+    reset_accelerate_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(64, 64)
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+        assert load_checkpoint(accelerator, root / "checkpoint-1")["completed_steps"] == 1
+        save_checkpoint(accelerator, root, 2, {"completed_steps": 2, "history": {}}, keep=0)
+    finally:
+        reset_accelerate_state()
+    assert list_checkpoints(root) == [root / "checkpoint-1", root / "checkpoint-2"]
+    assert not (root / "checkpoint-2.tmp").exists()

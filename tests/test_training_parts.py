@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_and_processor
@@ -157,13 +158,15 @@ def test_ablated_batches_show_every_study_the_same_grey_image():
 def test_cached_features_replace_the_images():
     """With a feature cache the collator decodes no image and hands the model each study's cached features."""
     _, processor = make_tiny_model_and_processor(image_size=64)
-    cache = {i: (torch.full((4, 8), float(i)), torch.tensor([True])) for i in range(3)}
-    collator = StudyCollator(processor, max_views=1, max_target_length=32, feature_cache=cache)
-    batch = collator(
-        [(2, {"report": "No acute disease.", "images": None}), (0, {"report": "Clear.", "images": None})]
-    )
+
+    def study(i: int, report: str) -> dict:
+        features = np.full((1, 4, 8), float(i), dtype=np.float32)
+        return {"report": report, "image_features": features, "view_mask": np.array([True])}
+
+    collator = StudyCollator(processor, max_views=1, max_target_length=32)
+    batch = collator([(2, study(2, "No acute disease.")), (0, study(0, "Clear."))])
     assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
-    assert batch["image_features"][:, 0, 0].tolist() == [2.0, 0.0]
+    assert batch["image_features"][:, 0, 0, 0].tolist() == [2.0, 0.0]
 
 
 def test_training_order_is_seeded_and_leaves_the_global_rng_alone():

@@ -24,8 +24,9 @@ from .precision import MIXED_PRECISION_CHOICES
 
 
 def arg(default: Any, help: str, **metadata) -> Any:
-    """A dataclass field with its command-line help (`HfArgumentParser` reads `metadata`)."""
-    return field(default=default, metadata={"help": help, **metadata})
+    """A dataclass field with its command-line help (`HfArgumentParser` reads `metadata`; argparse formats help
+    with `%`, so a literal "5 %" is escaped here)."""
+    return field(default=default, metadata={"help": help.replace("%", "%%"), **metadata})
 
 
 @dataclass
@@ -75,14 +76,28 @@ class DataArguments:
     dataset_dir: str | None = arg(None, "A dataset already built with `python -m dataset_builder build`.")
     download: bool = arg(False, "Download the Kaggle copy with kagglehub first.")
     synthetic_studies: int = arg(2000, "Synthetic phantom studies of the embedded default (no data given).")
-    section: str = arg("findings", "Target text: findings | impression | findings+impression.")
-    views: str | None = arg(
-        None, "frontal | pair | all. Default: 'frontal' for one-view models, else 'pair'."
+    section: str | None = arg(
+        None,
+        "Target text: findings | impression | findings+impression. Default: 'findings', or as built with --dataset_dir.",
     )
-    min_images: int = arg(1, "Keep studies with at least this many images.")
-    build_image_size: int = arg(512, "Longest side of the images stored in the built dataset.")
-    r2gen: bool = arg(False, "Reproduce the R2Gen population and split.")
-    split_file: str | None = arg(None, "An R2Gen-style annotation.json for the split.")
+    views: str | None = arg(
+        None,
+        "frontal | pair | all. Default: 'frontal' for one-view models, else 'pair'; as built with --dataset_dir.",
+    )
+    min_images: int | None = arg(
+        None, "Keep studies with at least this many images. Default: 1 (2 with --r2gen), or as built."
+    )
+    build_image_size: int | None = arg(
+        None, "Longest side of the images stored in the built dataset. Default: 512, or as built."
+    )
+    r2gen: bool | None = arg(None, "Reproduce the R2Gen population and split. Default: false, or as built.")
+    split_file: str | None = arg(
+        None, "An R2Gen-style annotation.json for the split. Default: none, or as built."
+    )
+    num_proc: int | None = arg(
+        None,
+        "Processes building the dataset (--data_dir, --download, the synthetic default). Default: all cores.",
+    )
     cache_dir: str | None = arg(
         None, "Where built datasets are cached. Default: $XRAYCAP_CACHE or ~/.cache/xraycap."
     )
@@ -98,7 +113,11 @@ class DataArguments:
     )
     fold: int | None = arg(None, "With --folds K: run only this fold (0 to K-1).")
     max_eval_samples: int | None = arg(None, "Evaluate on at most this many studies.")
-    dataloader_num_workers: int = arg(0, "DataLoader worker processes.")
+    dataloader_num_workers: int | None = arg(
+        None,
+        "DataLoader worker processes decoding images. Default: the usable CPU cores divided by the training processes "
+        "on this machine, at most 8.",
+    )
 
 
 @dataclass
@@ -147,6 +166,17 @@ class TrainingArguments:
         "Compile the model with torch.compile (Accelerate's dynamo plugin, inductor backend). Resume a compiled "
         "run's checkpoints with this flag too. On CPU, torch 2.14's inductor fails to build some bf16 training "
         "kernels: add --mixed_precision no there.",
+    )
+    tf32: bool | None = arg(
+        None,
+        "Let fp32 matmuls and convolutions use TF32 on Ampere+ GPUs (torch.backends.*.allow_tf32), as Trainer's "
+        "--tf32. Default: torch's own setting.",
+    )
+    ddp_timeout: int = arg(
+        1800,
+        "Seconds a process waits at a collective (a barrier while the main process builds the dataset, a "
+        "gather) before the run fails; torch's default is 600. Build big data first with `python -m "
+        "dataset_builder build` and pass --dataset_dir.",
     )
     do_train: bool = arg(True, "Train.")
     do_eval: bool = arg(True, "Evaluate on validation each epoch and on test.")
@@ -218,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise FileNotFoundError(
             f"--dataset_dir {data_args.dataset_dir!r} does not exist: build it with `python -m dataset_builder build`."
         )
+    resolve_build_options(data_args)
     if data_args.views not in (None, "frontal", "pair", "all"):
         raise ValueError(f"--views {data_args.views!r}: choose frontal, pair or all.")
     if data_args.synthetic_studies < 20:
@@ -252,6 +283,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             "--cache_features needs a frozen encoder: add --freeze_vision_encoder true (or use --vision_model)."
         )
     return model_args, data_args, train_args
+
+
+# The build options a run passes to dataset_builder: argument name -> (its key in build_report.json, default).
+BUILD_OPTIONS = {
+    "section": ("section", "findings"),
+    "views": ("views", None),
+    "min_images": ("min_images", 1),
+    "build_image_size": ("image_size", 512),
+    "r2gen": ("r2gen", False),
+    "split_file": ("split_file", None),
+}
+
+
+def resolve_build_options(data_args: DataArguments) -> None:
+    """Fills the build options left out (None) in place: with `--dataset_dir` from its `build_report.json`, else
+    with their defaults (`--views` is then chosen from the model). With `--dataset_dir`, an option given with a
+    value other than the built one is refused: the dataset is used as built, never silently as something else."""
+    if data_args.dataset_dir is None:
+        for name, (_, default) in BUILD_OPTIONS.items():
+            if getattr(data_args, name) is None:
+                setattr(data_args, name, default)
+        return
+    report_path = Path(data_args.dataset_dir) / "build_report.json"
+    given = {name: getattr(data_args, name) for name in BUILD_OPTIONS if getattr(data_args, name) is not None}
+    if not report_path.is_file():
+        if given:
+            raise ValueError(
+                f"--dataset_dir {data_args.dataset_dir!r} has no build_report.json, so {sorted(given)} cannot be "
+                "checked against how it was built: drop those options, or rebuild it with `python -m dataset_builder "
+                "build`."
+            )
+        return
+    built = json.loads(report_path.read_text()).get("options", {})
+    for name, (key, _) in BUILD_OPTIONS.items():
+        value, built_value = getattr(data_args, name), built.get(key)
+        if value is None:
+            setattr(data_args, name, built_value)
+            continue
+        wanted = value
+        if name == "split_file":
+            wanted = str(Path(value).expanduser().resolve())
+        elif name == "min_images" and built.get("r2gen"):
+            wanted = max(value, 2)  # the R2Gen population raises it to 2, as a build does
+        if wanted != built_value:
+            rebuild = f"--{key} {value}" if name != "r2gen" else ("--r2gen" if value else "without --r2gen")
+            raise ValueError(
+                f"--{name} {value!r} differs from the built dataset's {key} {built_value!r} (in {report_path}). The "
+                f"dataset is used as built: drop --{name}, or rebuild it with `python -m dataset_builder build ... "
+                f"{rebuild}` into another --output_dir and train on that."
+            )
 
 
 def config_file_arguments(path: str) -> list[str]:

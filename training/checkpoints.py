@@ -33,6 +33,8 @@ RESUME_FIELDS = {
     "train_examples": "use the same data and split ({saved} training studies)",
     "steps_per_epoch": "use the same data, batch size and process count ({saved} steps per epoch)",
     "seed": "pass --seed {saved}",
+    # bf16 and fp16 checkpoints differ (only fp16 saves a GradScaler); `auto` is bf16 on an A100, fp16 on a V100.
+    "mixed_precision": "pass --mixed_precision {saved} (`auto` resolves by the hardware)",
 }
 
 

@@ -3,11 +3,13 @@
 - `IndexedStudies` pairs each study with its row index, so generated reports can be matched to their studies
   after `gather_for_metrics`.
 - `StudyCollator` runs the processor (images -> pixel_values / view_mask, reports -> input_ids / labels),
-  optionally with mid-grey images (the ablation), with precomputed encoder features, or with randomly augmented
-  images (`--augment`, training only; see `training.augmentation`).
-- `study_dataloader` is the DataLoader of a split, with its own seeded generator.
-- `precompute_features` runs the encoder once over a split (`--cache_features`; pooled, the nearest-train floor).
-- `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default.
+  optionally with mid-grey images (the ablation), or with randomly augmented images (`--augment`, training only;
+  see `training.augmentation`); a split that carries cached encoder features (`training.feature_cache`) gives
+  them instead, and no image is decoded.
+- `study_dataloader` is the DataLoader of a split, with its own seeded generator; `dataloader_workers` is its
+  default worker count.
+- `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default;
+  `run_splits` makes a run's splits from them (its cross-validation fold, `--max_eval_samples`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from dataset_builder import build_dataset, download, synthesize
+from modeling_xraycap import check_view_mask_rows
 from processing_xraycap import XrayCapProcessor
 from training.augmentation import XrayAugmentation
+
+from .feature_cache import FEATURE_COLUMNS, features_from_storage
+from .repeats import cross_validation_fold
 
 logger = logging.get_logger(__name__)
 
@@ -35,11 +40,16 @@ logger = logging.get_logger(__name__)
 class IndexedStudies(Dataset):
     """A split with each study's row index attached, so predictions can be matched after a gather.
 
+    A batch is read from Arrow in one call (`__getitems__`); cached features come as numpy arrays.
+
     Args:
-        split (`datasets.Dataset`): a split built by `dataset_builder` (`uid`, `images`, `report`).
+        split (`datasets.Dataset` or `list[dict]`): a split built by `dataset_builder` (`uid`, `images`, `report`),
+            or one that carries cached features instead of images (`training.feature_cache.with_features`).
     """
 
     def __init__(self, split: datasets.Dataset):
+        if cached := [name for name in FEATURE_COLUMNS if name in getattr(split, "column_names", ())]:
+            split = split.with_format("numpy", columns=cached, output_all_columns=True)
         self.split = split
 
     def __len__(self) -> int:
@@ -48,9 +58,21 @@ class IndexedStudies(Dataset):
     def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
         return index, self.split[index]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        if not isinstance(self.split, datasets.Dataset):  # a list of studies
+            return [self[index] for index in indices]
+        columns = self.split[list(indices)]
+        return [
+            (index, {name: values[j] for name, values in columns.items()}) for j, index in enumerate(indices)
+        ]
+
 
 class StudyCollator:
     """Turns `(index, study)` items into model inputs with the processor.
+
+    Studies that carry cached encoder features (`image_features`, `view_mask`: a split from
+    `training.feature_cache.with_features`) give them to the model as they are; the others' images go through the
+    processor.
 
     Args:
         processor (`XrayCapProcessor`): images -> pixel_values / view_mask, reports -> input_ids / labels.
@@ -58,11 +80,9 @@ class StudyCollator:
         max_target_length (`int`): report tokens kept, bos and eos included.
         with_text (`bool`, *optional*, defaults to `True`): tokenize the reports (training).
         ablate (`bool`, *optional*, defaults to `False`): replace every image with constant mid-grey.
-        feature_cache (`dict[int, tuple[torch.Tensor, torch.Tensor]]`, *optional*): precomputed encoder
-            features and view masks by row index; when given, images are not decoded at all.
         augmentation (`XrayAugmentation`, *optional*): applied to each view before the processor, drawn anew for
             each epoch (see `set_epoch`). Only for the training collator: never with `ablate` (the grey image must
-            stay constant) nor with `feature_cache` (features computed once cannot follow images that change).
+            stay constant) nor with cached features (features computed once cannot follow images that change).
     """
 
     def __init__(
@@ -72,7 +92,6 @@ class StudyCollator:
         max_target_length: int,
         with_text: bool = True,
         ablate: bool = False,
-        feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         augmentation: XrayAugmentation | None = None,
     ):
         if augmentation is not None and ablate:
@@ -85,7 +104,6 @@ class StudyCollator:
         self.max_target_length = max_target_length
         self.with_text = with_text
         self.ablate = ablate
-        self.feature_cache = feature_cache
         self.augmentation = augmentation
         self.epoch = 0
 
@@ -94,22 +112,24 @@ class StudyCollator:
         self.epoch = epoch
 
     def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        if self.feature_cache is not None and self.augmentation is not None:
-            raise ValueError(
-                "StudyCollator has both a feature_cache and an augmentation: cached encoder features cannot follow "
-                "images augmented anew every epoch. Drop one of them (run_captioning turns the cache off under "
-                "--augment)."
-            )
         indices = [index for index, _ in items]
         text = [example["report"] for _, example in items] if self.with_text else None
-        if self.feature_cache is not None:
+        if "image_features" in items[0][1]:
+            if self.augmentation is not None or self.ablate:
+                raise ValueError(
+                    "StudyCollator got cached encoder features with an augmentation or the grey-image ablation: "
+                    "features computed once cannot follow changed images. Give this collator a split with images "
+                    "(run_captioning turns the cache off under --augment)."
+                )
             batch = {}
             if text:
                 batch = dict(
                     self.processor(text=text, return_tensors="pt", max_length=self.max_target_length)
                 )
-            batch["image_features"] = torch.stack([self.feature_cache[i][0] for i in indices])
-            batch["view_mask"] = torch.stack([self.feature_cache[i][1] for i in indices])
+            batch["image_features"] = torch.stack(
+                [features_from_storage(example["image_features"]) for _, example in items]
+            )
+            batch["view_mask"] = torch.stack([torch.as_tensor(example["view_mask"]) for _, example in items])
         else:
             images = [example["images"][: self.max_views] for _, example in items]
             if self.ablate:
@@ -127,6 +147,9 @@ class StudyCollator:
                     images=images, text=text, return_tensors="pt", max_length=self.max_target_length
                 )
             )
+        # Checked here, on the CPU, so that the model's training forward never waits for the device to read it.
+        if "view_mask" in batch:
+            check_view_mask_rows(batch["view_mask"].bool())
         batch["index"] = torch.tensor(indices)
         return batch
 
@@ -157,7 +180,11 @@ def study_dataloader(
         shuffle (`bool`, *optional*, defaults to `False`): shuffle each epoch (training).
         num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes.
         seed (`int`, *optional*, defaults to 0): seed of the loader's generator (the shuffling order).
-        pin_memory (`bool`, *optional*, defaults to `False`): pin batches for faster copies to a GPU.
+        pin_memory (`bool`, *optional*, defaults to `False`): pin batches for non-blocking copies to a GPU.
+
+    Workers persist across epochs (no restart at each epoch), except with an augmenting collator: a persistent
+    worker keeps the collator it was started with, so `set_epoch` would never reach it and every epoch would
+    repeat the first epoch's draws.
     """
     return DataLoader(
         IndexedStudies(split),
@@ -166,48 +193,29 @@ def study_dataloader(
         collate_fn=collator,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        persistent_workers=num_workers > 0 and collator.augmentation is None,
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def pool_views(features: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-    """One vector per study: encoder features `(batch, views, tokens, channels)` averaged over the tokens and
-    over the study's present views (`view_mask`, `(batch, views)`). Returns `(batch, channels)` in fp32."""
-    weights = view_mask.to(torch.float32)[:, :, None]
-    per_view = features.float().mean(dim=2)
-    return (per_view * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+# Enough workers to keep an accelerator fed with decoded images; more only add memory.
+MAX_DEFAULT_WORKERS = 8
 
 
-@torch.no_grad()
-def precompute_features(
-    model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator, pooled: bool = False
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Runs the encoder once over a split, in eval mode; returns `(features, view_mask)` by row index, on CPU.
-
-    All processes get the whole split's features (gathered), whichever shard each one encoded.
+def dataloader_workers(requested: int | None, num_processes: int = 1) -> int:
+    """`--dataloader_num_workers`, by default what the machine offers each process: its usable CPU cores divided
+    by the training processes on this machine (`LOCAL_WORLD_SIZE`, set by `accelerate launch` / torchrun), at most
+    `MAX_DEFAULT_WORKERS`.
 
     Args:
-        model (`XrayCapForConditionalGeneration`): the prepared model (its `get_image_features` is used).
-        dataloader (`DataLoader`): the prepared loader of the split, with images and without text.
-        accelerator (`Accelerator`): the run's accelerator.
-        pooled (`bool`, *optional*, defaults to `False`): keep one `(channels,)` vector per study ([`pool_views`])
-            instead of its `(views, tokens, channels)` features: what retrieval needs, in a fraction of the memory.
+        requested (`int`, *optional*): the workers asked for; None for the default.
+        num_processes (`int`, *optional*, defaults to 1): the run's processes, when `LOCAL_WORLD_SIZE` is unset.
     """
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    indices, features, view_masks = [], [], []
-    for batch in tqdm(dataloader, desc="encoding images", disable=not accelerator.is_local_main_process):
-        encoded = unwrapped.get_image_features(
-            pixel_values=batch["pixel_values"], view_mask=batch["view_mask"]
-        )
-        if pooled:
-            encoded = pool_views(encoded, batch["view_mask"])
-        gathered = accelerator.gather_for_metrics((batch["index"], encoded, batch["view_mask"]))
-        for store, values in zip((indices, features, view_masks), gathered):
-            store.extend(values.cpu())
-    unwrapped.train(was_training)
-    return {int(i): (f, m) for i, f, m in zip(indices, features, view_masks)}
+    if requested is not None:
+        return requested
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_DEFAULT_WORKERS, cores // max(1, local_processes))
 
 
 def load_studies(
@@ -222,8 +230,8 @@ def load_studies(
     Args:
         data_args (`DataArguments`):
             run_captioning's data arguments: `data_dir`, `dataset_dir`, `download`, `synthetic_studies`,
-            `cache_dir` (default `$XRAYCAP_CACHE` or `~/.cache/xraycap`), `section`, `min_images`,
-            `build_image_size`, `r2gen`, `split_file`.
+            `cache_dir` ([`cache_root`]), `section`, `min_images`, `build_image_size`, `r2gen`, `split_file`,
+            `num_proc`.
         views (`str`): `"frontal"`, `"pair"` or `"all"`.
         seed (`int`): the seed of the synthetic studies and of the split.
         accelerator (`Accelerator`): the run's accelerator.
@@ -232,8 +240,9 @@ def load_studies(
         report_path = Path(data_args.dataset_dir) / "build_report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return datasets.load_from_disk(data_args.dataset_dir), report
-    cache = Path(data_args.cache_dir or os.environ.get("XRAYCAP_CACHE", Path.home() / ".cache" / "xraycap"))
-    with accelerator.main_process_first():
+    cache = cache_root(data_args)
+    # Each node's first process builds into its node's cache (often node-local), then that node's others read it.
+    with accelerator.local_main_process_first():
         if data_args.download:
             data_dir = Path(download(cache / "kaggle"))
         elif data_args.data_dir is not None:
@@ -252,4 +261,34 @@ def load_studies(
             r2gen=data_args.r2gen,
             split_file=data_args.split_file,
             cache_dir=str(cache / "datasets"),
+            num_proc=data_args.num_proc,
         )
+
+
+def cache_root(data_args) -> Path:
+    """The run's cache folder: `--cache_dir`, else `$XRAYCAP_CACHE`, else `~/.cache/xraycap`. It holds the
+    synthetic phantoms, the built datasets (`datasets/`) and the encoder features (`feature_cache/`)."""
+    return Path(data_args.cache_dir or os.environ.get("XRAYCAP_CACHE", Path.home() / ".cache" / "xraycap"))
+
+
+def run_splits(
+    dataset: datasets.DatasetDict, data_args, split_seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """A run's train / validation / test splits: the built ones, or the cross-validation fold's train and
+    validation (`--fold`), and validation and test cut to `--max_eval_samples`.
+
+    Args:
+        dataset (`datasets.DatasetDict`): the built splits (with or without cached features).
+        data_args (`DataArguments`): `folds`, `fold`, `max_eval_samples`.
+        split_seed (`int`): the seed the folds are dealt with.
+    """
+    train_split, val_split, test_split = dataset["train"], dataset["validation"], dataset["test"]
+    if data_args.fold is not None:
+        train_split, val_split = cross_validation_fold(
+            train_split, val_split, data_args.folds, data_args.fold, split_seed
+        )
+    if data_args.max_eval_samples is not None:
+        val_split, test_split = (
+            s.select(range(min(len(s), data_args.max_eval_samples))) for s in (val_split, test_split)
+        )
+    return train_split, val_split, test_split

@@ -1,7 +1,8 @@
 """Evaluation of a trained model: beam-search reports for a split, their scores, the prediction files.
 
-`generate_reports` runs on every process and gathers each study's report exactly once; `nearest_train_reports`
-is the retrieval floor (each test study gets the report of the train study with the closest encoder features);
+`generate_reports` runs on every process and gathers each study's report exactly once; `nearest_train_floor` is
+the retrieval floor (each test study gets the report of the train study with the closest encoder features, found
+by `nearest_train_rows` from the feature cache);
 `score` runs the `radiology_report` metric; `write_predictions` and `write_samples` write `predictions.jsonl` and
 `samples.png` / `samples.html` into the output folder.
 """
@@ -9,12 +10,14 @@ is the retrieval floor (each test study gets the report of the train study with 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -22,6 +25,7 @@ from metrics.radiology_report.labeler import label_reports
 from processing_xraycap import XrayCapProcessor
 
 from .data import model_inputs
+from .feature_cache import FeatureCache, process_rows
 from .figures import write_samples_sheet
 
 
@@ -52,7 +56,16 @@ def generate_reports(
     unwrapped.eval()
     pad_id = processor.tokenizer.pad_token_id
     reports: dict[int, str] = {}
-    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    # One iterator, handed to tqdm: given the loader itself, tqdm.auto opens a second one (a second, idle set of
+    # worker processes, each a copy of this one).
+    batches = tqdm(
+        iter(dataloader),
+        total=len(dataloader),
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    )
+    for batch in batches:
         ids = unwrapped.generate(**model_inputs(batch), do_sample=False, **generate_kwargs)
         ids = accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id)
         indices, ids = accelerator.gather_for_metrics((batch["index"], ids))
@@ -62,27 +75,95 @@ def generate_reports(
     return reports
 
 
-def nearest_train_reports(
-    train_vectors: dict[int, torch.Tensor], test_vectors: dict[int, torch.Tensor], train_reports: list[str]
+def nearest_train_rows(
+    train_vectors: datasets.Dataset,
+    test_vectors: datasets.Dataset,
+    accelerator: Accelerator,
+    chunk_size: int = 4096,
+) -> dict[int, int]:
+    """Each test study's most similar train study: the top-1 cosine of their `pooled` vectors.
+
+    Each process takes a block of the test rows and scans the train vectors chunk by chunk on its device, keeping
+    each test row's best so far; memory is bounded by the chunks, whatever the number of studies. Ties go to the
+    lower train row. Every process gets every test row's answer.
+
+    Args:
+        train_vectors (`datasets.Dataset`), test_vectors (`datasets.Dataset`): a `pooled` column, one row per study
+            of the train and test splits (a feature cache entry, or a split carrying one).
+        accelerator (`Accelerator`): the run's accelerator.
+        chunk_size (`int`, *optional*, defaults to 4096): rows of either side compared at once.
+
+    Returns:
+        `dict[int, int]`: the nearest train row of each test row.
+    """
+    train_vectors = train_vectors.select_columns(["pooled"]).with_format("torch")
+    test_vectors = test_vectors.select_columns(["pooled"]).with_format("torch")
+    device = accelerator.device
+
+    def normalized(vectors: datasets.Dataset, rows: slice) -> torch.Tensor:
+        return torch.nn.functional.normalize(vectors[rows]["pooled"].to(device, torch.float32), dim=1)
+
+    own_rows = process_rows(len(test_vectors), accelerator)
+    nearest = []
+    for start in range(0, len(own_rows), chunk_size):
+        rows = own_rows[start : start + chunk_size]
+        test = normalized(test_vectors, slice(rows.start, rows.stop))
+        best = torch.full((len(rows),), -torch.inf, device=device)
+        best_row = torch.zeros(len(rows), dtype=torch.long, device=device)
+        for offset in range(0, len(train_vectors), chunk_size):
+            scores = test @ normalized(train_vectors, slice(offset, offset + chunk_size)).T
+            index = scores.argmax(dim=1)  # the first of equal maxima: the lower row
+            score = scores.gather(1, index[:, None])[:, 0]
+            better = score > best  # strictly: an earlier chunk's equal score keeps its lower row
+            best = torch.where(better, score, best)
+            best_row = torch.where(better, index + offset, best_row)
+        nearest += zip(rows, best_row.tolist())
+    return dict(gather_object(nearest))
+
+
+def nearest_train_floor(
+    model: torch.nn.Module,
+    train_split: datasets.Dataset,
+    test_split: datasets.Dataset,
+    cache: FeatureCache,
+    scratch_dir: Path,
 ) -> dict[int, str]:
     """The retrieval floor: each test study gets the report of the train study with the most similar images.
 
-    Similarity is the cosine of the encoder's pooled features (`precompute_features(..., pooled=True)`); ties go to
-    the lower row.
+    Similarity is the cosine of the model's own encoder features, pooled over tokens and present views. A train
+    split that carries cached features (`--cache_features`) gives its vectors as they are, so the train studies are
+    not encoded again; the test split's come from the same cache. Otherwise the final encoder runs once over both
+    splits in fp32 and keeps the pooled vectors only: in the cache when the encoder is frozen (another seed or fold
+    reuses them), else in `scratch_dir`, removed afterwards.
 
     Args:
-        train_vectors (`dict[int, torch.Tensor]`), test_vectors (`dict[int, torch.Tensor]`): pooled features by
-            row index of the train and test splits.
-        train_reports (`list[str]`): the train split's reports, by row index.
+        model (`XrayCapForConditionalGeneration`): the trained model (prepared or not).
+        train_split (`datasets.Dataset`), test_split (`datasets.Dataset`): the run's splits.
+        cache (`FeatureCache`): the run's feature cache.
+        scratch_dir (`Path`): where a trained encoder's vectors are kept while the floor is computed.
 
     Returns:
         `dict[int, str]`: the retrieved report of each test study, by its row index.
     """
-    train_rows, test_rows = sorted(train_vectors), sorted(test_vectors)
-    train = torch.nn.functional.normalize(torch.stack([train_vectors[i] for i in train_rows]).float(), dim=1)
-    test = torch.nn.functional.normalize(torch.stack([test_vectors[i] for i in test_rows]).float(), dim=1)
-    nearest = (test @ train.T).argmax(dim=1).tolist()
-    return {row: train_reports[train_rows[j]] for row, j in zip(test_rows, nearest)}
+    accelerator = cache.accelerator
+    if "pooled" in train_split.column_names:
+        train_vectors, test_vectors = train_split, cache.features(model, test_split, desc="test")
+    else:
+        frozen = accelerator.unwrap_model(model, keep_torch_compile=False).config.freeze_vision_encoder
+        floor_cache = (
+            cache if frozen else FeatureCache(scratch_dir, accelerator, cache.collator, cache.batch_size)
+        )
+        train_vectors, test_vectors = (
+            floor_cache.features(model, split, pooled_only=True, autocast=False, desc=name)
+            for split, name in ((train_split, "train"), (test_split, "test"))
+        )
+    nearest = nearest_train_rows(train_vectors, test_vectors, accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and scratch_dir.exists():
+        shutil.rmtree(scratch_dir)
+    retrieved = sorted(set(nearest.values()))  # only these train reports are read
+    reports = dict(zip(retrieved, train_split.select_columns(["report"])[retrieved]["report"]))
+    return {row: reports[train_row] for row, train_row in nearest.items()}
 
 
 def score(metric, split: datasets.Dataset, reports: dict[int, str], **options) -> dict[str, Any]:

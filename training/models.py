@@ -8,6 +8,7 @@ the vision tower's image normalisation; `build_model` builds the model from the 
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoConfig
 from transformers.utils import logging
 
@@ -25,6 +26,34 @@ def encoder_is_frozen(model_args) -> bool:
     """`--freeze_vision_encoder`, or by default whether the encoder is pretrained (`--vision_model`)."""
     frozen = model_args.freeze_vision_encoder
     return model_args.vision_model is not None if frozen is None else frozen
+
+
+def sync_batchnorm(model: XrayCapForConditionalGeneration, accelerator) -> bool:
+    """A trained vision tower's BatchNorm layers become `SyncBatchNorm` when several GPUs train: each GPU's batch
+    is a fraction of the global one, and its statistics alone are noisier than one GPU's whole batch would give.
+
+    A frozen tower (eval mode, fixed statistics) and CPU runs (SyncBatchNorm needs CUDA) are left as they are.
+    timm towers are converted with timm's own function (its BatchNormAct2d carries the activation). Call it before
+    `accelerator.prepare`. Returns whether the tower was converted.
+    """
+    if (
+        model.config.freeze_vision_encoder
+        or accelerator.num_processes < 2
+        or accelerator.device.type != "cuda"
+    ):
+        return False
+    norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    if any(type(m).__module__.startswith("timm") for m in norms):
+        from timm.layers import convert_sync_batchnorm
+    else:
+        convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    model.vision_model = convert_sync_batchnorm(model.vision_model)
+    logger.info(
+        f"{len(norms)} BatchNorm layers of the trained vision tower -> SyncBatchNorm over {accelerator.num_processes} GPUs"
+    )
+    return True
 
 
 def build_config(model_args, synthetic_default: bool = False) -> XrayCapConfig:

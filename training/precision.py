@@ -51,7 +51,11 @@ def resolve_mixed_precision(requested: str, device_type: str | None = None) -> s
         use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         device_type = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
     if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability()
+        # This process's GPU (LOCAL_RANK, as Accelerate picks it), not device 0 for every process.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        major, minor = torch.cuda.get_device_capability(
+            local_rank if local_rank < torch.cuda.device_count() else 0
+        )
         native_bf16 = major >= 8  # Ampere on; is_bf16_supported() also says yes on a T4 / V100 (emulated)
         if requested == "auto":
             return "bf16" if native_bf16 else "fp16"

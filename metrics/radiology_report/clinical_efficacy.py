@@ -23,8 +23,8 @@ reference is positive for it, so a macro average over observations with 2 positi
 Several references per example: each reference is labelled, and the labels are merged per observation
 with the CheXpert labeler's own aggregation rule (positive > uncertain > negative > not mentioned;
 `merge_reference_labels`). An observation is thus positive for the example when any reference states
-it. "No Finding" is recomputed from the merged labels (1 when none of the 12 pathologies is positive or
-uncertain).
+it. "No Finding" is recomputed from the merged labels: 1 when none of the 12 pathologies is positive or
+uncertain and some reference says 1, else blank (never 0, as CheXpert writes it).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def merge_reference_labels(labels: list[dict[str, int | None]]) -> dict[str, int
     Returns:
         `dict[str, int | None]`: per observation the strongest label over the references (positive >
         uncertain > negative > None, the CheXpert aggregation rule); "No Finding" is 1 when no merged
-        pathology is positive or uncertain, 0 otherwise, and None when every reference is empty.
+        pathology is positive or uncertain and some reference has "No Finding" 1, else None (never 0, as
+        CheXpert writes it).
     """
     if not labels:
         raise ValueError("merge_reference_labels needs the labels of at least one reference, got none.")
@@ -62,10 +63,8 @@ def merge_reference_labels(labels: list[dict[str, int | None]]) -> dict[str, int
         return dict(labels[0])
     order = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1, None: 0}
     merged = {o: max((lab.get(o) for lab in labels), key=order.__getitem__) for o in CHEXPERT_OBSERVATIONS}
-    if all(lab.get("No Finding") is None for lab in labels):
-        return merged
     finding = any(merged[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
-    merged["No Finding"] = NEGATIVE if finding else POSITIVE
+    merged["No Finding"] = POSITIVE if merged["No Finding"] == POSITIVE and not finding else None
     return merged
 
 

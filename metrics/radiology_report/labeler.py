@@ -13,16 +13,17 @@ the CheXpert labeler (Irvin et al., 2019):
    "no effusion but mild cardiomegaly" the negation does not reach "cardiomegaly"). The nearest cue
    before the mention in its clause decides: a negation cue ("no", "without", "negative for", "free
    of", "clear of", "absence of", "resolution of", "rule out"...) gives 0, an uncertainty cue ("possible",
-   "may represent", "cannot exclude", "no new", "secondary to", "versus", and the hedges "likely",
-   "suggestive of"...) gives -1. Cues after the mention ("... is not seen", "... has resolved", "... cannot
+   "may represent", "cannot exclude", "no new", "secondary to", "versus", "suggestion of"...) gives -1;
+   hedges CheXpert has no rule for ("likely", "suggestive of") change nothing, as in CheXpert. Cues after the mention ("... is not seen", "... has resolved", "... cannot
    be excluded", "... is suspected", "... is not appreciated") are read next. Pseudo-negations ("no
    change in", "no interval increase") are ignored. CheXpert's cleaning ("A/B" is "A or B"), its "A or B"
    rule and its always-uncertain phrases (vascular congestion, vascular prominence, "borderline heart
    size") apply. The README lists each rule with its CheXpert source file, and every departure.
 3. **Aggregation** over the mentions of a report: positive wins over uncertain, which wins over
-   negative. "No Finding" is 1 when the report is not empty and none of the 12 pathology observations
-   (all but "No Finding" and "Support Devices") is positive or uncertain, and 0 otherwise, as in
-   CheXpert. An empty report gets no label at all (every value is None).
+   negative. "No Finding" is 1 when the report is not empty, none of the 12 pathology observations
+   (all but "No Finding" and "Support Devices") is positive or uncertain and no "other finding" of
+   CheXpert's No Finding list (degenerative, calcified, granuloma, scoliosis, emphysema, blunting, ...) is
+   mentioned positive or uncertain; otherwise None (blank): CheXpert never writes No Finding = 0. An empty report gets no label at all (every value is None).
 
 Example:
 
@@ -110,7 +111,7 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
         ),
         (
             rf"\b(?:enlarged|widened|widening of(?: the)?|enlargement of(?: the)?|prominent|prominence of(?: the)?)"
-            rf" {_MEDIASTINUM}\b(?! (?:fat|lipomatosis|lymph|nodes?|adenopathy|lymphadenopathy|mass))",
+            rf"(?: (?:superior|upper|anterior|central))? {_MEDIASTINUM}\b(?! (?:fat|lipomatosis|lymph|nodes?|adenopathy|lymphadenopathy|mass))",
             None,
         ),
         (r"\bmediastinal (?:widening|enlargement|prominence)\b", None),
@@ -226,6 +227,17 @@ _MENTIONS: dict[str, list[tuple[str, int | None]]] = {
     ],
 }
 
+# CheXpert's other findings (`phrases/mention/no_finding.txt`), matched as substrings as CheXpert matches them:
+# they label no observation, but a positive or uncertain one leaves "No Finding" blank (`stages/aggregate.py`).
+_NO_FINDING_MENTIONS = re.compile(
+    r"emphysema|blunt|density|elevation|eventration|scoliosis|degenera|calcifi|hyperinflat|hyperexpansion|"
+    r"bronchospasm|asthma|hernia|copd|interstitial markings|plaque|osteophytosis|aortic disease|bronchiolitis|"
+    r"airways disease|thickening|cephalization|aspiration|bullae|contusion|atherosclero|osteopenia|metastasis|"
+    r"granuloma|pneumomediastinum|pneumoperitoneum|osteodystrophy|cuffing|irregular lucency|inflam|fissure|"
+    r"hypertension|prominen|kyphosis|defib|bullet|reticula|thoracentesis|bronchitis|volume loss|deformity|"
+    r"hemorrhage|hematoma|radiopaque|aerophagia|arthropathy|tracheostomy"
+)
+
 # Mentions that CheXpert always reads as uncertain unless negated (`patterns/post_negation_uncertainty.txt`:
 # its congestion / indistinctness / vascular prominence rules and its "borderline heart size" rule).
 _ALWAYS_UNCERTAIN = re.compile(
@@ -262,18 +274,16 @@ _PRE_NEGATION = re.compile(
 _PRE_UNCERTAIN = re.compile(
     # CheXpert's uncertainty words (`patterns/post_negation_uncertainty.txt`) ...
     r"\b(?:possible|possibly|probable|may|might|could|would|maybe|questionable|question(?:ed)? (?:of|for)|"
-    r"questionably|suspicious (?:for|of)|suspect(?:ed)?|suspicion (?:for|of)|worrisome for|"
-    r"concern(?:ing)? (?:for|of)|concern|presumabl[ey]|favou?r(?:s|ed|ing)?|secondary to|"
-    r"versus|vs|differential(?: diagnosis)?(?: includes?)?|consider(?:ed|ation)?|"
+    r"suspicious (?:for|of)|suspect(?:ed)?|suspicion (?:for|of)|worrisome for|suggestion of|"
+    r"concern(?:ing)? (?:for|of)|presumably|favou?r(?:s|ed|ing)?|secondary to|"
+    r"versus|vs|differential diagnosis(?: includes?)?|consider(?:ed|ation)?|"
     r"may represent|may reflect|could represent|could reflect|correlate (?:clinically )?for|"
     r"can (?:represent|reflect|indicate|include|be due to|be related to|be consistent with)|"
     r"obscur(?:ing|ed|es)(?: the)?|(?:is|are|was|were|be|would|could|may) compatible with|"
-    # ... CheXpert's pre-negation uncertainty "no new XXX" (nearer than the "no" it starts with) ...
-    r"no new|"
-    # ... and hedges CheXpert's patterns lack (README, departure 7). "Most suggestive of" is not one
-    # (NegBio's own "suggestive of" rule exempts it; CheXpert has no "suggestive" rule).
-    r"probably|likely|presumed|equivocal|indeterminate|uncertain|(?<!to )(?<!most )suggest(?:s|ed|ive|ing)?(?: of)?|"
-    r"evaluat(?:e|ion) (?:for|of))\b"
+    # ... and its pre-negation uncertainty "no new XXX" (nearer than the "no" it starts with). Hedges its
+    # patterns lack ("likely", "probably", "presumed", "suggestive of", "equivocal", "indeterminate",
+    # "evaluate for") are not cues: CheXpert calls "likely atelectasis" positive, and so does this labeler.
+    r"no new)\b"
 )
 # CheXpert's post-negation uncertainty rules on what follows the mention; checked before the
 # negations after it ("XXX is not appreciated", "XXX is not (well) visualized / evaluated", "XXX is not
@@ -299,8 +309,8 @@ _POST_UNCERTAIN = re.compile(
     # "... (on the left) is suspected / cannot be excluded": a few words, no comma, then the cue.
     r"^(?: (?:\w+ ){0,3}?)?(?:"
     r"(?:is |are |was |were )?(?:not |cannot be |can not be |could not be )(?:excluded|ruled out)|"
-    r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|likely|probable|"
-    r"in question|suggested|considered|a consideration|favou?red|less likely)"
+    r"(?:is |are |was |were |remains? |appears? |seems? )?(?:possible|suspected|questioned|probable|"
+    r"in question|considered|a consideration|favou?red|less likely)"
     r")\b"
     # "A versus B" / "A?": only right after the mention.
     r"|^ (?:versus|vs)\b|^ ?\?"
@@ -338,6 +348,7 @@ class Mention:
 _COMPILED = {
     obs: [(re.compile(pattern), fixed) for pattern, fixed in patterns] for obs, patterns in _MENTIONS.items()
 }
+_COMPILED["No Finding"] = [(_NO_FINDING_MENTIONS, None)]
 
 
 def _normalise(text: str) -> str:
@@ -486,7 +497,7 @@ def label_report(text: str) -> dict[str, int | None]:
 
     Returns:
         `dict[str, int | None]`: observation name -> 1 (positive), 0 (negative), -1 (uncertain) or
-        None (not mentioned), over `CHEXPERT_OBSERVATIONS` in that order.
+        None (not mentioned), over `CHEXPERT_OBSERVATIONS` in that order. "No Finding" is 1 or None, never 0.
     """
     if text is None:
         text = ""
@@ -498,10 +509,12 @@ def label_report(text: str) -> dict[str, int | None]:
     by_observation: dict[str, list[int]] = {}
     for mention in find_mentions(text):
         by_observation.setdefault(mention.observation, []).append(mention.label)
+    other_finding = _aggregate(by_observation.pop("No Finding", [])) in (POSITIVE, UNCERTAIN)
     for observation, labels in by_observation.items():
         result[observation] = _aggregate(labels)
-    finding = any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
-    result["No Finding"] = NEGATIVE if finding else POSITIVE
+    finding = other_finding or any(result[o] in (POSITIVE, UNCERTAIN) for o in PATHOLOGY_OBSERVATIONS)
+    # CheXpert (`stages/aggregate.py`) writes No Finding only as 1; where there is a finding it stays blank.
+    result["No Finding"] = None if finding else POSITIVE
     return result
 
 

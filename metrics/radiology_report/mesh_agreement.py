@@ -9,13 +9,22 @@ is fixed in advance (issue 21) and is not tuned to the labeler:
   first "/") listed for that observation in `MESH_TO_CHEXPERT`;
 - the labeler is positive when its label is 1; uncertain (-1) counts as **not** positive (Indiana's
   coders code what the report asserts);
-- the macro F1 is the mean F1 over the 8 observations of `MESH_TO_CHEXPERT`. No Finding is left out:
-  MeSH "normal" and CheXpert's No Finding mean different things.
+- the macro F1 is the mean F1 over the observations of `MESH_TO_CHEXPERT` where F1 is defined (a MeSH or a
+  labeler positive in the reports compared; all 8 on the whole sample). No Finding is left out: MeSH
+  "normal" and CheXpert's No Finding mean different things.
 
-Run it from the repository root (the CSV defaults to `../shared/data/iu_xray_reports_sample`):
+**Held-out reports.** The labeler's rules up to commit ee554a4 were written while reading all 409 reports
+of the shared sample, so the agreement on them is in-sample. From that commit on, a fixed third of the
+sample is set aside (`is_held_out`: the SHA-256 of the uid, as an integer, divisible by 3; 136 of the 409
+reports), chosen before any later rule was written and never read to write one. The figure is reported on
+all reports, on the held-out ones and on the rest (`agreement_subsets`).
+
+Run it from the repository root (the CSV defaults to `../shared/data/iu_xray_reports_sample`); `--output`
+writes the tables with the commit, the machine and the CSV's SHA-256 (the README's figures come from
+`metrics/radiology_report/results/mesh_agreement.json`, written this way):
 
 ```bash
-python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv]
+python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv] [--output results.json]
 ```
 
 ```python
@@ -27,12 +36,21 @@ python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv]
 
 from __future__ import annotations
 
+import argparse
 import csv
+import hashlib
+import json
+import logging
+import platform
+import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .labeler import POSITIVE, UNCERTAIN, label_reports
+
+logger = logging.getLogger(__name__)
 
 MESH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
     "Cardiomegaly": ("Cardiomegaly",),
@@ -60,6 +78,22 @@ DEFAULT_REPORTS_CSV = (
     Path(__file__).resolve().parents[3] / "shared" / "data" / "iu_xray_reports_sample" / "indiana_reports.csv"
 )
 """`../shared/data/iu_xray_reports_sample/indiana_reports.csv` next to the checkout."""
+
+
+SUBSETS: tuple[str, ...] = ("all", "held_out", "rest")
+"""The report subsets `agreement_subsets` reports: every report, the held-out third, the other two thirds ("rest")."""
+
+
+def is_held_out(uid: str) -> bool:
+    """Whether a report is in the fixed held-out third of the sample (never read to write a labeler rule).
+
+    Args:
+        uid (`str`): the report's `uid` cell.
+
+    Returns:
+        `bool`: True when the SHA-256 of the uid, read as an integer, is divisible by 3.
+    """
+    return int(hashlib.sha256(str(uid).encode("utf-8")).hexdigest(), 16) % 3 == 0
 
 
 def mesh_headings(mesh: str) -> set[str]:
@@ -137,7 +171,7 @@ def report_text(row: dict[str, str]) -> str:
 
 
 def agreement_table(
-    reports_csv: str | Path = DEFAULT_REPORTS_CSV, uncertain: str = "negative"
+    reports_csv: str | Path = DEFAULT_REPORTS_CSV, uncertain: str = "negative", subset: str = "all"
 ) -> list[AgreementRow]:
     """Labels every non-empty report of an Indiana CSV and compares it with its MeSH column.
 
@@ -145,14 +179,20 @@ def agreement_table(
         reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
         uncertain (`str`, *optional*, defaults to `"negative"`): whether the labeler's uncertain (-1) labels
             count as `"negative"` (the issue-21 figure) or `"positive"`.
+        subset (`str`, *optional*, defaults to `"all"`): one of `SUBSETS`: every report, the held-out ones
+            (`is_held_out`) or the others.
 
     Returns:
         `list[AgreementRow]`: one row per observation of `MACRO_OBSERVATIONS`.
     """
     if uncertain not in ("positive", "negative"):
         raise ValueError(f"uncertain={uncertain!r} is not supported: use 'negative' or 'positive'.")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset={subset!r} is not supported: use one of {SUBSETS}.")
     positive = (POSITIVE, UNCERTAIN) if uncertain == "positive" else (POSITIVE,)
     rows = [r for r in read_reports(reports_csv) if report_text(r)]
+    if subset != "all":
+        rows = [r for r in rows if is_held_out(r.get("uid", "")) == (subset == "held_out")]
     labels = label_reports([report_text(r) for r in rows])
     mesh = [mesh_to_observations(r.get("MeSH", "")) for r in rows]
     table = []
@@ -171,10 +211,22 @@ def agreement_table(
     return table
 
 
+def agreement_subsets(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict[str, list[AgreementRow]]:
+    """`agreement_table` on each subset of `SUBSETS` (uncertain counts as not positive).
+
+    Args:
+        reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
+
+    Returns:
+        `dict[str, list[AgreementRow]]`: subset name -> its table.
+    """
+    return {subset: agreement_table(reports_csv, subset=subset) for subset in SUBSETS}
+
+
 def macro_f1(table: list[AgreementRow]) -> float:
-    """Mean F1 over the rows of `MACRO_OBSERVATIONS`."""
-    rows = [r for r in table if r.observation in MACRO_OBSERVATIONS]
-    return sum(r.f1 for r in rows) / len(rows)
+    """Mean F1 over the rows of `MACRO_OBSERVATIONS` whose F1 is defined (a MeSH or a labeler positive)."""
+    rows = [r for r in table if r.observation in MACRO_OBSERVATIONS and r.mesh_positive + r.labeler_positive]
+    return sum(r.f1 for r in rows) / len(rows) if rows else 0.0
 
 
 def format_table(table: list[AgreementRow]) -> str:
@@ -188,19 +240,108 @@ def format_table(table: list[AgreementRow]) -> str:
             f"| {r.observation} | {r.mesh_positive} | {r.labeler_positive} | {r.both} | "
             f"{r.precision:.3f} | {r.recall:.3f} | {r.f1:.3f} |"
         )
-    lines.append(f"| **macro F1 ({len(table)} observations)** | | | | | | **{macro_f1(table):.3f}** |")
+    defined = sum(1 for r in table if r.mesh_positive + r.labeler_positive)
+    lines.append(f"| **macro F1 ({defined} observations)** | | | | | | **{macro_f1(table):.3f}** |")
     return "\n".join(lines)
 
 
+_RESULTS_DIR = "metrics/radiology_report/results"
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, with "-dirty" when tracked files (results aside) differ from it; None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{_RESULTS_DIR}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _machine() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), the OS and the Python version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; {platform.system()} {platform.release()}; Python {platform.python_version()}"
+
+
+def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
+    """The tables of `agreement_subsets` with what produced them (commit, machine, the CSV's SHA-256).
+
+    Args:
+        reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
+
+    Returns:
+        `dict`: JSON-ready; `subsets[name]` has `n`, `macro_f1`, `no_finding_1` (reports the labeler calls
+        No Finding) and one row per observation.
+    """
+    path = Path(reports_csv)
+    tables = agreement_subsets(path)
+    rows = [r for r in read_reports(path) if report_text(r)]
+    labels = label_reports([report_text(r) for r in rows])
+    no_finding = {
+        name: sum(
+            lab["No Finding"] == POSITIVE
+            for r, lab in zip(rows, labels)
+            if name == "all" or is_held_out(r.get("uid", "")) == (name == "held_out")
+        )
+        for name in SUBSETS
+    }
+    return {
+        "commit": _git_commit(),
+        "machine": _machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reports_csv": path.name,
+        "reports_csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "uncertain": "negative",
+        "held_out_rule": "sha256(uid) % 3 == 0, fixed before any rule written after commit ee554a4",
+        "subsets": {
+            name: {
+                "n": table[0].n,
+                "macro_f1": round(macro_f1(table), 4),
+                "no_finding_1": no_finding[name],
+                "rows": [asdict(r) | {"f1": round(r.f1, 4)} for r in table],
+            }
+            for name, table in tables.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Prints the agreement table of `agreement_table` for the CSV given as the only argument."""
-    argv = sys.argv[1:] if argv is None else argv
-    reports_csv = Path(argv[0]) if argv else DEFAULT_REPORTS_CSV
-    table = agreement_table(reports_csv)
-    print(
-        f"Labeler vs Indiana MeSH ({table[0].n} reports of {reports_csv}); uncertain counts as not positive:"
-    )
-    print(format_table(table))
+    """Prints the agreement tables (all reports, held-out, the rest); `--output` writes `agreement_record`."""
+    parser = argparse.ArgumentParser(description="The labeler's agreement with the Indiana MeSH coding.")
+    parser.add_argument("reports_csv", nargs="?", default=str(DEFAULT_REPORTS_CSV))
+    parser.add_argument("--output", default=None, help="a JSON file for the tables, commit and machine")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    record = agreement_record(args.reports_csv)
+    tables = {
+        name: [AgreementRow(**{k: v for k, v in row.items() if k != "f1"}) for row in subset["rows"]]
+        for name, subset in record["subsets"].items()
+    }
+    for name, table in tables.items():
+        print(
+            f"Labeler vs Indiana MeSH, {name} ({table[0].n} reports of {args.reports_csv}); "
+            "uncertain counts as not positive:"
+        )
+        print(format_table(table) + "\n")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
@@ -212,7 +353,11 @@ __all__ = [
     "MESH_TO_CHEXPERT",
     "MACRO_OBSERVATIONS",
     "AgreementRow",
+    "SUBSETS",
+    "agreement_record",
+    "agreement_subsets",
     "agreement_table",
+    "is_held_out",
     "format_table",
     "macro_f1",
     "main",
