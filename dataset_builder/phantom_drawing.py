@@ -192,8 +192,8 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
     elif f.kind == "nodule":
         ncx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.03, 0.04))
         ncy = ZONE_Y[f.location] + rng.normal(0, 0.012)
-        rad = rng.uniform(0.036, 0.044)
-        img = img + 0.38 * _soft(_ellipse(yy, xx, ncy, ncx, rad, rad), edge / rad * 1.5)
+        rad = rng.uniform(0.046, 0.054)
+        img = img + 0.45 * _soft(_ellipse(yy, xx, ncy, ncx, rad, rad), edge / rad * 1.5)
     elif f.kind == "atelectasis":
         # a plate-like band, near horizontal, across the mid or lower lung
         bx = a.cx + sgn * (a.lung_dx + rng.uniform(0.035, 0.05))
@@ -204,16 +204,20 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
 
 
 def _draw_fracture(img, f: Finding, a: Anatomy, rng, size: int) -> np.ndarray:
-    """A healing fracture of one rib's lateral arc: a fusiform callus crossed by a lucent line."""
+    """A healing fracture of one rib's lateral arc, conspicuous at 128 px: a broad, bright fusiform callus over
+    the lung, split by a lucent fracture gap with a cortical step-off (the distal fragment sits lower)."""
     yy, xx = _grid(size)
     sgn = -1.0 if f.side == "right" else 1.0
     lcx = a.cx + sgn * a.lung_dx
-    fx = lcx + sgn * a.lung_rx * 0.88
+    fx = lcx + sgn * a.lung_rx * 0.78
     curve = 0.09 * ((fx - lcx) / a.lung_rx + sgn * 0.8) ** 2 * 0.35  # the rib formula of `draw_frontal`
     fy = 0.17 + curve + 0.062 * (_RIB_INDEX[f.location] + 0.12) + rng.normal(0, 0.004)
-    callus = _soft(_ellipse(yy, xx, fy, fx, 0.03, 0.05), 0.3)
-    line = np.clip(1.0 - np.abs((xx - fx) - 0.6 * sgn * (yy - fy)) / 0.008, 0, 1) * callus
-    return img + 0.40 * callus - 0.34 * line
+    across = (xx - fx) - 0.5 * sgn * (yy - fy)  # signed distance across the fracture line
+    distal = np.clip(sgn * across / 0.006 + 0.5, 0, 1)  # the lateral fragment
+    step = 0.018 * distal  # the step-off: the lateral fragment displaced downwards
+    callus = _soft(_ellipse(yy - step, xx, fy, fx, 0.042, 0.075), 0.3)
+    gap = np.clip(1.0 - np.abs(across) / 0.011, 0, 1) * callus
+    return img + 0.55 * callus - 0.45 * gap
 
 
 def draw_frontal(findings: list[Finding], a: Anatomy, rng: np.random.Generator, size: int) -> Image.Image:

@@ -254,8 +254,9 @@ WHERE_DRAWN = [
     (Finding("effusion", side="left", severity="small"), L, (0.5, 0.85)),
     (Finding("effusion", side="bilateral", severity="large"), ALL, (0.35, 0.85)),
     (Finding("pneumothorax", side="right", severity="small"), R, (0.1, 0.8)),
-    (Finding("fracture", side="left", location="upper"), (0.75, 1.0), (0.32, 0.46)),
-    (Finding("fracture", side="right", location="lower"), (0.0, 0.25), (0.56, 0.72)),
+    # the lateral arc of the named rib: the outer third of that hemithorax, at that rib's height
+    (Finding("fracture", side="left", location="upper"), (0.68, 1.0), (0.32, 0.46)),
+    (Finding("fracture", side="right", location="lower"), (0.0, 0.32), (0.56, 0.72)),
     (Finding("device", side="left", location="pacemaker"), (0.4, 0.9), (0.1, 0.7)),
     (Finding("device", side="right", location="central venous catheter"), R, (0.0, 0.4)),
     (Finding("device", location="endotracheal tube"), (0.4, 0.6), (0.0, 0.3)),
