@@ -314,14 +314,18 @@ def finding_set_novelty(mesh_by_split: dict[str, list[str]]) -> dict | None:
 
     A study's finding set is the set of its MeSH terms, attributes included ("Pleural Effusion/right/small"),
     so a test study whose combination never occurs in training can only be described by reading its image;
-    a retrieval floor (the nearest training study's report) gets at least one finding of it wrong.
+    a retrieval floor (the nearest training study's report) gets at least one finding of it wrong. The
+    clinical efficacy scores read only which observations a report names, not their sides or sizes: the
+    fraction of test studies whose set of MeSH headings alone ("Pleural Effusion") no training study shows
+    is what bounds a perfect retrieval floor on them.
 
     Args:
         mesh_by_split (`dict[str, list[str]]`): each split's MeSH column (";"-separated terms, "normal" or "").
 
     Returns:
-        `dict | None`: `test_unseen_in_train` (the fraction), `num_test`, `num_test_unseen` and
-        `distinct_train_sets`; None when the splits have no MeSH terms or no test study.
+        `dict | None`: `test_unseen_in_train` (the fraction), `num_test`, `num_test_unseen`,
+        `distinct_train_sets` and `test_headings_unseen_in_train` (the fraction for the sets of headings,
+        attributes dropped); None when the splits have no MeSH terms or no test study.
     """
     sets = {
         split: [frozenset(t.strip() for t in mesh.split(";") if t.strip()) for mesh in column]
@@ -332,9 +336,17 @@ def finding_set_novelty(mesh_by_split: dict[str, list[str]]) -> dict | None:
         return None
     seen = set(sets.get("train", []))
     unseen = sum(s not in seen for s in test)
+
+    def headings(terms: frozenset[str]) -> frozenset[str]:
+        return frozenset(t.split("/")[0] for t in terms)
+
+    seen_headings = {headings(s) for s in sets.get("train", [])}
     return {
         "test_unseen_in_train": round(unseen / len(test), 4),
         "num_test": len(test),
         "num_test_unseen": unseen,
         "distinct_train_sets": len(seen),
+        "test_headings_unseen_in_train": round(
+            sum(headings(s) not in seen_headings for s in test) / len(test), 4
+        ),
     }

@@ -338,6 +338,10 @@ def test_sampled_finding_sets_are_mostly_unseen():
     assert novelty["test_unseen_in_train"] >= 0.5, novelty
     # a split of identical sets has none unseen
     assert finding_set_novelty({"train": ["a;b", "normal"], "test": ["b;a"]})["test_unseen_in_train"] == 0.0
+    # attributes make a set unseen; the headings alone (what the clinical efficacy scores read) may be seen
+    sides = finding_set_novelty({"train": ["Nodule/lung/upper/left;Cardiomegaly/mild"],
+                                 "test": ["Cardiomegaly/severe;Nodule/lung/upper/right", "Cardiomegaly/mild"]})  # fmt: skip
+    assert sides["test_unseen_in_train"] == 1.0 and sides["test_headings_unseen_in_train"] == 0.5
     assert finding_set_novelty({"train": ["", ""], "test": [""]}) is None
 
 

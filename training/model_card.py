@@ -172,10 +172,16 @@ def describe_run(
     novelty = build_report.get("finding_sets") or {}
     unseen = (
         f" {novelty['test_unseen_in_train']:.0%} of the test studies show a set of findings (with their sides, "
-        "sizes and locations) that no training study shows."
+        "sizes and locations) that no training study shows"
         if synthetic and "test_unseen_in_train" in novelty
         else ""
     )
+    if unseen and "test_headings_unseen_in_train" in novelty:
+        unseen += (
+            f" ({novelty['test_headings_unseen_in_train']:.0%} counting only which observations they name, "
+            "as the clinical efficacy scores do)"
+        )
+    unseen += "." if unseen else ""
     return {
         "model_name": Path(train_args.hub_model_id or train_args.output_dir).name,
         "dataset_id": SYNTHETIC_DATASET if synthetic else INDIANA_DATASET,
