@@ -7,6 +7,8 @@ even at 128 px:
 - cardiomegaly (heart width vs chest width: normal ~0.45, mild ~0.58, moderate ~0.66, severe ~0.74),
 - a widened mediastinum (the upper mediastinum pushes the lungs' medial borders outwards),
 - focal consolidation (a dense, irregular airspace opacity), nodule (a round, sharply marginated density),
+- patchy lung opacity (an ill-defined, mottled, fainter airspace haze over one lung zone),
+- pleural thickening (a smooth bright band inside the chest wall: an apical cap or along the lateral wall),
 - plate-like atelectasis (a thin horizontal band, with volume loss: that hemidiaphragm rises),
 - edema (a bilateral perihilar haze, patchy, fading towards the periphery),
 - pleural effusion (fluid fills the lung base and blunts the costophrenic angle; small, moderate, large),
@@ -16,8 +18,8 @@ even at 128 px:
   central venous catheter (from the neck to the superior vena cava), an endotracheal tube (in the trachea).
 
 The lateral view shows what a lateral would: both lungs superimposed (no side), the heart anteriorly, fluid
-in the posterior sulcus, the devices and the anterior mediastinum; rib fractures and pneumothoraces, hidden
-on a lateral, are not drawn there. Frontal views follow the radiological convention: the patient's right is
+in the posterior sulcus, the devices and the anterior mediastinum; rib fractures, pneumothoraces and pleural
+thickening, hidden on a lateral, are not drawn there. Frontal views follow the radiological convention: the patient's right is
 on the image's left.
 """
 
@@ -164,7 +166,7 @@ def _draw_device(img, f: Finding, a: Anatomy, size: int, frontal: bool) -> np.nd
 
 
 def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: int) -> np.ndarray:
-    """Effusion, consolidation, nodule or atelectasis on the frontal view."""
+    """Effusion, consolidation, opacity, nodule, atelectasis or pleural thickening on the frontal view."""
     yy, xx = _grid(size)
     edge = 3.0 / size
     sgn = -1.0 if f.side == "right" else 1.0
@@ -189,6 +191,22 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
         rad = rng.uniform(0.085, 0.105)
         blob = _ellipse(yy, xx, cy, lcx, rad * 0.9, rad) + 0.35 * _smooth_noise(rng, size, 10)
         img = img + (0.30 + 0.05 * markings) * _soft(blob, 0.25) * lungs[f.side]
+    elif f.kind == "opacity":  # ill-defined and mottled: fainter puffs fading into the lung
+        lcx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.01, 0.03))
+        cy = ZONE_Y[f.location] + rng.normal(0, 0.012)
+        rad = rng.uniform(0.085, 0.10)
+        region = _soft(_ellipse(yy, xx, cy, lcx, rad * 0.85, rad) + 0.2 * _smooth_noise(rng, size, 8), 0.7)
+        mottle = np.clip(0.45 + 0.8 * _smooth_noise(rng, size, 36), 0, 1)
+        img = img + 0.30 * region * mottle * lungs[f.side]
+    elif f.kind == "pleural":  # a smooth band inside the chest wall: an apical cap or along the lateral wall
+        lcx = a.cx + sgn * a.lung_dx
+        r = _ellipse(yy, xx, a.lung_cy, lcx, a.lung_ry, a.lung_rx)
+        if f.location == "apical":
+            band = np.clip((r - (1 - 0.06 / a.lung_ry)) / 0.04, 0, 1) * (yy < a.lung_cy - 0.62 * a.lung_ry)
+        else:
+            lateral = sgn * (xx - lcx) > 0.55 * a.lung_rx
+            band = np.clip((r - (1 - 0.036 / a.lung_rx)) / 0.04, 0, 1) * lateral * (np.abs(yy - 0.43) < 0.13)
+        img = img + 0.38 * band * lungs[f.side]
     elif f.kind == "nodule":
         ncx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.03, 0.04))
         ncy = ZONE_Y[f.location] + rng.normal(0, 0.012)
@@ -298,7 +316,7 @@ def draw_frontal(findings: list[Finding], a: Anatomy, rng: np.random.Generator, 
     img = img * (1 - heart) + (0.55 + 0.04 * markings) * heart
 
     for f in findings:
-        if f.kind in ("effusion", "consolidation", "nodule", "atelectasis"):
+        if f.kind in ("effusion", "consolidation", "opacity", "nodule", "atelectasis", "pleural"):
             img = _draw_lung_finding(img, f, a, lungs, markings, rng, size)
     for f in findings:
         if f.kind == "device":
@@ -352,6 +370,10 @@ def draw_lateral(findings: list[Finding], a: Anatomy, rng: np.random.Generator, 
             ccx = 0.5 + (0.08 if f.location == "lower lobe" else 0.0)
             blob = _ellipse(yy, xx, cy, ccx, 0.08, 0.09) + 0.35 * _smooth_noise(rng, size, 10)
             img += 0.25 * _soft(blob, 0.25) * lung
+        elif f.kind == "opacity":
+            region = _soft(_ellipse(yy, xx, ZONE_Y[f.location], 0.55, 0.08, 0.09), 0.7)
+            mottle = np.clip(0.45 + 0.8 * _smooth_noise(rng, size, 36), 0, 1)
+            img += 0.18 * region * mottle * lung
         elif f.kind == "atelectasis":
             by = ZONE_Y[f.location] + 0.03 + 0.08 * (xx - 0.55)
             band = np.clip(1.0 - np.abs(yy - by) / 0.012, 0, 1) * np.clip(

@@ -1,8 +1,8 @@
 """What a phantom study shows: the findings vocabulary, `Finding`, and `sample_findings`.
 
 Both the drawing (`phantom_drawing`) and the report text (`phantom_report`) are functions of the sampled
-findings, so the text says exactly what the image shows. Ten kinds, each read by the CheXpert labeler as one
-observation (`CHEXPERT_OBSERVATION`); a study has 0 to 4 of them, each with its side, severity or location,
+findings, so the text says exactly what the image shows. Twelve kinds, each read by the CheXpert labeler as one
+observation (`CHEXPERT_OBSERVATION`, twelve of its fourteen with No Finding); a study has 0 to 4 of them, each with its side, severity or location,
 so that most studies' finding sets (with their attributes) are combinations no other study shows.
 """
 
@@ -22,6 +22,8 @@ DEVICES = ("pacemaker", "central venous catheter", "endotracheal tube")
 LOBES = {"right": ("upper lobe", "middle lobe", "lower lobe"), "left": ("upper lobe", "lower lobe")}
 ZONES = ("upper", "mid", "lower")
 ATELECTASIS_ZONES = ("mid", "lower")
+# pleural thickening: an apical cap or a smooth band along the lateral chest wall
+PLEURAL_PLACES = ("apical", "lateral")
 # the fractured rib (lateral arc) for each zone; the drawing puts it on that rib's band
 FRACTURE_RIBS = {"upper": "4th", "mid": "6th", "lower": "8th"}
 # vertical centre (fraction of the image height) of each lobe / zone on the frontal view
@@ -33,9 +35,11 @@ FINDING_KINDS = (
     "mediastinum",
     "consolidation",
     "nodule",
+    "opacity",
     "atelectasis",
     "edema",
     "effusion",
+    "pleural",
     "pneumothorax",
     "fracture",
     "device",
@@ -46,9 +50,11 @@ CHEXPERT_OBSERVATION = {
     "mediastinum": "Enlarged Cardiomediastinum",
     "consolidation": "Consolidation",
     "nodule": "Lung Lesion",
+    "opacity": "Lung Opacity",
     "atelectasis": "Atelectasis",
     "edema": "Edema",
     "effusion": "Pleural Effusion",
+    "pleural": "Pleural Other",
     "pneumothorax": "Pneumothorax",
     "fracture": "Fracture",
     "device": "Support Devices",
@@ -67,8 +73,8 @@ class Finding:
             for cardiomegaly, a widened mediastinum and an endotracheal tube.
         severity (`str`, *optional*): cardiomegaly, edema and mediastinal widening severity, effusion and
             pneumothorax size.
-        location (`str`, *optional*): the lobe (consolidation), zone (nodule, atelectasis, fracture) or device
-            type (one of `DEVICES`).
+        location (`str`, *optional*): the lobe (consolidation), zone (nodule, opacity, atelectasis, fracture),
+            place of a pleural thickening (one of `PLEURAL_PLACES`) or device type (one of `DEVICES`).
     """
 
     kind: str
@@ -92,6 +98,10 @@ class Finding:
             return f"Consolidation/lung/{loc}/{side}"
         if k == "nodule":
             return f"Nodule/lung/{loc}/{side}"
+        if k == "opacity":
+            return f"Opacity/lung/{loc}/{side}"
+        if k == "pleural":
+            return f"Pleural Thickening/{side}/{loc}"
         if k == "atelectasis":
             return f"Pulmonary Atelectasis/lung/{loc}/{side}"
         if k == "edema":
@@ -139,6 +149,8 @@ def _sample_one(kind: str, rng: np.random.Generator, out: list[Finding]) -> Find
         )
     if kind == "fracture":
         return Finding(kind, side=_pick(rng, SIDES), location=_pick(rng, ZONES))
+    if kind == "pleural":
+        return Finding(kind, side=_pick(rng, SIDES), location=_pick(rng, PLEURAL_PLACES))
     # lung findings: one per side and level, so that none hides another
     side = _pick(rng, SIDES)
     if kind == "consolidation":
@@ -155,7 +167,9 @@ _LEVEL = {"upper lobe": "upper", "middle lobe": "mid", "lower lobe": "lower", **
 def _levels(findings: list[Finding]) -> set[tuple[str, str]]:
     """The (side, level) of the lung findings already sampled."""
     return {
-        (f.side, _LEVEL[f.location]) for f in findings if f.kind in ("consolidation", "nodule", "atelectasis")
+        (f.side, _LEVEL[f.location])
+        for f in findings
+        if f.kind in ("consolidation", "nodule", "opacity", "atelectasis")
     }
 
 

@@ -55,6 +55,23 @@ _NODULE = (
     "A {cm} cm nodule is seen in the {side} {zone} lung.",
     "{Side} {zone} lung nodule measuring {cm} cm.",
 )
+_OPACITY = (
+    "There is ill-defined patchy opacity in the {side} {zone} lung zone.",
+    "Patchy airspace opacity in the {side} {zone} lung.",
+    "{Side} {zone} lung patchy opacity.",
+)
+_PLEURAL = {
+    "apical": (
+        "Smooth {side} apical pleural thickening.",
+        "There is {side} apical pleural thickening.",
+        "{Side} apical pleural thickening, unchanged in appearance.",
+    ),
+    "lateral": (
+        "Smooth pleural thickening along the {side} lateral chest wall.",
+        "There is {side} pleural thickening along the lateral chest wall.",
+        "{Side} lateral pleural thickening.",
+    ),
+}
 _ATELECTASIS_PLACE = {"mid": "{side} midlung", "lower": "{side} lung base"}
 _ATELECTASIS = (
     "Plate-like atelectasis in the {place} with elevation of the {side} hemidiaphragm.",
@@ -160,6 +177,10 @@ def _finding_phrase(f: Finding, rng: np.random.Generator, cm: str) -> str:
         return _fmt(_pick(rng, _CONSOLIDATION), side=side, lobe=loc)
     if kind == "nodule":
         return _fmt(_pick(rng, _NODULE), side=side, zone=loc, cm=cm)
+    if kind == "opacity":
+        return _fmt(_pick(rng, _OPACITY), side=side, zone=loc)
+    if kind == "pleural":
+        return _fmt(_pick(rng, _PLEURAL[loc]), side=side)
     if kind == "atelectasis":
         return _fmt(_pick(rng, _ATELECTASIS), side=side, place=_ATELECTASIS_PLACE[loc].format(side=side))
     if kind == "edema":
@@ -177,6 +198,8 @@ def _impression_phrase(f: Finding) -> str:
         "mediastinum": f"{sev} widening of the mediastinum.",
         "consolidation": f"{side} {loc} consolidation.",
         "nodule": f"{side} {loc} lung nodule.",
+        "opacity": f"{side} {loc} lung opacity.",
+        "pleural": f"{side} {loc} pleural thickening.",
         "atelectasis": f"{side} {'midlung' if loc == 'mid' else 'basilar'} atelectasis.",
         "edema": f"{sev} pulmonary edema.",
         "effusion": f"{sev} {side} pleural effusion{'s' if side == 'bilateral' else ''}.",
@@ -214,7 +237,7 @@ def write_report(
     if "mediastinum" in by_kind:
         sentences.append(phrase("mediastinum"))
     # lungs
-    lung_kinds = [k for k in ("consolidation", "nodule", "atelectasis", "edema") if k in by_kind]
+    lung_kinds = [k for k in ("consolidation", "nodule", "opacity", "atelectasis", "edema") if k in by_kind]
     if not lung_kinds:
         sentences.append(_pick(rng, _LUNGS_CLEAR))
     else:
@@ -231,6 +254,8 @@ def write_report(
             sentences.append(_pick(rng, _NO_PTX))
         if eff is None:
             sentences.append(_pick(rng, _NO_EFF))
+    if "pleural" in by_kind:
+        sentences.append(phrase("pleural"))
     # bones, then devices
     bones = phrase("fracture") if "fracture" in by_kind else _pick(rng, _BONES)
     if bones:

@@ -2,11 +2,11 @@
 
 Each study samples its findings (`phantom_findings`), draws a frontal and a lateral view of them
 (`phantom_drawing`) and writes the report from exactly what was drawn (`phantom_report`), so a model can
-only describe side and severity by looking at the image. Up to 4 findings a study, of ten kinds read as ten
-CheXpert observations: cardiomegaly (mild / moderate / severe), a widened mediastinum (mild / marked), focal
-consolidation (side and lobe), nodule (side and zone), plate-like atelectasis (side and zone), perihilar
-edema (mild / moderate), pleural effusion (side and size), pneumothorax (side and size), a healing rib
-fracture (side and rib) and support devices (pacemaker, central venous catheter, endotracheal tube); about
+only describe side and severity by looking at the image. Up to 4 findings a study, of twelve kinds read as
+twelve CheXpert observations: cardiomegaly (mild / moderate / severe), a widened mediastinum (mild / marked),
+focal consolidation (side and lobe), nodule (side and zone), patchy lung opacity (side and zone), plate-like
+atelectasis (side and zone), perihilar edema (mild / moderate), pleural effusion (side and size), pleural
+thickening (side, apical or lateral), pneumothorax (side and size), a healing rib fracture (side and rib) and support devices (pacemaker, central venous catheter, endotracheal tube); about
 12% of the studies are normal. Most studies' finding sets, with their attributes, occur in no other study.
 
 Everything is deterministic from ``seed``: each study draws from its own ``numpy`` generator seeded with
@@ -44,7 +44,7 @@ REPORTS_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison
 PROJECTIONS_COLUMNS = ["uid", "filename", "projection"]
 SETTINGS_JSON = "phantom_settings.json"
 # Raised whenever the same seed would draw different studies; a folder of another version is re-synthesized.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 @dataclass

@@ -40,6 +40,10 @@ def parse_mesh(mesh: str) -> set[tuple]:
             out.add(("consolidation", parts[3], parts[2].split()[0]))
         elif head == "Nodule":
             out.add(("nodule", parts[3], parts[2]))
+        elif head == "Opacity":
+            out.add(("opacity", parts[3], parts[2]))
+        elif head == "Pleural Thickening":
+            out.add(("pleural", parts[1], parts[2]))
         elif head == "Pulmonary Atelectasis":
             out.add(("atelectasis", parts[3], parts[2]))
         elif head == "Pulmonary Edema":
@@ -83,6 +87,12 @@ def parse_findings_text(text: str) -> set[tuple]:
         if "nodule" in sentence:
             for m in re.finditer(rf"\b{_S} (upper|mid|lower) lung", sentence):
                 out.add(("nodule", m.group(1), m.group(2)))
+        if "opacity" in sentence:
+            for m in re.finditer(rf"\b{_S} (upper|mid|lower) lung", sentence):
+                out.add(("opacity", m.group(1), m.group(2)))
+        if "pleural thickening" in sentence:
+            m = re.search(rf"\b{_S} (apical|lateral|pleural)", sentence)
+            out.add(("pleural", m.group(1), "apical" if "apical" in sentence else "lateral"))
         if "atelectasis" in sentence:
             m = re.search(rf"\b{_S} (midlung|lung base)", sentence)
             out.add(("atelectasis", m.group(1), "mid" if m.group(2) == "midlung" else "lower"))
@@ -248,6 +258,11 @@ WHERE_DRAWN = [
     (Finding("nodule", side="left", location="mid"), L, (0.33, 0.55)),
     (Finding("nodule", side="right", location="upper"), R, (0.18, 0.40)),
     # the band and the raised hemidiaphragm (volume loss), up to the midline
+    (Finding("opacity", side="left", location="lower"), L, (0.45, 0.72)),
+    (Finding("opacity", side="right", location="upper"), R, (0.15, 0.42)),
+    # the band inside the chest wall: above the lung apex, or along the lateral wall
+    (Finding("pleural", side="right", location="apical"), R, (0.12, 0.30)),
+    (Finding("pleural", side="left", location="lateral"), (0.75, 1.0), (0.28, 0.58)),
     (Finding("atelectasis", side="right", location="mid"), (0.0, 0.52), (0.35, 0.95)),
     (Finding("atelectasis", side="left", location="lower"), (0.48, 1.0), (0.45, 0.95)),
     (Finding("edema", side="bilateral", severity="moderate"), (0.2, 0.8), (0.25, 0.72)),
@@ -285,6 +300,7 @@ def test_every_kind_is_covered_by_the_placement_check():
 
 
 @pytest.mark.parametrize("kind, location", [("consolidation", "lower lobe"), ("nodule", "mid"),
+                                            ("opacity", "upper"), ("pleural", "lateral"), ("pleural", "apical"),
                                             ("atelectasis", "lower"), ("effusion", None), ("pneumothorax", None),
                                             ("fracture", "mid"), ("device", "pacemaker"),
                                             ("device", "central venous catheter")])  # fmt: skip
