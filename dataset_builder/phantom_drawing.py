@@ -162,7 +162,7 @@ def _draw_device(img, f: Finding, a: Anatomy, size: int, frontal: bool) -> np.nd
     # endotracheal tube: down the trachea, its tip above the carina
     x0 = a.cx if frontal else 0.52
     walls = [_polyline(size, [(x0 + d, 0.0), (x0 + d, 0.25)], 0.012) for d in (-0.016, 0.016)]
-    return img + 0.45 * np.maximum(*walls) + 0.15 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.04)
+    return img + 0.60 * np.maximum(*walls) + 0.15 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.04)
 
 
 def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: int) -> np.ndarray:
@@ -202,11 +202,11 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
         lcx = a.cx + sgn * a.lung_dx
         r = _ellipse(yy, xx, a.lung_cy, lcx, a.lung_ry, a.lung_rx)
         if f.location == "apical":
-            band = np.clip((r - (1 - 0.06 / a.lung_ry)) / 0.04, 0, 1) * (yy < a.lung_cy - 0.62 * a.lung_ry)
+            band = np.clip((r - (1 - 0.075 / a.lung_ry)) / 0.04, 0, 1) * (yy < a.lung_cy - 0.62 * a.lung_ry)
         else:
             lateral = sgn * (xx - lcx) > 0.55 * a.lung_rx
-            band = np.clip((r - (1 - 0.036 / a.lung_rx)) / 0.04, 0, 1) * lateral * (np.abs(yy - 0.43) < 0.13)
-        img = img + 0.38 * band * lungs[f.side]
+            band = np.clip((r - (1 - 0.05 / a.lung_rx)) / 0.04, 0, 1) * lateral * (np.abs(yy - 0.43) < 0.13)
+        img = img + 0.50 * band * lungs[f.side]
     elif f.kind == "nodule":
         ncx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.03, 0.04))
         ncy = ZONE_Y[f.location] + rng.normal(0, 0.012)
