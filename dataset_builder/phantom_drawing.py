@@ -161,8 +161,8 @@ def _draw_device(img, f: Finding, a: Anatomy, size: int, frontal: bool) -> np.nd
         return img + 0.50 * _polyline(size, points, 0.018)
     # endotracheal tube: down the trachea, its tip above the carina
     x0 = a.cx if frontal else 0.52
-    walls = [_polyline(size, [(x0 + d, 0.0), (x0 + d, 0.25)], 0.012) for d in (-0.016, 0.016)]
-    return img + 0.60 * np.maximum(*walls) + 0.15 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.04)
+    walls = [_polyline(size, [(x0 + d, 0.0), (x0 + d, 0.25)], 0.016) for d in (-0.02, 0.02)]
+    return img + 0.60 * np.maximum(*walls) + 0.20 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.05)
 
 
 def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: int) -> np.ndarray:
@@ -194,9 +194,9 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
     elif f.kind == "opacity":  # ill-defined and mottled: fainter puffs fading into the lung
         lcx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.01, 0.03))
         cy = ZONE_Y[f.location] + rng.normal(0, 0.012)
-        rad = rng.uniform(0.085, 0.10)
-        region = _soft(_ellipse(yy, xx, cy, lcx, rad * 0.85, rad) + 0.2 * _smooth_noise(rng, size, 8), 0.7)
-        mottle = np.clip(0.45 + 0.8 * _smooth_noise(rng, size, 36), 0, 1)
+        rad = rng.uniform(0.11, 0.125)
+        region = _soft(_ellipse(yy, xx, cy, lcx, rad * 0.8, rad) + 0.2 * _smooth_noise(rng, size, 8), 0.6)
+        mottle = np.clip(0.35 + 1.0 * _smooth_noise(rng, size, 28), 0, 1)
         img = img + 0.30 * region * mottle * lungs[f.side]
     elif f.kind == "pleural":  # a smooth band inside the chest wall: an apical cap or along the lateral wall
         lcx = a.cx + sgn * a.lung_dx

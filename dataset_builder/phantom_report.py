@@ -1,6 +1,6 @@
 """The report text of a phantom study: a function of the drawn findings, plus the choice of paraphrase.
 
-Sentences go heart, mediastinum, lungs, pleura, bones, devices, in the style of the Indiana reports (including
+Sentences go devices, heart, mediastinum, lungs, pleura, bones, in the style of the Indiana reports (including
 their `XXXX` anonymisation tokens; no sentence is copied from them); absent findings are negated, present ones
 described with side, severity and location. Every paraphrase of a finding is read by the CheXpert labeler as
 the same single observation, so the labels follow the image, not the choice of words.
@@ -219,7 +219,7 @@ def write_report(
 ) -> tuple[str, str]:
     """Writes (findings, impression) text for the drawn findings.
 
-    Sentences go heart, mediastinum, lungs, pleura, bones, devices; absent findings are negated, present
+    Sentences go devices, heart, mediastinum, lungs, pleura, bones; absent findings are negated, present
     ones described with their side / severity / location, each read by the CheXpert labeler as exactly its
     kind's observation (`CHEXPERT_OBSERVATION`). The impression lists the positives (or says the study is
     normal, then lists the devices).
@@ -256,12 +256,12 @@ def write_report(
             sentences.append(_pick(rng, _NO_EFF))
     if "pleural" in by_kind:
         sentences.append(phrase("pleural"))
-    # bones, then devices
+    # bones; devices went first
     bones = phrase("fracture") if "fracture" in by_kind else _pick(rng, _BONES)
     if bones:
         sentences.append(bones)
-    if "device" in by_kind:
-        sentences.append(phrase("device"))
+    if "device" in by_kind:  # lines and tubes first, as many reports (MIMIC-CXR's often) describe them
+        sentences.insert(0, phrase("device"))
     findings_text = " ".join(sentences)
 
     pathology = [f for f in findings if f.kind != "device"]
