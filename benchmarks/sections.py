@@ -45,7 +45,8 @@ class BenchSettings:
     """Sizes and repeat counts of one run: the model preset ("resnet50-gpt2" is the real size, random weights),
     the training batch (`batch_size` studies, `text_tokens` report tokens; `repeats` timed and `warmup_steps`
     untimed steps; the feature encoding spread over `amortize_epochs`; `matmul_size` for the matmul rate), the
-    beam search, the data-loading epochs (`data_studies` studies of `full_size` px) and the dataset builds."""
+    beam search, the data-loading epochs (`data_studies` studies of `full_size` px), the dataset builds (phantom
+    layouts of `build_sizes` images of `build_image_px` x `build_image_px` px) and the profiled steps."""
 
     preset: str = "resnet50-gpt2"
     batch_size: int = 8
@@ -64,6 +65,7 @@ class BenchSettings:
     build_sizes: tuple[int, ...] = (1000, 2000, 4000, 8000)
     build_image_px: int = 64
     build_repeats: int = 2
+    profile_steps: int = 3
 
 
 QUICK = BenchSettings()
@@ -72,7 +74,7 @@ FULL = BenchSettings(repeats=9, beam_repeats=5, nocache_repeats=2, data_studies=
 SMOKE = BenchSettings(  # every code path at toy sizes, in seconds: the harness's own test
     preset="tiny", batch_size=2, text_tokens=8, repeats=2, warmup_steps=1, matmul_size=256, num_beams=2,
     new_tokens=5, beam_repeats=2, nocache_repeats=2, data_studies=2, full_size=(300, 360), data_repeats=2,
-    build_sizes=(40, 80), build_image_px=64, build_repeats=1,
+    build_sizes=(40, 80), build_image_px=64, build_repeats=1, profile_steps=1,
 )
 # fmt: on
 
@@ -135,6 +137,13 @@ def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtyp
         return model.get_image_features(batch["pixel_values"], batch["view_mask"])
 
 
+def step_inputs(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The inputs of the `--cache_features` training step: the batch's text and view mask, and its image features
+    from the one-off encoding pass (`encode_features`) in place of the pixels."""
+    inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}
+    return inputs | {"image_features": encode_features(model, batch, amp_dtype)}
+
+
 def make_xraycap_step(model, inputs: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> Callable:
     """One optimizer step as run_captioning.py takes it, from stock parts: the forward under autocast over fp32
     weights (`training_loss`: logits on the report positions only), backward (fp16: through a GradScaler, as
@@ -174,11 +183,9 @@ def train_section(settings: BenchSettings, device: str = "cpu", model=None) -> d
     batch = {k: v.to(device) for k, v in batch.items()}
     seed_model = SeedCaptioner(model).to(device).train()
     seed_optimizer = torch.optim.AdamW([p for p in seed_model.parameters() if p.requires_grad], lr=1e-4)
-    inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}
-    inputs["image_features"] = encode_features(model, batch, amp_dtype)
     steps = {
         "seed": lambda: seed_train_step(seed_model, seed_optimizer, batch),
-        "xraycap": make_xraycap_step(model, inputs, amp_dtype),
+        "xraycap": make_xraycap_step(model, step_inputs(model, batch, amp_dtype), amp_dtype),
     }
     for _ in range(settings.warmup_steps):  # first-call allocations, kernel choice, optimizer state
         for step in steps.values():
@@ -353,5 +360,7 @@ def build_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
         rows.append({"images": size // 2 * 2, "peak_rss_mb": round(peak, 1), "seconds": runs[0]["seconds"]})
     growth = {"median": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1}
     what = f"dataset build peak RSS growth, {rows[0]['images']:,} to {rows[-1]['images']:,} images"
+    what += f" of {settings.build_image_px} x {settings.build_image_px} px"
     peaks = " / ".join(f"{row['peak_rss_mb']:.0f}" for row in rows) + " MB"
-    return {"series": rows, "figures": {"build_rss_growth": figure(growth, what, peaks, "-")}}
+    setup = {"image_px": settings.build_image_px, "writer_batch_size": 64}
+    return {"setup": setup, "series": rows, "figures": {"build_rss_growth": figure(growth, what, peaks, "-")}}
