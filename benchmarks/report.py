@@ -55,7 +55,9 @@ def provenance(results: dict[str, Any]) -> str:
     """The commit (and whether the tree had uncommitted changes), the time, the load and the versions."""
     machine = results["machine"]
     commit = (machine.get("git_commit") or "unknown")[:7]
-    state = "with uncommitted changes" if machine.get("git_uncommitted_changes") else "with no uncommitted change"
+    state = (
+        "with uncommitted changes" if machine.get("git_uncommitted_changes") else "with no uncommitted change"
+    )
     versions = ", ".join(f"{name} {version.split('+')[0]}" for name, version in machine["versions"].items())
     return (
         f"commit {commit} {state}, measured {machine['measured_at_utc']}, "
@@ -85,7 +87,9 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "train_speedup_vs_seed" in figures:
         train = sections["train"]
         seconds, precision = train["seconds_per_step"], train["setup"]["precision"]
-        what = f"Training step, {settings['preset']}, batch {settings['batch_size']}, {settings['text_tokens']} "
+        what = (
+            f"Training step, {settings['preset']}, batch {settings['batch_size']}, {settings['text_tokens']} "
+        )
         rows.append(
             (
                 "train_speedup_vs_seed",
@@ -179,13 +183,18 @@ def render_profile(results: dict[str, Any]) -> str:
         for group in named
     ]
     shares.append(f"the rest {rest:.0%}")
+    after = (
+        f", load average {section['load_average_after']} at its end"
+        if "load_average_after" in section
+        else ""
+    )
     return (
         f"Where the training step's time goes (`python benchmarks/run.py --sections profile`, "
         f"`benchmarks/results/profile.json`; {machine_line(results['machine'])}; {provenance(results)}): "
         f"`torch.profiler` over {section['steps']} steps after {setup['warmup_steps']} warm-up steps of "
         f"{setup['preset']}, batch {setup['batch_size']}, {setup['text_tokens']} tokens, cached features, "
         f"{setup['precision']}, {setup['torch_threads']} threads; self CPU time, "
-        f"{section['self_cpu_seconds_per_step']:.2f} s a step: " + ", ".join(shares) + "."
+        f"{section['self_cpu_seconds_per_step']:.2f} s a step{after}: " + ", ".join(shares) + "."
     )
 
 
@@ -210,14 +219,18 @@ def write_doc(results: dict[str, Any], name: str, doc: Path = DOC) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only check that the doc matches the results files")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that the doc matches the results files"
+    )
     args = parser.parse_args(argv)
     status = 0
     for name in MARKERS:
         results = json.loads((RESULTS / name).read_text())
         if args.check:
             matches = doc_block(name) == RENDER[name](results)
-            print(f"docs/PERFORMANCE.md's {name} block {'matches' if matches else 'differs: run without --check'}")
+            print(
+                f"docs/PERFORMANCE.md's {name} block {'matches' if matches else 'differs: run without --check'}"
+            )
             status |= not matches
         else:
             write_doc(results, name)

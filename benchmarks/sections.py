@@ -137,7 +137,9 @@ def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtyp
         return model.get_image_features(batch["pixel_values"], batch["view_mask"])
 
 
-def step_inputs(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def step_inputs(
+    model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     """The inputs of the `--cache_features` training step: the batch's text and view mask, and its image features
     from the one-off encoding pass (`encode_features`) in place of the pixels."""
     inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}

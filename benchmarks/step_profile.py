@@ -9,6 +9,7 @@ after `warmup_steps` untimed ones.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from .inputs import random_batch
 # annotations, whose self time is the Python and bookkeeping around the ops) count under "outside aten ops".
 OP_GROUPS: dict[str, tuple[str, ...]] = {
     "matrix products": ("mm", "addmm", "bmm", "baddbmm"),
-    "dtype casts (autocast)": ("copy_", "_to_copy"),
+    "autocast's dtype casts": ("copy_", "_to_copy"),
     "dropout masks": ("bernoulli_", "native_dropout", "native_dropout_backward"),
     "fused AdamW": ("_fused_adamw_",),
     "zero-fills": ("zero_", "fill_"),
@@ -31,7 +32,7 @@ OP_GROUPS: dict[str, tuple[str, ...]] = {
     "the LM head's log-softmax and its backward": ("_log_softmax", "_log_softmax_backward_data"),
     "the loss (NLL)": ("nll_loss_forward", "nll_loss_backward"),
     "GELU": ("gelu", "gelu_backward"),
-    "attention softmax (SDPA)": (
+    "attention softmax": (
         "_safe_softmax",
         "_softmax",
         "_softmax_backward_data",
@@ -88,13 +89,17 @@ def profile_section(settings: bench.BenchSettings, device: str = "cpu", model=No
     activity): the step `train_section` times, on the same random real-size batch.
 
     Returns:
-        `dict`: `setup`, `steps`, `self_cpu_seconds_per_step`, `wall_seconds_per_step` (with the profiler's own
+        `dict`: `setup`, `steps`, `load_average_after` (the machine's load when the profile ends),
+        `self_cpu_seconds_per_step`, `wall_seconds_per_step` (with the profiler's own
         overhead), `groups` (`group_breakdown`) and `top_ops` (the 15 ops with the most self CPU time).
     """
     device = torch.device(device)
     amp_dtype = bench.autocast_dtype(device.type)
     model = (model or bench.build_model(settings.preset)).to(device).train()
-    batch = {k: v.to(device) for k, v in random_batch(model.config, settings.batch_size, settings.text_tokens).items()}
+    batch = {
+        k: v.to(device)
+        for k, v in random_batch(model.config, settings.batch_size, settings.text_tokens).items()
+    }
     step = bench.make_xraycap_step(model, bench.step_inputs(model, batch, amp_dtype), amp_dtype)
     for _ in range(settings.warmup_steps):
         step()
@@ -106,6 +111,8 @@ def profile_section(settings: bench.BenchSettings, device: str = "cpu", model=No
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / settings.profile_steps
+    # Self CPU time stretches when other jobs share the cores: the load at the end goes with the figures.
+    load_after = [round(x, 2) for x in os.getloadavg()]
     op_seconds = op_self_seconds(prof)
     total = sum(op_seconds.values())
     top = sorted(op_seconds.items(), key=lambda item: -item[1])[:15]
@@ -122,6 +129,7 @@ def profile_section(settings: bench.BenchSettings, device: str = "cpu", model=No
             "measure": "self CPU time per op (torch.profiler key_averages), summed over the profiled steps",
         },
         "steps": settings.profile_steps,
+        "load_average_after": load_after,
         "self_cpu_seconds_per_step": total / settings.profile_steps,
         "wall_seconds_per_step": wall,
         "groups": group_breakdown(op_seconds, settings.profile_steps),
