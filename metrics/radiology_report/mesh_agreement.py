@@ -54,9 +54,9 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
-from unittest import mock
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 from . import labeler
 from .labeler import POSITIVE, UNCERTAIN, label_reports
