@@ -220,3 +220,55 @@ def test_mimic_study_count_and_demo_time_are_their_sources():
     demo = _json(REPO_ROOT / "benchmarks" / "results" / "demo.json")
     assert "It takes under 10 minutes on a 2-core CPU" in _flat(README)
     assert demo["main_job"]["wall_s"] < 600 and demo["machine"]["cpu_count"] == 2
+
+
+def test_performance_doc_describes_the_settings_and_targets_the_harness_uses():
+    """The sizes, repeats and targets docs/PERFORMANCE.md describes are those of latest.json's run and of the
+    harness's own tables (`run.TARGETS`, `gpu.GpuSettings.from_config()`, configs/iu_r2gen.yaml)."""
+    import yaml
+
+    from benchmarks import run
+    from benchmarks.gpu import GpuSettings
+
+    settings = _json(report.RESULTS / report.FIGURES)["settings"]
+    doc = _flat(report.DOC.read_text())
+    assert (
+        f"samples per second at batch {settings['batch_size']} with {settings['text_tokens']} report tokens"
+        in doc
+    )
+    assert f"spread over {settings['amortize_epochs']} epochs" in doc
+    assert (
+        f"{settings['num_beams']} beams, exactly {settings['new_tokens']} new tokens, batch {settings['batch_size']}"
+        in doc
+    )
+    low, high = settings["full_size"]
+    assert f"the original {low:,}-{high:,} px PNGs" in doc
+    assert f"({settings['matmul_size']:,} x {settings['matmul_size']:,})" in doc
+    sizes = settings["build_sizes"]
+    assert f"{', '.join(f'{n:,}' for n in sizes[:-1])} and {sizes[-1]:,} images" in doc
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in report.DOC.read_text().splitlines()
+        if line.startswith("| ")
+    }
+    for name, text in (
+        ("train_speedup_vs_seed", "Training throughput"),
+        ("beam_speedup_vs_nocache", "Beam search"),
+        ("data_speedup_vs_png", "Data loading"),
+    ):
+        op, bound = run.TARGETS[name]
+        assert rows[text].strip(" |").split(" | ")[-1].startswith(f"{op} {bound:g}x"), name
+    op, bound = run.TARGETS["build_rss_growth"]
+    assert f"growth {op} {bound:+.0%}" in doc
+
+    gpu = GpuSettings.from_config()
+    assert (
+        f"training batch {gpu.batch_size} with {gpu.text_tokens} report tokens" in doc
+        and f"evaluation batch {gpu.eval_batch_size}" in doc
+        and f"beam {gpu.num_beams} forced to exactly {gpu.new_tokens} new tokens" in doc
+    )
+    config = yaml.safe_load((REPO_ROOT / "configs" / "iu_r2gen.yaml").read_text())
+    epochs, train, val, test = config["num_train_epochs"], 2069, 296, 590
+    assert f"{epochs} epochs" in doc
+    assert f"{epochs * train:,} samples from cached features" in doc
+    assert f"{epochs * val:,} studies, beam 3" in doc and f"{2 * test:,} studies, beam 3" in doc
