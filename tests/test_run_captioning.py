@@ -27,7 +27,7 @@ SMALL = [*SMALL_RUN, "--logging_steps", "1"]
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
 ACCELERATE_LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 FAST_EVAL = ["--num_beams", "2", "--max_new_tokens", "12", "--per_device_eval_batch_size", "8"]
-# The metric keys eval_results.json carries for each test run (docs/DESIGN.md).
+# The metric keys eval_results.json carries for each test run (the README's Metrics section).
 METRIC_KEYS = "bleu_1 bleu_2 bleu_3 bleu_4 meteor rouge_l cider bertscore_f1 ce_micro_f1 ce_macro_f1 ce_example_f1".split()
 
 

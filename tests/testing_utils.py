@@ -24,7 +24,7 @@ from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_to
 
 FINDINGS = ("normal", "cardiomegaly", "left_effusion", "right_pneumothorax", "nodule")
 
-# One report per phantom finding, phrased as the synthetic data is (see the API contract).
+# One report per phantom finding, phrased as the synthetic data is (dataset_builder/phantom_report.py).
 PHANTOM_REPORTS = {
     "normal": "Heart size is normal. No pneumothorax or pleural effusion. No acute cardiopulmonary abnormality.",
     "cardiomegaly": "The heart is enlarged. No pneumothorax or pleural effusion.",
