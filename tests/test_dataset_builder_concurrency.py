@@ -1,4 +1,4 @@
-"""Two processes on one default cache: one synthesizes and builds, the other waits and reuses (issue 20, 7)."""
+"""Two processes on one default cache: one synthesizes and builds, the other waits and reuses."""
 
 import json
 import subprocess

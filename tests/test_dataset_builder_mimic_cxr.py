@@ -1,4 +1,4 @@
-"""`build --format mimic-cxr` on a small synthetic tree in the official MIMIC-CXR-JPG layout (issue 22, point 5).
+"""`build --format mimic-cxr` on a small synthetic tree in the official MIMIC-CXR-JPG layout.
 
 The tree (written here; no MIMIC data is used) holds eight studies of five patients, with the official file
 names: gzipped split and metadata tables, `files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg` and one report `.txt`

@@ -1,4 +1,4 @@
-"""`synthesize` and `build` never replace what the user did not ask them to replace (issue 20, point 6).
+"""`synthesize` and `build` never replace what the user did not ask them to replace.
 
 A folder holding other files is refused without an explicit overwrite; a build writes a complete new output
 next to the target and renames it into place, so a failure while saving keeps the previous output loadable.

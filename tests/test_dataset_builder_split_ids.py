@@ -1,4 +1,4 @@
-"""R2Gen `--split_file` ids in every Open-i form map to the Kaggle study they name (issue 20, point 9)."""
+"""R2Gen `--split_file` ids in every Open-i form map to the Kaggle study they name."""
 
 import json
 import logging

@@ -3,7 +3,7 @@
 The Indiana University collection (Open-i) comes with a `MeSH` column coded by people from each report,
 e.g. `"Cardiomegaly/mild;Pleural Effusion/right/small"` or `"normal"`. The labeler's rules were not
 written on it, so it is an independent reference. The mapping of MeSH headings to CheXpert observations
-is fixed in advance (issue 21) and is not tuned to the labeler:
+is fixed in advance and is not tuned to the labeler:
 
 - a study is positive for an observation when any of its MeSH terms has a heading (the part before the
   first "/") listed for that observation in `MESH_TO_CHEXPERT`;
@@ -80,7 +80,7 @@ MESH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
         "Pacemaker, Artificial",
     ),
 }
-"""CheXpert observation -> the MeSH headings that make a study positive for it (fixed, issue 21)."""
+"""CheXpert observation -> the MeSH headings that make a study positive for it (fixed before any measurement)."""
 
 MACRO_OBSERVATIONS: tuple[str, ...] = tuple(MESH_TO_CHEXPERT)
 """The 8 observations averaged into the macro F1."""
