@@ -52,10 +52,9 @@ def to_luminance(image: Image.Image) -> Image.Image:
 
     High-bit-depth images are scaled linearly from their own min..max range to 0..255 (not by a fixed 257: many
     16-bit radiographs use 10-12 bits); transparency is composited on black (the radiograph background);
-    colour becomes luminance; bilevel becomes 0/255.
+    colour becomes luminance; bilevel becomes 0/255. A grey image with a transparent grey level (PNG tRNS) is
+    composited too, so the builder stores the values the processor reads, with no transparency left to differ.
     """
-    if image.mode == "L":
-        return image
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
@@ -66,7 +65,7 @@ def to_luminance(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("L")
-    return image.convert("L")
+    return image if image.mode == "L" else image.convert("L")
 
 
 def _array_to_pil(array: np.ndarray, name: str = "array") -> Image.Image:
@@ -231,7 +230,9 @@ class XrayCapImageProcessor(PilBackend):
             logger.info(f"{vision_model} gives no image mean/std: using ImageNet's.")
         return cls(size=size, **normalisation)
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], **kwargs: Unpack[ImagesKwargs]) -> BatchFeature:
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike], **kwargs: Unpack[ImagesKwargs]
+    ) -> BatchFeature:
         """
         Args:
             images: one image or a list of images: PIL images, numpy arrays, tensors, file paths or file bytes.
@@ -247,7 +248,11 @@ class XrayCapImageProcessor(PilBackend):
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[ImageLike]:
         """A flat list of images. Paths and bytes stay as they are (`process_image` opens them, checked): never
         fetched as URLs or opened unchecked."""
-        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4 and images.shape[-1] not in (3, 4):
+        if (
+            isinstance(images, np.ndarray | torch.Tensor)
+            and images.ndim == 4
+            and images.shape[-1] not in (3, 4)
+        ):
             return list(images)  # a stacked batch of channels-first images
         return list(images) if isinstance(images, list | tuple) else [images]
 
