@@ -52,6 +52,7 @@ _PROCESSOR_SETTINGS = ("max_views", "max_length")
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> GPT2TokenizerFast:
     """
     Train a GPT-2-style byte-level BPE tokenizer on local texts (no Hub access needed).
