@@ -192,8 +192,10 @@ class XrayCapImageProcessor(PilBackend):
     def __init__(self, **kwargs: Unpack[ImagesKwargs]):
         size = kwargs.get("size")
         if isinstance(size, dict) and "shortest_edge" not in size and "height" in size:
-            size = size["height"]  # the square side, as processors saved before this one's port wrote it
-        if isinstance(size, int):
+            size = size["height"]  # another processor's {"height", "width"}: its height is the square side
+        if isinstance(
+            size, int
+        ):  # the square side: XrayCapConfig.image_size, and what processors saved before
             if size < 32:
                 raise ValueError(f"size={size} px is too small: use at least 32.")
             kwargs["size"] = {"shortest_edge": size}

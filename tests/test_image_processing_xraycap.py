@@ -129,6 +129,15 @@ def test_saved_folder_loads_with_auto_classes_in_a_fresh_process(tmp_path):
     assert np.array_equal(np.load(tmp_path / "study.npy")[:, 0], expected)
 
 
+def test_bad_settings_are_refused_naming_them():
+    from processing_xraycap import XrayCapImageProcessor
+
+    with pytest.raises(ValueError, match="size=16 px is too small"):
+        XrayCapImageProcessor(size=16)
+    with pytest.raises(ValueError, match="resample='nearest' is not one of"):
+        XrayCapImageProcessor(resample="nearest")
+
+
 def test_a_string_is_a_local_file_never_fetched(tmp_path):
     """transformers' default fetches URL strings unchecked; here every string is a file, opened checked."""
     from processing_xraycap import XrayCapImageProcessor
