@@ -317,9 +317,12 @@ def test_processor_takes_the_vision_towers_normalisation(text_tower, tmp_path):
         (resnet, IMAGENET_MEAN, None),
     ):
         processor = XrayCapProcessor.from_tokenizer(text_tower, image_size=SIZE, vision_model=vision)
-        assert processor.image_processor.image_mean == mean and processor.image_processor.size == SIZE
+        assert (
+            list(processor.image_processor.image_mean) == mean
+            and processor.image_processor.crop_size.height == SIZE
+        )
         if std is not None:
-            assert processor.image_processor.image_std == std
+            assert list(processor.image_processor.image_std) == std
     processor = XrayCapProcessor.from_tokenizer(text_tower, image_size=SIZE, vision_model=vit)
     grey = make_phantom_image(size=SIZE).convert("RGB")
     pixels = processor(images=[grey])["pixel_values"][0, 0]
@@ -328,7 +331,8 @@ def test_processor_takes_the_vision_towers_normalisation(text_tower, tmp_path):
     processor.save_pretrained(tmp_path / "saved")
     reloaded = AutoProcessor.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     assert (
-        reloaded.image_processor.image_mean == [0.5] * 3 and reloaded.image_processor.image_std == [0.5] * 3
+        list(reloaded.image_processor.image_mean) == [0.5] * 3
+        and list(reloaded.image_processor.image_std) == [0.5] * 3
     )
 
 
@@ -430,8 +434,8 @@ def test_run_captioning_with_pretrained_towers(kind, run_cache, tmp_path, monkey
     assert model.config.image_size == (
         SIZE if kind == "vit" else 128
     )  # the ViT's own; the preset's for a CNN
-    assert processor.image_processor.size == model.config.image_size
-    assert processor.image_processor.image_mean == ([0.5] * 3 if kind == "vit" else IMAGENET_MEAN)
+    assert processor.image_processor.crop_size.height == model.config.image_size
+    assert list(processor.image_processor.image_mean) == ([0.5] * 3 if kind == "vit" else IMAGENET_MEAN)
     for name, value in (
         AutoModel.from_pretrained(vision).state_dict().items()
     ):  # frozen: the checkpoint's weights
@@ -456,6 +460,7 @@ def test_run_captioning_config_and_processor_follow_the_vision_tower(tmp_path, m
     config = build_config(model_args)
     assert config.image_size == SIZE
     processor = build_processor(model_args, config, ["Heart size is normal. No pleural effusion."] * 20)
-    assert processor.image_processor.size == SIZE and processor.image_processor.image_mean == [0.5] * 3
+    assert processor.image_processor.crop_size.height == SIZE
+    assert list(processor.image_processor.image_mean) == [0.5] * 3
     model_args, _, _ = run_captioning.parse_args(["--vision_model", vit, "--image_size", "96"])
     assert build_config(model_args).image_size == 96  # asked for: kept (the model then refuses it, naming 64)
