@@ -20,23 +20,11 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
-    from .image_processing_xraycap import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        MAX_IMAGE_PIXELS,
-        ImageLike,
-        XrayCapImageProcessor,
-        load_image,
-    )
+    from .image_decoding_xraycap import MAX_IMAGE_PIXELS, ImageLike, load_image
+    from .image_processing_xraycap import IMAGENET_MEAN, IMAGENET_STD, XrayCapImageProcessor
 except ImportError:  # the repository root on sys.path (`import processing_xraycap`)
-    from image_processing_xraycap import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        MAX_IMAGE_PIXELS,
-        ImageLike,
-        XrayCapImageProcessor,
-        load_image,
-    )
+    from image_decoding_xraycap import MAX_IMAGE_PIXELS, ImageLike, load_image
+    from image_processing_xraycap import IMAGENET_MEAN, IMAGENET_STD, XrayCapImageProcessor
 
 logger = logging.get_logger(__name__)
 

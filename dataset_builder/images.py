@@ -3,7 +3,7 @@
 Every image is decoded once at build time, converted to 8-bit grayscale and re-encoded as PNG with its
 longer side at most `image_size`, so training never decodes the 2,000-3,000 px originals.
 
-Conversions (`to_grayscale_8bit`, the image processor's `image_processing_xraycap.to_luminance`): 16-bit
+Conversions (`to_grayscale_8bit`, the image processor's `image_decoding_xraycap.to_luminance`): 16-bit
 (and 32-bit integer / float) images are scaled linearly from their ACTUAL value range (min..max) to 0..255,
 not by a fixed 257 or 65535 (many 16-bit radiographs use 10-12 bits); RGBA / LA / palette images are
 composited over black (the radiograph background) then turned to luminance; RGB to luminance; bilevel to 0/255.
@@ -24,8 +24,8 @@ from PIL import Image, UnidentifiedImageError
 # The X-ray decoding lives with the model's image processor, so training images are stored exactly as inference
 # reads an upload: one conversion (16-bit by its own range, alpha on black, colour to luminance) and one pixel
 # cap (50 M; the real Indiana PNGs are at most ~2,934 x 2,934 = 8.6 M pixels).
-from image_processing_xraycap import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
-from image_processing_xraycap import to_luminance as to_grayscale_8bit
+from image_decoding_xraycap import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
+from image_decoding_xraycap import to_luminance as to_grayscale_8bit
 
 REASON_MISSING = "image file missing"
 REASON_ESCAPES = "filename escapes the image folder"

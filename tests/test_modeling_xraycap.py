@@ -244,6 +244,7 @@ def test_remote_code_round_trip_in_fresh_process(tiny, tmp_path):
     for name in (
         "configuration_xraycap.py",
         "modeling_xraycap.py",
+        "image_decoding_xraycap.py",
         "image_processing_xraycap.py",
         "processing_xraycap.py",
         "model.safetensors",

@@ -79,6 +79,7 @@ def test_outputs_follow_the_contract(trained_run: Path):
         "generation_config.json",
         "configuration_xraycap.py",
         "modeling_xraycap.py",
+        "image_decoding_xraycap.py",
         "image_processing_xraycap.py",
         "processing_xraycap.py",
         "pipeline_xraycap.py",

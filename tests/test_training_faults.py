@@ -142,6 +142,7 @@ MODEL_FILES = [
     "generation_config.json",
     "configuration_xraycap.py",
     "modeling_xraycap.py",
+    "image_decoding_xraycap.py",
     "image_processing_xraycap.py",
     "processing_xraycap.py",
     "pipeline_xraycap.py",
