@@ -386,7 +386,7 @@ def train(
                 history,
                 epoch,
                 completed_steps,
-                **generation,
+                generation,
             )
         if completed_steps >= max_steps:
             break

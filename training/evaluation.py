@@ -243,7 +243,7 @@ def evaluate_validation(
     history: dict[str, Any],
     epoch: int,
     step: int,
-    **generate_kwargs,
+    generate_kwargs: dict[str, Any],
 ) -> None:
     """One epoch's validation: reports generated under the run's autocast, scored without METEOR and BERTScore,
     `CURVE_METRICS` appended to `history["epoch_metrics"]` (main process) and logged (to the run's trackers too,
@@ -255,7 +255,7 @@ def evaluate_validation(
         metric (`evaluate.EvaluationModule`): the `radiology_report` metric.
         history (`dict[str, Any]`): the run's history, updated in place.
         epoch (`int`), step (`int`): the epoch just trained and the optimizer steps done.
-        generate_kwargs: passed to `model.generate`.
+        generate_kwargs (`dict[str, Any]`): passed to `model.generate` (`num_beams`, `max_new_tokens`).
     """
     with accelerator.autocast():
         reports = generate_reports(
