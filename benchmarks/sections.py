@@ -31,8 +31,8 @@ from dataset_builder import build_dataset, synthesize
 from modeling_xraycap import XrayCapForConditionalGeneration
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
 from training.data import IndexedStudies, StudyCollator
-from training.optimization import build_optimizer, training_loss
-from training.precision import resolve_mixed_precision
+from training.distributed import resolve_mixed_precision
+from training.optimization import build_optimizer
 
 from .baselines import SeedCaptioner, seed_train_step
 from .inputs import make_full_size_studies, random_batch
@@ -148,7 +148,7 @@ def step_inputs(
 
 def make_xraycap_step(model, inputs: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> Callable:
     """One optimizer step as run_captioning.py takes it, from stock parts: the forward under autocast over fp32
-    weights (`training_loss`: logits on the report positions only), backward (fp16: through a GradScaler, as
+    weights (logits on the report positions only: `logits_to_keep`), backward (fp16: through a GradScaler, as
     Accelerate does), `clip_grad_norm_(params, 1.0)`, fused AdamW (`build_optimizer`), `zero_grad`."""
     device_type = next(model.parameters()).device.type
     optimizer = build_optimizer(model, learning_rate=1e-4, weight_decay=0.01)
@@ -157,7 +157,7 @@ def make_xraycap_step(model, inputs: dict[str, torch.Tensor], amp_dtype: torch.d
 
     def step() -> torch.Tensor:
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = training_loss(model, inputs)
+            loss = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] + 1).loss
         (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is not None:
             scaler.unscale_(optimizer)

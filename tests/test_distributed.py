@@ -52,7 +52,7 @@ def test_frozen_tower_buffers_are_not_broadcast_every_forward(accelerator_of):
 
 def test_each_process_probes_its_own_gpu_for_bf16(monkeypatch):
     """On a node with a V100 as GPU 0 and an A100 as GPU 1, the process on GPU 1 (LOCAL_RANK=1) trains in bf16."""
-    from training.precision import resolve_mixed_precision
+    from training.distributed import resolve_mixed_precision
 
     capabilities = {0: (7, 0), 1: (8, 0)}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -15,11 +15,11 @@ import torch
 from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_and_processor
 
 from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
-from training.data import StudyCollator, model_inputs, study_dataloader
+from training.data import StudyCollator, study_dataloader
+from training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
 from training.hub import push_to_hub
 from training.model_card import build_model_card
-from training.optimization import build_optimizer, training_loss
-from training.precision import cpu_has_bf16_matmuls, resolve_mixed_precision
+from training.optimization import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
 # Precision
@@ -30,9 +30,9 @@ from training.precision import cpu_has_bf16_matmuls, resolve_mixed_precision
 def test_auto_precision_on_cpu_follows_the_bf16_hardware(has_bf16, caplog, monkeypatch):
     """auto is bf16 only on a CPU with bf16 matmul hardware, else fp32 ("no"); an explicit bf16 is kept, with a
     warning where the hardware lacks it."""
-    import training.precision
+    import training.distributed
 
-    monkeypatch.setattr(training.precision, "cpu_has_bf16_matmuls", lambda: has_bf16)
+    monkeypatch.setattr(training.distributed, "cpu_has_bf16_matmuls", lambda: has_bf16)
     with caplog.at_level("INFO"):
         assert resolve_mixed_precision("auto", "cpu") == ("bf16" if has_bf16 else "no")
         assert resolve_mixed_precision("bf16", "cpu") == "bf16"
@@ -112,18 +112,6 @@ def test_optimizer_refuses_a_fully_frozen_model():
         build_optimizer(model, learning_rate=1e-3, weight_decay=0.0)
 
 
-def test_training_loss_equals_the_full_forward():
-    """training_loss computes logits on the report positions only and gives the loss of `model(**inputs).loss`."""
-    model, processor = make_tiny_model_and_processor(image_size=64)
-    inputs = processor(
-        images=[torch.rand(3, 64, 64), torch.rand(3, 64, 64)],
-        text=["No acute disease.", "Small left pleural effusion. Heart size normal."],
-        return_tensors="pt",
-    )
-    model.eval()
-    torch.testing.assert_close(training_loss(model, inputs), model(**inputs).loss)
-
-
 # --------------------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +140,7 @@ def test_ablated_batches_show_every_study_the_same_grey_image():
     assert torch.equal(grey["pixel_values"], grey["pixel_values"][:1].expand_as(grey["pixel_values"]))
     assert not torch.equal(real["pixel_values"][0], real["pixel_values"][1])
     assert not torch.equal(grey["pixel_values"][0], real["pixel_values"][0])
-    assert "index" not in model_inputs(grey) and "input_ids" not in grey
+    assert "input_ids" not in grey
 
 
 def test_cached_features_replace_the_images():
