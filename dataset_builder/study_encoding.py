@@ -116,8 +116,9 @@ class ShardPool:
         self._pending: dict[tuple[str, int], Future] = {}
         self._ahead = SHARDS_AHEAD_PER_PROCESS * num_proc
         fork = "fork" in multiprocessing.get_all_start_methods()
-        self._executor = ProcessPoolExecutor(
-            num_proc, mp_context=multiprocessing.get_context("fork") if fork else None
+        self._executor = ProcessPoolExecutor(  # no more workers than shards (a tiny build starts one)
+            max(1, min(num_proc, len(self._order))),
+            mp_context=multiprocessing.get_context("fork") if fork else None,
         )
 
     def _hand_out(self, until: tuple[str, int] | None = None) -> None:

@@ -223,3 +223,26 @@ def test_workers_start_once_and_share_every_split_when_some_studies_are_slow(
     assert {pid for pid, _, uid in encoded if uid in slow} == workers  # the slow studies are shared
     for name in serial:
         assert sharded[name].data.table.equals(serial[name].data.table), name
+
+
+def test_a_failing_worker_stops_the_sharded_build_with_its_error_and_leaves_no_process(
+    damaged_mimic, tmp_path, monkeypatch
+):
+    import psutil
+
+    from dataset_builder import builder as builder_module
+
+    real_encode_study = builder_module.encode_study
+    failing = damaged_mimic[1]["truncated"][0]
+
+    def encode_study(study, *args, **kwargs):
+        if study.uid == failing:
+            raise ValueError(f"report of study {study.uid} changed while the dataset was built")
+        return real_encode_study(study, *args, **kwargs)
+
+    monkeypatch.setattr(builder_module, "encode_study", encode_study)
+    with pytest.raises(datasets.exceptions.DatasetGenerationError) as raised:  # as in a serial build
+        _build(damaged_mimic[0], tmp_path, 2)
+    assert f"study {failing} changed" in str(raised.value.__cause__)
+    assert not psutil.Process().children(recursive=True)
+    assert not (tmp_path / "out2").exists()
