@@ -1,4 +1,5 @@
-"""XrayCapForConditionalGeneration: forward and loss, parity with GPT-2, save/load, freezing, errors."""
+"""XrayCapModel / XrayCapForConditionalGeneration: forward and loss, parity with GPT-2, save/load (the Auto
+classes, folders saved before the base model existed), freezing as training does it, errors."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import time
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from testing_utils import (
     FINDINGS,
     PHANTOM_REPORTS,
@@ -21,6 +23,7 @@ from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapper
 
 from configuration_xraycap import XrayCapConfig
 from modeling_xraycap import XrayCapForConditionalGeneration
+from training.models import freeze_vision_tower, model_from_pretrained_towers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +76,7 @@ def test_grid_size_pools_the_feature_map():
     wide.load_state_dict(native.state_dict())
     torch.testing.assert_close(wide.eval().get_image_features(pixels)[:, 0], full)
     assert wide.tokens_per_view == 16
-    with pytest.raises(ValueError, match="grid_size=0"):
+    with pytest.raises(StrictDataclassError, match="grid_size=0"):
         XrayCapConfig.from_preset("tiny", grid_size=0)
 
 
@@ -119,9 +122,11 @@ def test_view_embedding_distinguishes_slots(tiny):
     batch = phantom_batch(processor, text=False)
     frontal = batch["pixel_values"][:, :1]
     as_second = torch.cat([torch.zeros_like(frontal), frontal], dim=1)
-    prefix_a, _ = model.get_prefix_embeds(model.get_image_features(frontal))
+    prefix_a, _ = model.model.get_prefix_embeds(model.get_image_features(frontal))
     view_mask = torch.tensor([[0, 1]] * 2)
-    prefix_b, mask_b = model.get_prefix_embeds(model.get_image_features(as_second, view_mask), view_mask)
+    prefix_b, mask_b = model.model.get_prefix_embeds(
+        model.get_image_features(as_second, view_mask), view_mask
+    )
     assert mask_b[:, :4].sum() == 0 and mask_b[:, 4:].all()
     diff = prefix_b[:, 4:] - prefix_a
     torch.testing.assert_close(diff, (model.view_embedding[1] - model.view_embedding[0]).expand_as(diff))
@@ -131,7 +136,7 @@ def test_text_path_matches_gpt2(tiny):
     """Without an image prefix the logits are those of GPT2LMHeadModel with the same weights."""
     model, processor = tiny
     gpt2 = GPT2LMHeadModel(model.config.text_config).eval()
-    gpt2.load_state_dict(model.language_model.state_dict())
+    gpt2.transformer.load_state_dict(model.language_model.state_dict())
     ids = processor(text=[PHANTOM_REPORTS["nodule"]], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = gpt2(input_ids=ids).logits
@@ -146,8 +151,8 @@ def test_decoder_is_gpt2_fed_the_prefix_and_text_embeddings(tiny, mode):
     model, processor = tiny
     batch = phantom_batch(processor)  # one view per study: the second view slot is masked out
     gpt2 = GPT2LMHeadModel(model.config.text_config)
-    gpt2.load_state_dict(model.language_model.state_dict())
-    prefix, prefix_mask = model.get_prefix_embeds(model.get_image_features(batch["pixel_values"]))
+    gpt2.transformer.load_state_dict(model.language_model.state_dict())
+    prefix, prefix_mask = model.model.get_prefix_embeds(model.get_image_features(batch["pixel_values"]))
     text = model.get_input_embeddings()(batch["input_ids"])
     mask = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
     labels = torch.cat([torch.full(prefix_mask.shape, -100), batch["labels"]], dim=1)
@@ -283,15 +288,15 @@ def test_save_load_in_process_keeps_weights(tiny, tmp_path):
     loaded = XrayCapForConditionalGeneration.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert loaded.language_model.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert loaded.generation_config.pad_token_id == model.config.pad_token_id
-    assert not any(p.requires_grad for p in loaded.vision_model.parameters())  # still frozen after loading
-    assert all(p.requires_grad for p in loaded.language_model.parameters())
+    # Freezing is the training code's choice, not the folder's: a loaded model trains whole until frozen.
+    assert all(p.requires_grad for p in loaded.parameters())
     loaded.train()
-    assert not loaded.vision_model.training
+    assert loaded.vision_model.training
 
 
-def test_from_pretrained_towers_accepts_local_folders(tmp_path):
+def test_model_from_pretrained_towers_accepts_local_folders(tmp_path):
     vision = ResNetModel(
         ResNetConfig(
             embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], layer_type="basic"
@@ -304,15 +309,13 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     text = GPT2LMHeadModel(text_config)
     vision.save_pretrained(tmp_path / "resnet")
     text.save_pretrained(tmp_path / "gpt2")
-    model = XrayCapForConditionalGeneration.from_pretrained_towers(
+    model = model_from_pretrained_towers(
         str(tmp_path / "resnet"), str(tmp_path / "gpt2"), image_size=64, max_views=1
     )
     assert torch.equal(
         model.vision_model.embedder.embedder.convolution.weight, vision.embedder.embedder.convolution.weight
     )
-    assert torch.equal(
-        model.language_model.transformer.h[0].attn.c_attn.weight, text.transformer.h[0].attn.c_attn.weight
-    )
+    assert torch.equal(model.language_model.h[0].attn.c_attn.weight, text.transformer.h[0].attn.c_attn.weight)
     old_vocab = text_config.vocab_size
     assert model.config.pad_token_id == old_vocab and model.config.vocab_size == old_vocab + 1
     assert torch.equal(model.get_input_embeddings().weight[:old_vocab], text.transformer.wte.weight)
@@ -321,12 +324,12 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     ids = torch.randint(0, old_vocab, (1, 12))
     with torch.no_grad():
         expected = text.eval()(input_ids=ids).logits
-        got = model.eval().language_model(input_ids=ids).logits[..., :old_vocab]
+        got = model.eval()(input_ids=ids).logits[..., :old_vocab]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     ids = model.eval().generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=3, eos_token_id=None)
     assert ids.shape == (1, 3)
     # A pad id given explicitly (the tokenizer's, from XrayCapProcessor.from_tokenizer) also grows the vocabulary.
-    again = XrayCapForConditionalGeneration.from_pretrained_towers(
+    again = model_from_pretrained_towers(
         str(tmp_path / "resnet"), str(tmp_path / "gpt2"), image_size=64, pad_token_id=old_vocab
     )
     assert again.config.vocab_size == old_vocab + 1
@@ -362,14 +365,14 @@ def test_frozen_encoder_is_bit_identical_after_a_step():
     model, processor = make_tiny_model_and_processor(image_size=64)
     batch = phantom_batch(processor)
     vision_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
-    rest_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
+    rest_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_model." not in k}
     _step(model, batch)
     assert model.training and not model.vision_model.training
     assert all(p.grad is None and not p.requires_grad for p in model.vision_model.parameters())
     for name, value in model.vision_model.state_dict().items():
         assert torch.equal(value, vision_before[name]), name  # includes running_mean / running_var
     after = model.state_dict()
-    for prefix in ("projection.", "view_embedding", "language_model."):
+    for prefix in ("model.projection.", "model.view_embedding", "model.language_model."):
         changed = [
             k for k in rest_before if k.startswith(prefix) and not torch.equal(after[k], rest_before[k])
         ]
@@ -387,7 +390,7 @@ def test_unfrozen_encoder_trains():
     assert model.vision_model.training and conv.grad is not None
     assert not torch.equal(conv, conv_before) and not torch.equal(bn.running_mean, mean_before)
     # Freezing later restores eval mode and stops gradients.
-    model.set_vision_encoder_frozen(True)
+    freeze_vision_tower(model)
     model.train()
     assert not model.vision_model.training and not conv.requires_grad
 
