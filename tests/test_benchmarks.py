@@ -107,8 +107,7 @@ def test_seed_baseline_adds_the_image_vector_to_every_token_with_stock_gpt2():
 def test_xraycap_step_trains_fp32_weights_and_lowers_the_loss():
     """The benchmarked step is run_captioning's: fp32 weights stay fp32 under autocast, and repeated steps on one
     batch lower the loss."""
-    model, _ = make_tiny_model_and_processor()
-    model.set_vision_encoder_frozen(True)
+    model, _ = make_tiny_model_and_processor(freeze_vision_encoder=True)
     model.train()
     batch = random_batch(model.config, batch_size=2, text_tokens=8)
     inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}
