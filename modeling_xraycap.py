@@ -401,8 +401,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     Args:
         config ([`XrayCapConfig`]):
             The whole configuration; the towers are built from `config.vision_config` and
-            `config.text_config` with random weights. `training.models.model_from_pretrained_towers` starts from
-            pretrained towers, `from_pretrained` loads a saved XrayCap folder.
+            `config.text_config` with random weights (the training code loads pretrained towers into them);
+            `from_pretrained` loads a saved XrayCap folder.
 
     Example:
 
