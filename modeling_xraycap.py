@@ -20,7 +20,7 @@ from transformers import AutoModel, GenerationMixin, GPT2Model, PreTrainedModel
 from transformers.cache_utils import Cache, StaticCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithPast
 from transformers.utils import logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
@@ -62,7 +62,7 @@ def check_view_mask_rows(view_mask: torch.Tensor) -> None:
 
 
 @dataclass
-class XrayCapModelOutputWithPast(BaseModelOutputWithPast):
+class XrayCapModelOutputWithPast(BaseModelOutputWithPastAndCrossAttentions):
     """Output of [`XrayCapModel`]: GPT-2's over prefix + text, and `prefix_length`, the image-prefix positions in
     front (0 without an image)."""
 

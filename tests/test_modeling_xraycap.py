@@ -189,6 +189,22 @@ def test_bf16_autocast_over_fp32_weights_with_channels_last():
     assert ids.shape == (2, 3) and int(ids.max()) < model.config.vocab_size
 
 
+def test_attention_weights_come_back_when_asked():
+    """With eager attention, `output_attentions=True` returns one map per layer over prefix + text, from the base
+    model and the head (the app's heat maps read them)."""
+    model, processor = make_tiny_model_and_processor(image_size=64, attn_implementation="eager")
+    batch = phantom_batch(processor)
+    with torch.no_grad():
+        base = model.eval().model(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], output_attentions=True
+        )
+        head = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], output_attentions=True)
+    length = base.prefix_length + batch["input_ids"].shape[1]
+    for out in (base, head):
+        assert len(out.attentions) == model.config.text_config.n_layer
+        assert out.attentions[0].shape[-2:] == (length, length)
+
+
 def test_a_training_forward_builds_no_cache_unless_asked(tiny):
     """In train mode with labels the decoder fills no KV cache (nothing reads it); eval and an explicit
     `use_cache=True` keep transformers' default."""
