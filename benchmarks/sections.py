@@ -32,6 +32,7 @@ from modeling_xraycap import XrayCapForConditionalGeneration
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
 from training.data import IndexedStudies, StudyCollator
 from training.distributed import resolve_mixed_precision
+from training.models import freeze_vision_tower
 from training.optimization import build_optimizer
 
 from .baselines import SeedCaptioner, seed_train_step
@@ -125,7 +126,7 @@ def build_model(preset: str, seed: int = 0) -> XrayCapForConditionalGeneration:
     """The preset's model with random weights (no Hub access) and a frozen vision encoder."""
     torch.manual_seed(seed)
     model = XrayCapForConditionalGeneration(XrayCapConfig.from_preset(preset))
-    model.set_vision_encoder_frozen(True)
+    freeze_vision_tower(model)
     return model
 
 

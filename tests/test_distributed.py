@@ -68,8 +68,7 @@ def test_each_process_probes_its_own_gpu_for_bf16(monkeypatch):
 def _tiny_model(frozen: bool):
     from testing_utils import make_tiny_model_and_processor
 
-    model, _ = make_tiny_model_and_processor(image_size=64)
-    model.set_vision_encoder_frozen(frozen)
+    model, _ = make_tiny_model_and_processor(image_size=64, freeze_vision_encoder=frozen)
     return model
 
 

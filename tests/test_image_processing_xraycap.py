@@ -101,7 +101,9 @@ def test_saved_folder_loads_with_auto_classes_in_a_fresh_process(tmp_path):
     folder = tmp_path / "saved"
     processor.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
-    assert {"image_decoding_xraycap.py", "image_processing_xraycap.py", "processing_xraycap.py"} <= set(os.listdir(folder))
+    assert {"image_decoding_xraycap.py", "image_processing_xraycap.py", "processing_xraycap.py"} <= set(
+        os.listdir(folder)
+    )
     saved = json.loads((folder / "preprocessor_config.json").read_text())
     assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_xraycap.XrayCapImageProcessor"
     image = np.random.default_rng(1).integers(0, 65535, (70, 60), dtype=np.uint16)

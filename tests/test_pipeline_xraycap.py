@@ -111,11 +111,15 @@ def test_add_pipeline_to_folder_needs_a_saved_model(tmp_path):
         add_pipeline_to_folder(tmp_path)
 
 
-def test_image_text_to_text_task_is_not_this_model(model_dir):
-    # transformers 5's built-in task (where plain "image-to-text" is redirected when a folder declares no
-    # custom pipeline) loads only AutoModelForImageTextToText chat models: documented limit.
-    with pytest.raises(ValueError, match="AutoModelForImageTextToText|Unrecognized configuration"):
-        pipeline("image-text-to-text", model=str(model_dir), trust_remote_code=True)
+def test_image_text_to_text_task_writes_the_folders_report(model_dir, studies):
+    # The model is registered for AutoModelForImageTextToText, so transformers' built-in task (where plain
+    # "image-to-text" is redirected when a folder declares no custom pipeline) loads it and writes the same
+    # report as the folder's own pipeline, from an empty prompt.
+    builtin = pipeline("image-text-to-text", model=str(model_dir), trust_remote_code=True)
+    ours = pipeline(model=str(model_dir), trust_remote_code=True)
+    image = studies[0][0]
+    expected = ours(image, max_new_tokens=8)[0]["generated_text"]
+    assert builtin(images=image, text="", max_new_tokens=8)[0]["generated_text"].strip() == expected.strip()
 
 
 # --------------------------------------------------------------------------------------------------

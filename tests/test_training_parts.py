@@ -90,8 +90,7 @@ def test_bf16_hardware_check_agrees_with_the_cpu_flags():
 def test_optimizer_is_fused_adamw_without_decay_on_biases_and_norms():
     """Every trainable parameter is in exactly one group; matrices decay, biases and norm weights do not; frozen
     parameters are left out."""
-    model, _ = make_tiny_model_and_processor(image_size=64)
-    model.set_vision_encoder_frozen(True)
+    model, _ = make_tiny_model_and_processor(image_size=64, freeze_vision_encoder=True)
     optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.05)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
     decay, no_decay = optimizer.param_groups

@@ -31,6 +31,7 @@ from processing_xraycap import XrayCapProcessor
 from .feature_cache import FeatureCache, process_rows
 from .figures import write_samples_sheet
 from .model_card import format_value
+from .models import vision_tower_is_frozen
 
 logger = logging.get_logger(__name__)
 
@@ -159,7 +160,7 @@ def nearest_train_floor(
     if "pooled" in train_split.column_names:
         train_vectors, test_vectors = train_split, cache.features(model, test_split, desc="test")
     else:
-        frozen = accelerator.unwrap_model(model, keep_torch_compile=False).config.freeze_vision_encoder
+        frozen = vision_tower_is_frozen(accelerator.unwrap_model(model, keep_torch_compile=False))
         floor_cache = (
             cache if frozen else FeatureCache(scratch_dir, accelerator, cache.collator, cache.batch_size)
         )

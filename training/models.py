@@ -3,17 +3,21 @@
 `build_config` applies the command line's architecture overrides to a preset (and the image size a pretrained vision
 tower fixes); `build_processor` takes the text tower's tokenizer or trains a ByteLevel BPE on the train reports, and
 the vision tower's image normalisation; `build_model` builds the model from the config, or from pretrained towers
-(`--vision_model`, `--text_model`).
+(`--vision_model`, `--text_model`, through `model_from_pretrained_towers`), and freezes its vision tower when the run
+keeps it fixed (`freeze_vision_tower`): freezing is a training choice, not part of the model or its config.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
-from transformers import AutoConfig
+from torch import nn
+from transformers import AutoConfig, AutoModel, GPT2LMHeadModel
 from transformers.utils import logging
 
-from configuration_xraycap import XrayCapConfig, fixed_input_size
-from modeling_xraycap import XrayCapForConditionalGeneration
+from configuration_xraycap import XrayCapConfig, check_tower_types, fixed_input_size
+from modeling_xraycap import XrayCapForConditionalGeneration, tower_input_size
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
 
 logger = logging.get_logger(__name__)
@@ -28,6 +32,36 @@ def encoder_is_frozen(model_args) -> bool:
     return model_args.vision_model is not None if frozen is None else frozen
 
 
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """`train()` of a frozen tower: it stays in eval mode (as LAVIS's BLIP-2 keeps its frozen vision encoder)."""
+    return module
+
+
+def freeze_vision_tower(model: XrayCapForConditionalGeneration, frozen: bool = True) -> None:
+    """
+    Freeze (default) or unfreeze the vision tower: a frozen tower gets no gradient and stays in eval mode (BatchNorm
+    statistics fixed) even under `model.train()`. The model then runs the tower without grad (its features can be
+    cached: `--cache_features`).
+
+    Args:
+        model (`XrayCapForConditionalGeneration`): the model, before `accelerator.prepare`.
+        frozen (`bool`, *optional*, defaults to `True`): whether to freeze the tower.
+    """
+    tower = model.vision_model
+    tower.requires_grad_(not frozen)
+    if frozen:
+        tower.eval()
+        tower.train = types.MethodType(_stay_in_eval, tower)
+    else:
+        tower.__dict__.pop("train", None)
+        tower.train(model.training)
+
+
+def vision_tower_is_frozen(model: XrayCapForConditionalGeneration) -> bool:
+    """Whether no parameter of the vision tower requires grad (the tower the model runs without grad)."""
+    return not any(p.requires_grad for p in model.vision_model.parameters())
+
+
 def sync_batchnorm(model: XrayCapForConditionalGeneration, accelerator) -> bool:
     """A trained vision tower's BatchNorm layers become `SyncBatchNorm` when several GPUs train: each GPU's batch
     is a fraction of the global one, and its statistics alone are noisier than one GPU's whole batch would give.
@@ -36,11 +70,7 @@ def sync_batchnorm(model: XrayCapForConditionalGeneration, accelerator) -> bool:
     timm towers are converted with timm's own function (its BatchNormAct2d carries the activation). Call it before
     `accelerator.prepare`. Returns whether the tower was converted.
     """
-    if (
-        model.config.freeze_vision_encoder
-        or accelerator.num_processes < 2
-        or accelerator.device.type != "cuda"
-    ):
+    if vision_tower_is_frozen(model) or accelerator.num_processes < 2 or accelerator.device.type != "cuda":
         return False
     norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -49,7 +79,7 @@ def sync_batchnorm(model: XrayCapForConditionalGeneration, accelerator) -> bool:
         from timm.layers import convert_sync_batchnorm
     else:
         convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
-    model.vision_model = convert_sync_batchnorm(model.vision_model)
+    model.model.vision_model = convert_sync_batchnorm(model.vision_model)
     logger.info(
         f"{len(norms)} BatchNorm layers of the trained vision tower -> SyncBatchNorm over {accelerator.num_processes} GPUs"
     )
@@ -61,7 +91,7 @@ def build_config(model_args, synthetic_default: bool = False) -> XrayCapConfig:
 
     Args:
         model_args (`ModelArguments`):
-            run_captioning's model arguments: `preset`, `freeze_vision_encoder`, `vision_model` and the
+            run_captioning's model arguments: `preset`, `vision_model` and the
             overrides in `ARCHITECTURE_KEYS` (None keeps the preset's; `grid_size` 0 is the native map). Without
             `image_size`, a `vision_model` with fixed position embeddings (ViT, DeiT) gives its own.
         synthetic_default (`bool`, *optional*, defaults to `False`):
@@ -80,9 +110,7 @@ def build_config(model_args, synthetic_default: bool = False) -> XrayCapConfig:
         if fixed is not None:
             logger.info(f"image_size {fixed}: the only size {model_args.vision_model} takes")
             overrides["image_size"] = fixed
-    return XrayCapConfig.from_preset(
-        model_args.preset, freeze_vision_encoder=encoder_is_frozen(model_args), **overrides
-    )
+    return XrayCapConfig.from_preset(model_args.preset, **overrides)
 
 
 def build_processor(model_args, config: XrayCapConfig, train_reports: list[str]) -> XrayCapProcessor:
@@ -114,30 +142,86 @@ def build_processor(model_args, config: XrayCapConfig, train_reports: list[str])
 def build_model(
     model_args, config: XrayCapConfig, processor: XrayCapProcessor
 ) -> XrayCapForConditionalGeneration:
-    """The model from the preset, or from pretrained towers where `--vision_model` / `--text_model` are given.
+    """The model from the preset, or from pretrained towers where `--vision_model` / `--text_model` are given; its
+    vision tower frozen where the run keeps it fixed ([`encoder_is_frozen`]).
 
     Args:
-        model_args (`ModelArguments`): `preset`, `vision_model`, `text_model`.
+        model_args (`ModelArguments`): `preset`, `vision_model`, `text_model`, `freeze_vision_encoder`.
         config (`XrayCapConfig`): from [`build_config`].
         processor (`XrayCapProcessor`): its tokenizer gives the vocabulary size and the special token ids.
     """
     tokenizer = processor.tokenizer
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    kwargs = {key: getattr(config, key) for key in (*ARCHITECTURE_KEYS, "freeze_vision_encoder")}
+    kwargs = {key: getattr(config, key) for key in ARCHITECTURE_KEYS}
     kwargs.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)
     if model_args.vision_model or model_args.text_model:
-        model = XrayCapForConditionalGeneration.from_pretrained_towers(
+        model = model_from_pretrained_towers(
             vision=model_args.vision_model or "microsoft/resnet-50",
             text=model_args.text_model or "gpt2",
             **kwargs,
         )
         if len(tokenizer) != model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
-        return model
-    text_config = {**config.text_config.to_dict(), "vocab_size": len(tokenizer)}
-    vision_config = config.vision_config.to_dict()
-    return XrayCapForConditionalGeneration(
-        XrayCapConfig.from_preset(
-            model_args.preset, vision_config=vision_config, text_config=text_config, **kwargs
+    else:
+        text_config = {**config.text_config.to_dict(), "vocab_size": len(tokenizer)}
+        vision_config = config.vision_config.to_dict()
+        model = XrayCapForConditionalGeneration(
+            XrayCapConfig.from_preset(
+                model_args.preset, vision_config=vision_config, text_config=text_config, **kwargs
+            )
         )
-    )
+    freeze_vision_tower(model, encoder_is_frozen(model_args))
+    return model
+
+
+def model_from_pretrained_towers(
+    vision: str = "microsoft/resnet-50", text: str = "gpt2", **config_kwargs
+) -> XrayCapForConditionalGeneration:
+    r"""
+    Build a model from a pretrained image encoder and a pretrained GPT-2 (Hub ids or local folders).
+
+    The projection and view embeddings start random. `image_size` defaults to the only size a tower with fixed
+    position embeddings takes (ViT, DeiT), else to 224. GPT-2 has no pad token, so unless `pad_token_id` is
+    given one row is appended to its vocabulary (id = the original vocabulary size); pair the model with
+    `XrayCapProcessor.from_tokenizer(text, vision_model=vision)`, which adds the matching `<|pad|>` token.
+
+    Args:
+        vision (`str`, *optional*, defaults to `"microsoft/resnet-50"`):
+            A transformers ResNet, ConvNeXt, ViT, DeiT, DINOv2 or Swin checkpoint
+            (`"google/vit-base-patch16-224-in21k"`), or a timm one (`"timm/resnet50.a1_in1k"`).
+        text (`str`, *optional*, defaults to `"gpt2"`):
+            A GPT-2-family checkpoint (`"gpt2"`, `"distilgpt2"`, `"gpt2-medium"`, ...).
+        **config_kwargs:
+            Other `XrayCapConfig` fields (`visual_tokens`, `projection`, `max_views`, `image_size`, ...).
+
+    Returns:
+        `XrayCapForConditionalGeneration`, every parameter trainable (see [`freeze_vision_tower`]).
+    """
+    vision_config, text_config = AutoConfig.from_pretrained(vision), AutoConfig.from_pretrained(text)
+    check_tower_types(vision_config.model_type, text_config.model_type)  # before loading any weights
+    vision_tower = AutoModel.from_pretrained(vision, config=vision_config)
+    text_tower = GPT2LMHeadModel.from_pretrained(text, config=text_config)
+    fixed = tower_input_size(vision_tower, vision_config)
+    if config_kwargs.get("image_size") is None and fixed is not None:
+        config_kwargs["image_size"] = fixed
+    text_config = text_tower.config.to_dict()
+    if text_config.get("activation_function") == "gelu_new":  # the same formula, one fused kernel
+        text_config["activation_function"] = "gelu_pytorch_tanh"
+    if config_kwargs.get("pad_token_id") is None:
+        config_kwargs["pad_token_id"] = text_tower.config.vocab_size
+    for key in ("bos_token_id", "eos_token_id"):
+        if config_kwargs.get(key) is None:
+            config_kwargs[key] = text_config.get(key)
+    ids = [config_kwargs[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    text_config["vocab_size"] = max([text_tower.config.vocab_size, *(i + 1 for i in ids if i is not None)])
+    vision_config = vision_tower.config.to_dict()
+    for key in ("id2label", "label2id", "architectures"):  # ImageNet head metadata: not used here
+        vision_config.pop(key, None)
+    config = XrayCapConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
+    model = XrayCapForConditionalGeneration(config)
+    model.vision_model.load_state_dict(vision_tower.state_dict())
+    if text_tower.config.vocab_size != config.text_config.vocab_size:
+        text_tower.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
+    model.language_model.load_state_dict(text_tower.transformer.state_dict())
+    model.tie_weights()
+    return model
