@@ -241,8 +241,9 @@ def test_a_failing_worker_stops_the_sharded_build_with_its_error_and_leaves_no_p
         return real_encode_study(study, *args, **kwargs)
 
     monkeypatch.setattr(builder_module, "encode_study", encode_study)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}  # e.g. an earlier test's METEOR
     with pytest.raises(datasets.exceptions.DatasetGenerationError) as raised:  # as in a serial build
         _build(damaged_mimic[0], tmp_path, 2)
     assert f"study {failing} changed" in str(raised.value.__cause__)
-    assert not psutil.Process().children(recursive=True)
+    assert not {child.pid for child in psutil.Process().children(recursive=True)} - before
     assert not (tmp_path / "out2").exists()
