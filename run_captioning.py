@@ -11,8 +11,8 @@ The same script trains the real model on the Indiana University data, one comman
     accelerate launch run_captioning.py configs/iu_r2gen.yaml [--data_dir /path/to/kaggle_copy --download false]
 
 Arguments come from the command line, or from a YAML / JSON file followed by overriding arguments (the
-dataclasses are in `training/arguments.py`). `--num_seeds` / `--folds` repeat the run and summarize the runs.
-The script follows transformers' `examples/pytorch/*_no_trainer.py`; its helpers live in the `training` package.
+dataclasses are in `xraycap/training/arguments.py`). `--num_seeds` / `--folds` repeat the run and summarize the runs.
+The script follows transformers' `examples/pytorch/*_no_trainer.py`; its helpers live in the `xraycap.training` package.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline_xraycap import add_pipeline_to_folder
-from training.arguments import (
+from xraycap.training.arguments import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
@@ -44,16 +44,33 @@ from training.arguments import (
     is_repeated,
     parse_args,
 )
-from training.checkpoints import load_checkpoint, nonfinite_parameters, resolve_checkpoint, save_checkpoint
-from training.data import load_studies, make_dataloaders, run_splits
-from training.distributed import build_accelerator, resolve_mixed_precision
-from training.evaluation import evaluate_test, evaluate_validation
-from training.figures import plot_training_curves
-from training.hub import push_to_hub
-from training.model_card import CARD_METRICS, add_card_section, build_model_card, describe_run, format_value
-from training.models import build_config, build_model, build_processor, sync_batchnorm
-from training.optimization import NonFiniteSteps, StepLog, build_optimizer, new_history, skip_nonfinite_update
-from training.repeats import run_plan, summarize, summary_table
+from xraycap.training.checkpoints import (
+    load_checkpoint,
+    nonfinite_parameters,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from xraycap.training.data import load_studies, make_dataloaders, run_splits
+from xraycap.training.distributed import build_accelerator, resolve_mixed_precision
+from xraycap.training.evaluation import evaluate_test, evaluate_validation
+from xraycap.training.figures import plot_training_curves
+from xraycap.training.hub import push_to_hub
+from xraycap.training.model_card import (
+    CARD_METRICS,
+    add_card_section,
+    build_model_card,
+    describe_run,
+    format_value,
+)
+from xraycap.training.models import build_config, build_model, build_processor, sync_batchnorm
+from xraycap.training.optimization import (
+    NonFiniteSteps,
+    StepLog,
+    build_optimizer,
+    new_history,
+    skip_nonfinite_update,
+)
+from xraycap.training.repeats import run_plan, summarize, summary_table
 
 logger = get_logger(__name__)
 

@@ -42,7 +42,7 @@ import transformers  # noqa: E402
 
 from benchmarks import gpu, report, scale, scale_report, step_profile  # noqa: E402
 from benchmarks import sections as bench  # noqa: E402
-from training.distributed import resolve_mixed_precision  # noqa: E402
+from xraycap.training.distributed import resolve_mixed_precision  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 

@@ -25,15 +25,15 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+from xraycap.dataset_builder import build_dataset, synthesize
 
 from configuration_xraycap import XrayCapConfig
-from dataset_builder import build_dataset, synthesize
 from modeling_xraycap import XrayCapForConditionalGeneration
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
-from training.data import IndexedStudies, StudyCollator
-from training.distributed import resolve_mixed_precision
-from training.models import freeze_vision_tower
-from training.optimization import build_optimizer
+from xraycap.training.data import IndexedStudies, StudyCollator
+from xraycap.training.distributed import resolve_mixed_precision
+from xraycap.training.models import freeze_vision_tower
+from xraycap.training.optimization import build_optimizer
 
 from .baselines import SeedCaptioner, seed_train_step
 from .inputs import make_full_size_studies, random_batch
@@ -274,7 +274,7 @@ def beam_section(settings: BenchSettings, device: str = "cpu", model=None) -> di
 
 
 def data_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
-    """An epoch of training batches from the built dataset (`training.data.IndexedStudies` + `StudyCollator`: the
+    """An epoch of training batches from the built dataset (`xraycap.training.data.IndexedStudies` + `StudyCollator`: the
     stored 512-px PNGs decoded and processed) against the same collator fed the ORIGINAL full-size PNGs (c). Same
     studies, reports and batch size, `num_workers=0` on both."""
     paths, mean_side = make_full_size_studies(
@@ -333,7 +333,7 @@ def data_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
 _BUILD_RUNNER = """
 import json, sys, time
 start = time.perf_counter()
-from dataset_builder.__main__ import main
+from xraycap.dataset_builder.__main__ import main
 rc = main(sys.argv[1:])
 status = open("/proc/self/status").read().splitlines()
 peak_kb = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))

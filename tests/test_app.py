@@ -12,7 +12,7 @@ from usage_testing_utils import phantom_studies, write_model_card
 
 import app
 from processing_xraycap import XrayCapImageProcessor
-from training.model_card import SYNTHETIC_DATASET
+from xraycap.training.model_card import SYNTHETIC_DATASET
 
 
 def _component(demo, elem_id):

@@ -36,7 +36,7 @@ from transformers import (
 from configuration_xraycap import XrayCapConfig, fixed_input_size
 from modeling_xraycap import XrayCapForConditionalGeneration, XrayCapModel
 from processing_xraycap import IMAGENET_MEAN, XrayCapProcessor
-from training.models import freeze_vision_tower, model_from_pretrained_towers
+from xraycap.training.models import freeze_vision_tower, model_from_pretrained_towers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -454,7 +454,7 @@ def test_run_captioning_config_and_processor_follow_the_vision_tower(tmp_path, m
     """Without --image_size a ViT's own size is used; with a locally trained tokenizer (no --text_model) the processor
     still takes the tower's normalisation."""
     import run_captioning
-    from training.models import build_config, build_processor
+    from xraycap.training.models import build_config, build_processor
 
     vit = save_vision_tower("vit", tmp_path / "vit")
     (tmp_path / "vit" / "preprocessor_config.json").write_text(

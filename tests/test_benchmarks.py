@@ -17,7 +17,7 @@ from benchmarks import gpu, run  # noqa: E402
 from benchmarks.baselines import SeedCaptioner  # noqa: E402
 from benchmarks.inputs import random_batch  # noqa: E402
 from benchmarks.sections import make_xraycap_step  # noqa: E402
-from training.distributed import cpu_has_bf16_matmuls  # noqa: E402
+from xraycap.training.distributed import cpu_has_bf16_matmuls  # noqa: E402
 
 CPU_FIGURES = (
     "train_speedup_vs_seed",

@@ -14,10 +14,10 @@ import transformers
 from huggingface_hub import ModelCard
 from testing_utils import make_phantom_image
 from usage_testing_utils import png_header_only, write_model_card, write_phantom_pngs
+from xraycap.radiology_report.labeler import label_reports
 
-import caption
-from metrics.radiology_report.labeler import label_reports
-from training.model_card import SYNTHETIC_DATASET
+from xraycap import caption
+from xraycap.training.model_card import SYNTHETIC_DATASET
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")
 
@@ -82,13 +82,14 @@ def test_folder_with_one_bad_file_jsonl(model_dir, loaded, phantoms, tmp_path, c
 
 
 def test_command_line_all_good_exit_zero(model_dir, phantoms, tmp_path):
-    """The installed-style command, end to end in a fresh process: `python caption.py ...`."""
+    """The installed-style command, end to end in a fresh process: `python -m xraycap.caption ...`."""
     output = tmp_path / "reports.jsonl"
     scans = phantoms[0][0].parent
     result = subprocess.run(
         [
             sys.executable,
-            caption.__file__,
+            "-m",
+            "xraycap.caption",
             "--model",
             str(model_dir),
             str(scans),

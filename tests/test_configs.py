@@ -14,8 +14,7 @@ import pytest
 import yaml
 from testing_utils import make_tiny_tokenizer, reset_accelerate_state
 from transformers import GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetModel
-
-from dataset_builder import synthesize
+from xraycap.dataset_builder import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

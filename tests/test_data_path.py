@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from processing_xraycap import XrayCapImageProcessor, load_image
-from training import data
-from training.arguments import DataArguments, parse_args, resolve_build_options
-from training.data import IndexedStudies, StudyCollator, dataloader_workers
+from xraycap.training import data
+from xraycap.training.arguments import DataArguments, parse_args, resolve_build_options
+from xraycap.training.data import IndexedStudies, StudyCollator, dataloader_workers
 
 
 def built_dir(tmp_path: Path, **options) -> Path:
@@ -119,7 +119,7 @@ def test_num_proc_reaches_the_dataset_build(tmp_path: Path, monkeypatch):
 def test_a_split_with_cached_features_decodes_no_image(tmp_path: Path):
     """A split carrying its features (training.feature_cache.with_features) has no image column left to decode;
     its batches hold the stored features, read a batch at a time."""
-    from training.feature_cache import with_features
+    from xraycap.training.feature_cache import with_features
 
     split = datasets.Dataset.from_dict(
         {"uid": ["a", "b", "c"], "report": ["x", "y", "z"], "images": [[b"not a png"]] * 3}

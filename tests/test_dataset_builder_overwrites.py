@@ -11,9 +11,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.__main__ import main as cli_main
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.__main__ import main as cli_main
 
 REAL_CSV = "uid,MeSH\n1,real data\n"
 

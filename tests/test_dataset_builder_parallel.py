@@ -12,14 +12,13 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
-
-from dataset_builder import build_dataset
-from dataset_builder import images as img
-from dataset_builder.builder import fingerprint_inputs
-from dataset_builder.configuration import ChestXrayConfig
-from dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, make_plan, report_relpath
-from dataset_builder.study_encoding import plan_in_shards
-from dataset_builder.synthesize_mimic import dicom_id_of, ids_of, synthesize_mimic
+from xraycap.dataset_builder import build_dataset
+from xraycap.dataset_builder import images as img
+from xraycap.dataset_builder.builder import fingerprint_inputs
+from xraycap.dataset_builder.configuration import ChestXrayConfig
+from xraycap.dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, make_plan, report_relpath
+from xraycap.dataset_builder.study_encoding import plan_in_shards
+from xraycap.dataset_builder.synthesize_mimic import dicom_id_of, ids_of, synthesize_mimic
 
 NUM_STUDIES = 48
 
@@ -191,8 +190,8 @@ def test_workers_start_once_and_share_every_split_when_some_studies_are_slow(
 ):
     # the first half of train's studies are slow to encode: a worker that gets them must not be left with all of
     # them while the other one idles, and the small splits must not wait for a new set of workers
-    from dataset_builder import builder as builder_module
-    from dataset_builder import study_encoding
+    from xraycap.dataset_builder import builder as builder_module
+    from xraycap.dataset_builder import study_encoding
 
     data = damaged_mimic[0]
     studies, _, _ = make_plan(
@@ -229,8 +228,7 @@ def test_a_failing_worker_stops_the_sharded_build_with_its_error_and_leaves_no_p
     damaged_mimic, tmp_path, monkeypatch
 ):
     import psutil
-
-    from dataset_builder import builder as builder_module
+    from xraycap.dataset_builder import builder as builder_module
 
     real_encode_study = builder_module.encode_study
     failing = damaged_mimic[1]["truncated"][0]
@@ -241,7 +239,9 @@ def test_a_failing_worker_stops_the_sharded_build_with_its_error_and_leaves_no_p
         return real_encode_study(study, *args, **kwargs)
 
     monkeypatch.setattr(builder_module, "encode_study", encode_study)
-    before = {child.pid for child in psutil.Process().children(recursive=True)}  # e.g. an earlier test's METEOR
+    before = {
+        child.pid for child in psutil.Process().children(recursive=True)
+    }  # e.g. an earlier test's METEOR
     with pytest.raises(datasets.exceptions.DatasetGenerationError) as raised:  # as in a serial build
         _build(damaged_mimic[0], tmp_path, 2)
     assert f"study {failing} changed" in str(raised.value.__cause__)

@@ -153,7 +153,8 @@ def test_builder_stores_a_transparent_grey_png_as_the_processor_reads_it(tmp_pat
     (transparent pixels on black) as plain grey, so a reader that takes the stored pixels as they are (the
     augmentation, any viewer) sees what the model sees. Before the builder shared the processor's decoding it
     stored the file unchanged, transparency and all."""
-    from dataset_builder.images import encode_image
+    from xraycap.dataset_builder.images import encode_image
+
     from image_processing_xraycap import load_luminance
 
     film = np.random.default_rng(2).integers(0, 256, (40, 40), dtype=np.uint8)

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image, ImageOps
 from testing_utils import make_phantom_image
 from usage_testing_utils import png_header_only
+from xraycap.dataset_builder.images import DEFAULT_MAX_IMAGE_PIXELS, to_grayscale_8bit
 
 import processing_xraycap
-from dataset_builder.images import DEFAULT_MAX_IMAGE_PIXELS, to_grayscale_8bit
 from processing_xraycap import XrayCapImageProcessor, load_image
 
 

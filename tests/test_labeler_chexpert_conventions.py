@@ -2,8 +2,7 @@
 negation / uncertainty rules, No Finding rule): each sentence is labelled as CheXpert labels it."""
 
 import pytest
-
-from metrics.radiology_report.labeler import label_report
+from xraycap.radiology_report.labeler import label_report
 
 CM, PE, PTX, ATEL = "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Atelectasis"
 OPAC, CONS, PNA, EDEMA = "Lung Opacity", "Consolidation", "Pneumonia", "Edema"

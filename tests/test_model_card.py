@@ -4,7 +4,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from training.model_card import build_model_card, observation_table
+from xraycap.training.model_card import build_model_card, observation_table
 
 RUN_INFO = {
     "model_name": "xraycap-test",

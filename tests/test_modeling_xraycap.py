@@ -18,7 +18,7 @@ from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapper
 
 from configuration_xraycap import XrayCapConfig
 from modeling_xraycap import XrayCapForConditionalGeneration
-from training.models import freeze_vision_tower, model_from_pretrained_towers
+from xraycap.training.models import freeze_vision_tower, model_from_pretrained_towers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -156,7 +156,7 @@ texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True
 print(json.dumps({{"regenerated": texts, "saved": [r["prediction"] for r in rows]}}))
 """
     # Export the test split next to the run (the test needs the images; the run itself does not save them).
-    from dataset_builder import build_dataset
+    from xraycap.dataset_builder import build_dataset
 
     args = json.loads((trained_run / "run_args.json").read_text())
     cache = Path(args["data"]["cache_dir"])
@@ -351,7 +351,7 @@ def test_bad_arguments_fail_fast(argv, error, message, tmp_path: Path, monkeypat
 def test_grid_size_argument_reaches_the_config():
     """--grid_size N pools to N x N tokens; 0 keeps the encoder's native map (grid_size None)."""
     import run_captioning
-    from training.models import build_config
+    from xraycap.training.models import build_config
 
     for argv, expected in (([], 4), (["--grid_size", "2"], 2), (["--grid_size", "0"], None)):
         model_args, _, _ = run_captioning.parse_args(["--preset", "resnet50-gpt2", *argv])

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.phantom_drawing import draw_frontal, sample_anatomy
-from dataset_builder.phantom_findings import Finding
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.phantom_drawing import draw_frontal, sample_anatomy
+from xraycap.dataset_builder.phantom_findings import Finding
 
 # ------------------------------------------------------------------ an independent report checker
 
@@ -204,7 +203,7 @@ def test_phantom_reports_read_right_by_the_labeler(phantom_200, repo_root):
     """Cross-check with the metrics engineer's CheXpert-style labeler, when it has landed."""
     if not (repo_root / "metrics" / "radiology_report" / "labeler.py").is_file():
         pytest.skip("metrics/radiology_report/labeler.py not present yet")
-    labeler = pytest.importorskip("metrics.radiology_report.labeler")
+    labeler = pytest.importorskip("xraycap.radiology_report.labeler")
     reports = _read_csv(phantom_200 / "indiana_reports.csv")
     texts = [r["findings"] for r in reports] + [r["impression"] for r in reports]
     labels = labeler.label_reports(texts)

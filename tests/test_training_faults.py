@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
-from training.hub import push_to_hub
+from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from xraycap.training.hub import push_to_hub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ import sys, time
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from training.checkpoints import save_checkpoint
+from xraycap.training.checkpoints import save_checkpoint
 
 root = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)
@@ -259,7 +259,7 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_latest_on_the_complete_one
 
     from accelerate import Accelerator
 
-    from training.checkpoints import load_checkpoint
+    from xraycap.training.checkpoints import load_checkpoint
 
     root = tmp_path / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -14,12 +14,12 @@ import pytest
 import torch
 from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_and_processor
 
-from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
-from training.data import StudyCollator, study_dataloader
-from training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
-from training.hub import push_to_hub
-from training.model_card import build_model_card
-from training.optimization import build_optimizer
+from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from xraycap.training.data import StudyCollator, study_dataloader
+from xraycap.training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
+from xraycap.training.hub import push_to_hub
+from xraycap.training.model_card import build_model_card
+from xraycap.training.optimization import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
 # Precision
@@ -30,9 +30,8 @@ from training.optimization import build_optimizer
 def test_auto_precision_on_cpu_follows_the_bf16_hardware(has_bf16, caplog, monkeypatch):
     """auto is bf16 only on a CPU with bf16 matmul hardware, else fp32 ("no"); an explicit bf16 is kept, with a
     warning where the hardware lacks it."""
-    import training.distributed
 
-    monkeypatch.setattr(training.distributed, "cpu_has_bf16_matmuls", lambda: has_bf16)
+    monkeypatch.setattr("xraycap.training.distributed.cpu_has_bf16_matmuls", lambda: has_bf16)
     with caplog.at_level("INFO"):
         assert resolve_mixed_precision("auto", "cpu") == ("bf16" if has_bf16 else "no")
         assert resolve_mixed_precision("bf16", "cpu") == "bf16"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.optimization import NonFiniteSteps, StepLog, new_history, skip_nonfinite_update
+from xraycap.training.optimization import NonFiniteSteps, StepLog, new_history, skip_nonfinite_update
 
 
 def _fake_accelerator(scaler=None) -> SimpleNamespace:

@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 from configuration_xraycap import XrayCapConfig  # noqa: E402
 from modeling_xraycap import XrayCapForConditionalGeneration  # noqa: E402
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer  # noqa: E402
-from training.models import freeze_vision_tower  # noqa: E402
+from xraycap.training.models import freeze_vision_tower  # noqa: E402
 
 FINDINGS = ("normal", "cardiomegaly", "left_effusion", "right_pneumothorax", "nodule")
 

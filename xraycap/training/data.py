@@ -26,10 +26,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
-from dataset_builder import build_dataset, download, synthesize
 from modeling_xraycap import check_view_mask_rows
 from processing_xraycap import XrayCapProcessor
-from training.augmentation import XrayAugmentation
+from xraycap.dataset_builder import build_dataset, download, synthesize
+from xraycap.training.augmentation import XrayAugmentation
 
 from .feature_cache import FEATURE_COLUMNS, FeatureCache, features_from_storage, with_features
 from .repeats import cross_validation_fold

@@ -27,7 +27,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGr
 from accelerate.utils import DataLoaderConfiguration
 from transformers.utils import logging
 
-from training.models import encoder_is_frozen
+from xraycap.training.models import encoder_is_frozen
 
 logger = logging.get_logger(__name__)
 

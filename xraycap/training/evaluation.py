@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from metrics.radiology_report.labeler import label_reports
 from processing_xraycap import XrayCapProcessor
+from xraycap.radiology_report.labeler import label_reports
 
 from .feature_cache import FeatureCache, process_rows
 from .figures import write_samples_sheet

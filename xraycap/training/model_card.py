@@ -12,8 +12,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from metrics.radiology_report.clinical_efficacy import observation_key
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+from xraycap.radiology_report.clinical_efficacy import observation_key
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
 from .models import vision_tower_is_frozen
 
@@ -28,8 +28,8 @@ _BODY = """
 A chest X-ray report generator: {architecture}. Trained with xraycap's `run_captioning.py`.
 
 ```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{model_name}", trust_remote_code=True)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("{model_name}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{model_name}", trust_remote_code=True)
 inputs = processor(images=[image], return_tensors="pt")
 print(processor.batch_decode(model.generate(**inputs, num_beams=3, max_new_tokens=100), skip_special_tokens=True))
