@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -24,8 +23,15 @@ MODEL_FILES = {
 GENERIC_NAMES = ["training", "metrics", "inference", "app", "caption", "dataset_builder", "run_captioning"]
 
 
-def test_installed_distribution_has_one_package_beside_the_model_files():
-    top_level = set(importlib.metadata.distribution("xraycap").read_text("top_level.txt").split())
+def test_installed_distribution_has_one_package_beside_the_model_files(tmp_path):
+    """The installed distribution's own list of top-level names (read outside the checkout, where a stale
+    `*.egg-info` folder could answer instead)."""
+    probe = "import importlib.metadata as m; print(m.distribution('xraycap').read_text('top_level.txt'))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    top_level = set(result.stdout.split())
     assert top_level - MODEL_FILES == {"xraycap"}, f"installed top-level names: {sorted(top_level)}"
 
 
