@@ -1,4 +1,6 @@
-"""The `training` package's parts in-process: precision, optimizer, loss, batching, checkpoints, card, Hub upload.
+"""`xraycap.training`'s parts in-process: precision, optimizer, loss, batching, checkpoints, the model card.
+
+What `--push_to_hub` uploads is in test_hub.py.
 
 The end-to-end runs of run_captioning.py that use them are in test_run_captioning.py.
 """
@@ -17,7 +19,6 @@ from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_a
 from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from xraycap.training.data import StudyCollator, study_dataloader
 from xraycap.training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
-from xraycap.training.hub import push_to_hub
 from xraycap.training.model_card import build_model_card
 from xraycap.training.optimization import build_optimizer
 
@@ -277,17 +278,3 @@ def test_model_card_round_trips_through_huggingface_hub(tmp_path: Path):
     }
     assert "| metric | test | test_image_ablated |" in card.text
     assert "| ce_macro_f1 | 0.750 | 0.250 |" in card.text and "| meteor | n/a | n/a |" in card.text
-
-
-def test_push_to_hub_offline_gives_a_clear_error(tmp_path: Path, monkeypatch):
-    """Without the Hub the error says the model is saved locally and how to upload it later."""
-    import huggingface_hub
-
-    def offline(self, *args, **kwargs):
-        raise ConnectionError("Failed to resolve 'huggingface.co'")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
-    with pytest.raises(
-        RuntimeError, match="Could not push .* 'someone/x' .*saved locally.*hf upload someone/x"
-    ):
-        push_to_hub(tmp_path, "someone/x", private=False)
