@@ -1,6 +1,6 @@
-"""`xraycap.training`'s parts in-process: precision, optimizer, loss, batching, checkpoints, the model card.
+"""`xraycap.training`'s parts in-process: precision, optimizer, loss, batching, checkpoints.
 
-What `--push_to_hub` uploads is in test_hub.py.
+The model card is tested in test_model_card.py, what `--push_to_hub` uploads in test_hub.py.
 
 The end-to-end runs of run_captioning.py that use them are in test_run_captioning.py.
 """
@@ -19,7 +19,6 @@ from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_a
 from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from xraycap.training.data import StudyCollator, study_dataloader
 from xraycap.training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
-from xraycap.training.model_card import build_model_card
 from xraycap.training.optimization import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
@@ -236,45 +235,3 @@ def test_checkpoint_waits_for_every_rank_before_the_rename(tmp_path: Path):
     names = sorted(p.name for p in (tmp_path / "checkpoint-5").iterdir())
     assert names == ["random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"]
     assert not (tmp_path / "checkpoint-5.tmp").exists()
-
-
-# --------------------------------------------------------------------------------------------------
-# Model card and Hub upload
-# --------------------------------------------------------------------------------------------------
-
-RUN_INFO = {
-    "model_name": "xraycap-test",
-    "dataset_id": "synthetic-phantom-cxr",
-    "dataset_name": "Synthetic phantom chest X-rays",
-    "base_model": ["gpt2"],
-    "architecture": "a ResNet -> mlp projection -> grid visual tokens -> a GPT-2",
-    "data_description": "40 synthetic studies.",
-    "num_examples": {"train": 28, "validation": 4, "test": 8},
-    "section": "findings",
-    "views": "frontal",
-    "num_beams": 2,
-    "training_description": "AdamW, 8 steps.",
-}
-
-
-def test_model_card_round_trips_through_huggingface_hub(tmp_path: Path):
-    """The card saves and loads with `ModelCard`: the test scores (numbers only) are its model-index; the body
-    table has a column per split, with n/a for a missing value."""
-    from huggingface_hub import ModelCard
-
-    results = {
-        "test": {"bleu_4": 0.125, "ce_macro_f1": 0.75, "meteor": None, "num_examples": 8},
-        "test_image_ablated": {"bleu_4": 0.0625, "ce_macro_f1": 0.25},
-    }
-    build_model_card(results, RUN_INFO).save(tmp_path / "README.md")
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.model_name == "xraycap-test" and card.data.base_model == ["gpt2"]
-    assert card.data.datasets is None  # phantoms are no Hub dataset; an Indiana run names the Kaggle copy
-    indiana = build_model_card(results, {**RUN_INFO, "dataset_id": "raddar/chest-xrays-indiana-university"})
-    assert indiana.data.datasets == ["raddar/chest-xrays-indiana-university"]
-    assert {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
-        ("bleu_4", 0.125, "test"),
-        ("ce_macro_f1", 0.75, "test"),
-    }
-    assert "| metric | test | test_image_ablated |" in card.text
-    assert "| ce_macro_f1 | 0.750 | 0.250 |" in card.text and "| meteor | n/a | n/a |" in card.text
