@@ -12,7 +12,7 @@ Run it:
     python app.py --model user/xraycap-iu --trust_remote_code --revision <commit sha>   # a Hub repo
 
 Reports come from the image-to-text pipeline the model folder ships (`pipeline_xraycap.py`), loaded by
-`inference.model_source.load_pipeline` as the command line loads it; the heat map re-reads the ids it
+`xraycap.inference.model_source.load_pipeline` as the command line loads it; the heat map re-reads the ids it
 generated with the pipeline's model.
 
 The model comes from `--model`, else the `XRAYCAP_MODEL` environment variable, else `outputs/xraycap-demo`
@@ -40,9 +40,14 @@ import gradio as gr
 import numpy as np
 import torch
 from PIL import Image
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
-from inference.model_source import DEFAULT_MODEL, add_model_arguments, load_pipeline, training_data_warning
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+from xraycap.inference.model_source import (
+    DEFAULT_MODEL,
+    add_model_arguments,
+    load_pipeline,
+    training_data_warning,
+)
 
 logger = logging.getLogger("xraycap.app")
 
@@ -247,7 +252,7 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.
 
 def findings_rows(report: str) -> list[list[str]]:
     """The labeler's reading of `report` as table rows [observation, finding]."""
-    from metrics.radiology_report.labeler import label_reports
+    from xraycap.radiology_report.labeler import label_reports
 
     labels = label_reports([report])[0]
     return [

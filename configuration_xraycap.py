@@ -5,25 +5,29 @@ The config is the single source of truth: the model builds every submodule from 
 gives the two sizes the project uses ("tiny" for tests and the CPU demo, "resnet50-gpt2" for real runs).
 """
 
-from __future__ import annotations
-
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from transformers import AutoConfig, PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-VISUAL_TOKEN_MODES = ("pooled", "grid")
-PROJECTION_TYPES = ("linear", "mlp")
-# The vision towers XrayCap reads, by `model_type`; "timm_wrapper" (`TimmWrapperConfig`) is any timm CNN or ViT.
-CNN_MODEL_TYPES = ("resnet", "convnext", "convnextv2")
-# Token towers and the class / distillation tokens in front of their patch tokens (DINOv2 with registers adds
-# `num_register_tokens`). Swin has none.
-PREFIX_TOKENS = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 1, "swin": 0}
-VISION_MODEL_TYPES = (*CNN_MODEL_TYPES, *PREFIX_TOKENS, "timm_wrapper")
+# The vision towers XrayCap reads, by `model_type`: transformers CNNs and ViT-style towers, and "timm_wrapper"
+# (`TimmWrapperConfig`), any timm CNN or ViT.
+VISION_MODEL_TYPES = (
+    "resnet",
+    "convnext",
+    "convnextv2",
+    "vit",
+    "deit",
+    "dinov2",
+    "dinov2_with_registers",
+    "swin",
+)
+VISION_MODEL_TYPES += ("timm_wrapper",)
 
 # The two presets. Each entry is (vision_config kwargs, text_config kwargs, top-level kwargs).
 _PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
@@ -98,13 +102,18 @@ _PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
 }
 
 
-class XrayCapConfig(PretrainedConfig):
+@strict
+class XrayCapConfig(PreTrainedConfig):
     r"""
     Configuration of [`XrayCapForConditionalGeneration`]: an image encoder whose features are projected into
     GPT-2's embedding space and prepended to the report tokens as a prefix.
 
+    Whether the vision tower trains is a training choice, not part of the config (`run_captioning.py
+    --freeze_vision_encoder`); an older `config.json` that has a `freeze_vision_encoder` field still loads, and
+    the field is ignored.
+
     Args:
-        vision_config (`dict` or `PretrainedConfig`, *optional*):
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the image encoder, built with `AutoModel.from_config`: a transformers ResNet, ConvNeXt
             (V2), ViT, DeiT, DINOv2 or Swin config (default: ResNet-50), or a `TimmWrapperConfig` (any timm CNN
             or ViT); see `VISION_MODEL_TYPES`.
@@ -123,8 +132,6 @@ class XrayCapConfig(PretrainedConfig):
             already that small is left as it is.
         projection (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one `nn.Linear` from the encoder width to `n_embd`) or `"mlp"` (Linear-GELU-Linear).
-        freeze_vision_encoder (`bool`, *optional*, defaults to `True`):
-            Keep the encoder's weights and BatchNorm statistics fixed (no gradient, always in eval mode).
         max_views (`int`, *optional*, defaults to 2):
             Views per study (1: frontal only; 2: frontal + lateral). Each view adds its tokens plus a learned
             view embedding.
@@ -153,12 +160,11 @@ class XrayCapConfig(PretrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
     }
 
-    vision_config: dict | PretrainedConfig | None = None
-    text_config: dict | PretrainedConfig | None = None
-    visual_tokens: str = "grid"
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    visual_tokens: Literal["pooled", "grid"] = "grid"
     grid_size: int | None = 4
-    projection: str = "linear"
-    freeze_vision_encoder: bool = True
+    projection: Literal["linear", "mlp"] = "linear"
     max_views: int = 2
     image_size: int = 224
     initializer_range: float = 0.02
@@ -168,6 +174,13 @@ class XrayCapConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        # Folders saved before freezing became a training choice have this field.
+        if "freeze_vision_encoder" in kwargs:
+            logger.warning(
+                "config.json has freeze_vision_encoder=%s: ignored (whether the vision tower trains is chosen in "
+                "training, run_captioning.py --freeze_vision_encoder).",
+                kwargs.pop("freeze_vision_encoder"),
+            )
         if self.vision_config is None:
             self.vision_config = copy.deepcopy(_PRESETS["resnet50-gpt2"][0])
         if self.text_config is None:  # GPT-2 small with its pad row, and the matching special ids
@@ -176,22 +189,6 @@ class XrayCapConfig(PretrainedConfig):
                 if getattr(self, name) is None:
                     setattr(self, name, _PRESETS["resnet50-gpt2"][2][name])
         super().__post_init__(**kwargs)
-        check_tower_types(self.vision_config.model_type, self.text_config.model_type)
-        if self.visual_tokens not in VISUAL_TOKEN_MODES:
-            raise ValueError(f"visual_tokens={self.visual_tokens!r} is not one of {VISUAL_TOKEN_MODES}.")
-        if self.grid_size is not None and (isinstance(self.grid_size, bool) or int(self.grid_size) < 1):
-            raise ValueError(
-                f"grid_size={self.grid_size!r}: use a positive number of cells per side, or None for the "
-                "encoder's native feature map."
-            )
-        if self.projection not in PROJECTION_TYPES:
-            raise ValueError(f"projection={self.projection!r} is not one of {PROJECTION_TYPES}.")
-        if self.max_views not in (1, 2):
-            raise ValueError(f"max_views={self.max_views!r}: use 1 (frontal) or 2 (frontal + lateral).")
-        if int(self.image_size) < 32:
-            raise ValueError(
-                f"image_size={self.image_size!r} px is too small for a 32x-downsampling encoder."
-            )
         # The decoder's special ids follow the top-level ones (one source of truth).
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
@@ -199,13 +196,31 @@ class XrayCapConfig(PretrainedConfig):
                 setattr(self, name, getattr(self.text_config, name, None))
             else:
                 setattr(self.text_config, name, value)
-        if self.pad_token_id is not None and self.pad_token_id == self.eos_token_id:
-            logger.warning(
-                "pad_token_id == eos_token_id (%s): labels mask padding by position, but a distinct pad "
-                "token is recommended.",
-                self.pad_token_id,
-            )
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
+
+    def validate_towers(self):
+        """Part of `@strict`-powered validation: a vision tower XrayCap reads and a GPT-2 decoder."""
+        check_tower_types(self.vision_config.model_type, self.text_config.model_type)
+
+    def validate_image_prefix(self):
+        """Part of `@strict`-powered validation: the views, grid and image size give a usable image prefix."""
+        if self.grid_size is not None and (isinstance(self.grid_size, bool) or self.grid_size < 1):
+            raise ValueError(
+                f"grid_size={self.grid_size!r}: use a positive number of cells per side, or None for the "
+                "encoder's native feature map."
+            )
+        if self.max_views not in (1, 2):
+            raise ValueError(f"max_views={self.max_views!r}: use 1 (frontal) or 2 (frontal + lateral).")
+        if self.image_size < 32:
+            raise ValueError(f"image_size={self.image_size!r} px is too small: use at least 32 px.")
+
+    def validate_pad_token(self):
+        """Part of `@strict`-powered validation: a pad id equal to eos works, but a distinct one is recommended."""
+        if self.pad_token_id is not None and self.pad_token_id == self.eos_token_id:
+            logger.warning_once(
+                f"pad_token_id == eos_token_id ({self.pad_token_id}): labels mask padding by position, but a "
+                "distinct pad token is recommended."
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -217,7 +232,7 @@ class XrayCapConfig(PretrainedConfig):
         self.text_config.vocab_size = value
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> XrayCapConfig:
+    def from_preset(cls, name: str, **overrides: Any) -> "XrayCapConfig":
         """
         Build one of the named configurations in `XrayCapConfig.PRESETS`.
 
@@ -239,9 +254,9 @@ class XrayCapConfig(PretrainedConfig):
         text_keys = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"}
         for key, value in overrides.items():
             if key == "vision_config":
-                vision = value.to_dict() if isinstance(value, PretrainedConfig) else {**vision, **value}
+                vision = value.to_dict() if isinstance(value, PreTrainedConfig) else {**vision, **value}
             elif key == "text_config":
-                text = value.to_dict() if isinstance(value, PretrainedConfig) else {**text, **value}
+                text = value.to_dict() if isinstance(value, PreTrainedConfig) else {**text, **value}
             elif key in text_keys:
                 text[key] = value
             else:
@@ -250,57 +265,6 @@ class XrayCapConfig(PretrainedConfig):
             if top.get(key) is not None:
                 text[key] = top[key]
         return cls(vision_config=vision, text_config=text, **top)
-
-    def vision_feature_dim(self, timm_model: Any = None) -> int:
-        """
-        Width of the vision tower's features (2048 for ResNet-50, 768 for ViT-B).
-
-        Args:
-            timm_model (`timm.models.*`, *optional*):
-                The built timm model of a `TimmWrapperConfig` tower (`vision_model.timm_model`): timm towers are
-                read from it. Without it a timm tower gives -1.
-        """
-        vision = self.vision_config
-        if timm_model is not None:
-            return int(timm_model.num_features)
-        if vision.model_type in CNN_MODEL_TYPES:
-            return int(vision.hidden_sizes[-1])
-        return int(getattr(vision, "hidden_size", -1))  # Swin's hidden_size is its last stage's width
-
-    def vision_grid(self, timm_model: Any = None) -> tuple[int, int] | None:
-        """
-        The vision tower's token layout at `image_size`, known without a forward.
-
-        Args:
-            timm_model (`timm.models.*`, *optional*):
-                The built timm model of a `TimmWrapperConfig` tower, read through its last `feature_info`
-                reduction: ViT-style models (with `num_prefix_tokens`) patchify, rounding down; CNNs and Swin are
-                taken to pad, rounding up, which is exact for an `image_size` that is a multiple of the reduction
-                (timm ConvNeXt's patchify stem rounds down otherwise).
-
-        Returns:
-            `tuple[int, int]` or `None`: `(side, prefix_tokens)`: the side of the tower's last feature map or
-            square patch grid (7 for ResNet-50 and Swin at 224 px, 14 for ViT-B/16), and the class /
-            distillation / register tokens in front of the patch tokens. `None` for a timm tower without
-            `timm_model`.
-        """
-        vision, size = self.vision_config, int(self.image_size)
-        kind = vision.model_type
-        if timm_model is not None:
-            reduction = int((getattr(timm_model, "feature_info", None) or [{}])[-1].get("reduction", 32))
-            prefix = getattr(timm_model, "num_prefix_tokens", None)
-            return (-(-size // reduction), 0) if prefix is None else (size // reduction, int(prefix))
-        if kind == "resnet":  # a stride-4 stem, then each stage halves (padded convolutions round up)
-            stages = len(vision.hidden_sizes) - 1 + int(vision.downsample_in_first_stage)
-            return -(-size // (4 * 2**stages)), 0
-        if kind in ("convnext", "convnextv2"):  # a patchify stem (rounds down), then 2x between stages
-            return size // (_side(vision.patch_size) * 2 ** (len(vision.hidden_sizes) - 1)), 0
-        if kind == "swin":  # patch embedding and 2x2 patch merging pad their input: round up
-            return -(-size // (_side(vision.patch_size) * 2 ** (len(vision.depths) - 1))), 0
-        if kind in PREFIX_TOKENS:  # ViT-style patchify (rounds down)
-            prefix = PREFIX_TOKENS[kind] + int(getattr(vision, "num_register_tokens", 0) or 0)
-            return size // _side(vision.patch_size), prefix
-        return None
 
 
 def _side(value: int | list | tuple) -> int:
@@ -331,22 +295,18 @@ def check_tower_types(vision_type: str, text_type: str) -> None:
         )
 
 
-def fixed_input_size(vision_config: PretrainedConfig, timm_model: Any = None) -> int | None:
+def fixed_input_size(vision_config: PreTrainedConfig) -> int | None:
     """
-    The only image size a vision tower takes: ViT and DeiT position embeddings (`image_size`); for a timm tower,
-    its built model's strict patch embedding, or before it is built, a checkpoint's `pretrained_cfg` with
-    `fixed_input_size`. `None` where any size works (CNNs, Swin, DINOv2, which interpolates).
+    The only image size a vision tower's config allows: ViT and DeiT position embeddings (`image_size`), or a
+    timm checkpoint's `pretrained_cfg` with `fixed_input_size`. `None` where any size works (CNNs, Swin, DINOv2,
+    which interpolates). A built timm tower is checked by the model itself (its strict patch embedding).
 
     Args:
-        vision_config (`PretrainedConfig`): the vision tower's config.
-        timm_model (`timm.models.*`, *optional*): the built timm model of a `TimmWrapperConfig` tower.
+        vision_config (`PreTrainedConfig`): the vision tower's config.
 
     Returns:
         `int` or `None`: the side in pixels.
     """
-    if timm_model is not None:
-        patch_embed = getattr(timm_model, "patch_embed", None)
-        return int(patch_embed.img_size[0]) if getattr(patch_embed, "strict_img_size", False) else None
     if vision_config.model_type in ("vit", "deit"):
         return _side(vision_config.image_size)
     pretrained_cfg = getattr(vision_config, "pretrained_cfg", None) or {}

@@ -2,10 +2,11 @@
 
 Each view of a study is encoded by the vision tower (a transformers CNN or ViT, or a timm model); its
 features (a pooled vector or class token, or the cells of the last feature map / patch grid) are projected into
-GPT-2's embedding space, get a learned view embedding, and are put in front of the report tokens. The decoder
-is a plain `GPT2LMHeadModel`, so the text path is exactly GPT-2. `generate` hands the image to the model at
-prefill only, as GIT and LLaVA do: afterwards the KV cache holds the prefix, and without a cache every step
-re-reads it.
+GPT-2's embedding space, get a learned view embedding, and are put in front of the report tokens. As in
+transformers' LLaVA, [`XrayCapModel`] is the base model (vision tower, projection, a plain `GPT2Model`; it returns
+hidden states) and [`XrayCapForConditionalGeneration`] adds the LM head, the loss and `generate`. `generate`
+hands the image to the model at prefill only, as GIT and LLaVA do: afterwards the KV cache holds the prefix, and
+without a cache every step re-reads it.
 """
 
 from __future__ import annotations
@@ -15,20 +16,43 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, GPT2Model, PreTrainedModel
 from transformers.cache_utils import Cache, StaticCache
-from transformers.utils import ModelOutput, logging
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithPast
+from transformers.utils import logging
 
 try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
-    from .configuration_xraycap import XrayCapConfig, check_tower_types, fixed_input_size
+    from .configuration_xraycap import XrayCapConfig, fixed_input_size
 except ImportError:  # the repository root on sys.path (`import modeling_xraycap`)
-    from configuration_xraycap import XrayCapConfig, check_tower_types, fixed_input_size
+    from configuration_xraycap import XrayCapConfig, fixed_input_size
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256  # the default report length, where `n_positions` leaves room for it
 # Inputs that carry the image: `generate` hands them to the model at prefill only.
 IMAGE_INPUTS = ("pixel_values", "image_features", "view_mask")
+
+# Weight files keep the layout of the first XrayCap models (one GPT2LMHeadModel as `language_model`, the vision
+# parts at the top). transformers maps it onto these classes when loading and back when saving, as it does
+# for LLaVA, so folders saved before and after the base model was split out load in either code.
+_RENAMES = {
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^language_model\.transformer\.": "model.language_model.",
+    **{rf"^{name}\.": f"model.{name}." for name in ("vision_model", "projection")},
+    r"^view_embedding": "model.view_embedding",
+}
+_CONVERSIONS = [WeightRenaming(source_patterns=k, target_patterns=v) for k, v in _RENAMES.items()]
+register_checkpoint_conversion_mapping("xraycap", _CONVERSIONS, overwrite=True)  # by model type: both classes
+
+
+def tower_input_size(vision_model: nn.Module, vision_config) -> int | None:
+    """The only image size a built tower takes (a timm ViT's strict patch embedding, or `fixed_input_size`), or None."""
+    patch_embed = getattr(getattr(vision_model, "timm_model", None), "patch_embed", None)
+    if getattr(patch_embed, "strict_img_size", False):
+        return int(patch_embed.img_size[0])
+    return fixed_input_size(vision_config)
 
 
 def check_view_mask_rows(view_mask: torch.Tensor) -> None:
@@ -38,36 +62,33 @@ def check_view_mask_rows(view_mask: torch.Tensor) -> None:
 
 
 @dataclass
-class XrayCapCausalLMOutput(ModelOutput):
+class XrayCapModelOutputWithPast(BaseModelOutputWithPastAndCrossAttentions):
+    """Output of [`XrayCapModel`]: GPT-2's over prefix + text, and `prefix_length`, the image-prefix positions in
+    front (0 without an image)."""
+
+    prefix_length: int | None = None
+
+
+@dataclass
+class XrayCapCausalLMOutput(CausalLMOutputWithPast):
     r"""
     Output of [`XrayCapForConditionalGeneration`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            Mean next-token cross-entropy over the report tokens (the image prefix and -100 labels are ignored).
-        logits (`torch.FloatTensor` of shape `(batch_size, prefix_length + text_length, vocab_size)`):
-            Decoder scores for every position, image prefix included (the last `logits_to_keep` positions
-            when that is given).
-        cache (`Cache`, *optional*), hidden_states (`tuple`, *optional*), attentions (`tuple`, *optional*):
-            As returned by GPT-2 (the KV cache when `use_cache=True`; the others when requested).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): next-token cross-entropy over the report tokens.
+        logits (`torch.FloatTensor` of shape `(batch, prefix_length + text_length, vocab_size)`): over prefix + text
+            (the last `logits_to_keep` positions when that is given).
         prefix_length (`int`, *optional*):
             Number of image-prefix positions at the front of `logits` (0 when no image was given).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     prefix_length: int | None = None
 
 
 class XrayCapProjection(nn.Module):
-    """
-    Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd): LayerNorm(C), then Linear
+    """Maps encoder features (..., C) into GPT-2's embedding space (..., n_embd): LayerNorm(C), then Linear
     (`"linear"`) or Linear-GELU-Linear (`"mlp"`). The LayerNorm makes the prefix scale independent of the
-    encoder's raw activations (ResNet features after ReLU are large and all positive).
-    """
+    encoder's raw activations (ResNet features after ReLU are large and all positive)."""
 
     def __init__(self, in_features: int, config: XrayCapConfig):
         super().__init__()
@@ -89,7 +110,7 @@ class XrayCapPreTrainedModel(PreTrainedModel):
 
     config_class = XrayCapConfig
     config: XrayCapConfig
-    base_model_prefix = "xraycap"
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -98,156 +119,52 @@ class XrayCapPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, XrayCapForConditionalGeneration):
+        if isinstance(module, XrayCapModel):
             nn.init.normal_(module.view_embedding, mean=0.0, std=self.config.initializer_range)
 
 
-class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
+class XrayCapModel(XrayCapPreTrainedModel):
     r"""
-    Radiology report generator: vision tower -> projection (+ view embedding) -> image prefix -> GPT-2.
+    The base model: vision tower -> projection (+ view embedding) -> image prefix -> GPT-2 body, without an LM head.
 
     Args:
         config ([`XrayCapConfig`]):
-            The whole configuration; the towers are built from `config.vision_config` and
-            `config.text_config` with random weights. Use [`from_pretrained_towers`] to start from
-            pretrained ResNet / GPT-2 weights, or `from_pretrained` to load a saved XrayCap folder.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModel, AutoProcessor
-    >>> model = AutoModel.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
-    >>> processor = AutoProcessor.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
-    >>> inputs = processor(images=[["frontal.png", "lateral.png"]], return_tensors="pt")
-    >>> ids = model.generate(**inputs, num_beams=3, max_new_tokens=120)
-    >>> processor.batch_decode(ids, skip_special_tokens=True)
-    ```
+            The whole configuration; the towers are built from `config.vision_config` and `config.text_config`
+            with random weights.
     """
-
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
 
     def __init__(self, config: XrayCapConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)
-        timm_model = getattr(self.vision_model, "timm_model", None)  # timm towers are read once built
-        self.vision_feature_dim = config.vision_feature_dim(timm_model)
-        self._grid_side, self._prefix_tokens = config.vision_grid(timm_model)
+        timm_model = getattr(self.vision_model, "timm_model", None)
         self._channels_last = getattr(timm_model, "output_fmt", None) == "NHWC"  # timm Swin: (N, h, w, C)
-        fixed = fixed_input_size(config.vision_config, timm_model)
+        fixed = tower_input_size(self.vision_model, config.vision_config)
         if fixed is not None and fixed != config.image_size:
             raise ValueError(
                 f"image_size={config.image_size}, but the vision tower ({type(self.vision_model).__name__}) takes "
                 f"only {fixed}-px images (its position embeddings are fixed): use image_size={fixed}."
             )
+        self.vision_feature_dim, self._grid_side, self._prefix_tokens = self._tower_geometry()
         self.projection = XrayCapProjection(self.vision_feature_dim, config)
         self.view_embedding = nn.Parameter(torch.zeros(config.max_views, config.text_config.n_embd))
-        self.language_model = GPT2LMHeadModel(config.text_config)
+        self.language_model = GPT2Model(config.text_config)
         self.post_init()
-        self.set_vision_encoder_frozen(config.freeze_vision_encoder)
-        room = config.text_config.n_positions - self.max_prefix_length - 1
-        if room < 1:
-            raise ValueError(
-                f"text_config.n_positions={config.text_config.n_positions} leaves no room for text after an "
-                f"image prefix of {self.max_prefix_length} tokens: raise n_positions or lower image_size/max_views."
-            )
-        self.generation_config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
-        self.generation_config.max_length = None
 
-    # ----------------------------------------------------------------------------------------- towers
-    @classmethod
-    def from_pretrained_towers(
-        cls, vision: str = "microsoft/resnet-50", text: str = "gpt2", **config_kwargs
-    ) -> XrayCapForConditionalGeneration:
-        r"""
-        Build a model from a pretrained image encoder and a pretrained GPT-2 (Hub ids or local folders).
+    def _tower_geometry(self) -> tuple[int, int, int]:
+        """The tower's feature width, the side of its last feature map or square patch grid (7 for ResNet-50 at
+        224 px, 14 for ViT-B/16) and its class / distillation / register tokens, read from one forward of a
+        blank `image_size` image (on the meta device while `from_pretrained` builds the model: no compute)."""
+        size, weight = self.config.image_size, next(self.vision_model.parameters())
+        was_training = self.vision_model.training
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype)
+            hidden = self.vision_model.eval()(pixel_values=blank).last_hidden_state
+        self.vision_model.train(was_training)
+        if hidden.ndim == 4:  # a feature map (1, C, h, w), or timm Swin's (1, h, w, C)
+            return int(hidden.shape[-1 if self._channels_last else 1]), int(hidden.shape[2]), 0
+        side = math.isqrt(hidden.shape[1])  # tokens (1, prefix + side * side, C)
+        return int(hidden.shape[-1]), side, int(hidden.shape[1]) - side * side
 
-        The projection and view embeddings start random. `image_size` defaults to the only size a tower with fixed
-        position embeddings takes (ViT, DeiT), else to 224. GPT-2 has no pad token, so unless `pad_token_id` is
-        given one row is appended to its vocabulary (id = the original vocabulary size); pair the model with
-        `XrayCapProcessor.from_tokenizer(text, vision_model=vision)`, which adds the matching `<|pad|>` token.
-
-        Args:
-            vision (`str`, *optional*, defaults to `"microsoft/resnet-50"`):
-                A transformers ResNet, ConvNeXt, ViT, DeiT, DINOv2 or Swin checkpoint
-                (`"google/vit-base-patch16-224-in21k"`), or a timm one (`"timm/resnet50.a1_in1k"`).
-            text (`str`, *optional*, defaults to `"gpt2"`):
-                A GPT-2-family checkpoint (`"gpt2"`, `"distilgpt2"`, `"gpt2-medium"`, ...).
-            **config_kwargs:
-                Other `XrayCapConfig` fields (`visual_tokens`, `projection`, `max_views`, `image_size`, ...).
-
-        Returns:
-            `XrayCapForConditionalGeneration`
-        """
-        vision_config, text_config = AutoConfig.from_pretrained(vision), AutoConfig.from_pretrained(text)
-        check_tower_types(vision_config.model_type, text_config.model_type)  # before loading any weights
-        vision_tower = AutoModel.from_pretrained(vision, config=vision_config)
-        text_tower = GPT2LMHeadModel.from_pretrained(text, config=text_config)
-        fixed = fixed_input_size(vision_config, getattr(vision_tower, "timm_model", None))
-        if config_kwargs.get("image_size") is None and fixed is not None:
-            config_kwargs["image_size"] = fixed
-        text_config = text_tower.config.to_dict()
-        if text_config.get("activation_function") == "gelu_new":  # the same formula, one fused kernel
-            text_config["activation_function"] = "gelu_pytorch_tanh"
-        if config_kwargs.get("pad_token_id") is None:
-            config_kwargs["pad_token_id"] = text_tower.config.vocab_size
-        for key in ("bos_token_id", "eos_token_id"):
-            if config_kwargs.get(key) is None:
-                config_kwargs[key] = text_config.get(key)
-        ids = [config_kwargs[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")]
-        text_config["vocab_size"] = max(
-            [text_tower.config.vocab_size, *(i + 1 for i in ids if i is not None)]
-        )
-        vision_config = vision_tower.config.to_dict()
-        for key in ("id2label", "label2id", "architectures"):  # ImageNet head metadata: not used here
-            vision_config.pop(key, None)
-        config = XrayCapConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
-        model = cls(config)
-        model.vision_model.load_state_dict(vision_tower.state_dict())
-        if text_tower.config.vocab_size != config.text_config.vocab_size:
-            text_tower.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
-        model.language_model.load_state_dict(text_tower.state_dict())
-        model.language_model.tie_weights()
-        return model
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then `config.freeze_vision_encoder` (loaded parameters require grad)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.set_vision_encoder_frozen(model.config.freeze_vision_encoder)
-        return loaded
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
-    def set_vision_encoder_frozen(self, frozen: bool = True) -> None:
-        """
-        Freeze (default) or unfreeze the vision tower: a frozen tower gets no gradient and stays in eval mode
-        (BatchNorm statistics fixed) even under `model.train()`. Updates `config.freeze_vision_encoder`.
-
-        Args:
-            frozen (`bool`, *optional*, defaults to `True`): whether to freeze the encoder.
-        """
-        self.config.freeze_vision_encoder = bool(frozen)
-        self.vision_model.requires_grad_(not frozen)
-        self.vision_model.train(self.training and not frozen)
-
-    def train(self, mode: bool = True) -> XrayCapForConditionalGeneration:
-        super().train(mode)
-        if self.config.freeze_vision_encoder:
-            self.vision_model.eval()
-        return self
-
-    # ----------------------------------------------------------------------------------------- images
     @property
     def tokens_per_view(self) -> int:
         """Image tokens per view at `config.image_size` (1 for "pooled"; the map / patch-grid cells for "grid",
@@ -300,9 +217,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             check_view_mask_rows(view_mask)
         return view_mask
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, view_mask: torch.Tensor | None = None):
         r"""
         Encode each view with the vision tower, before projection.
 
@@ -317,7 +232,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         Returns:
             `torch.FloatTensor` of shape `(batch, views, tokens, channels)`: tokens = 1 ("pooled") or the cells
             of the last feature map / patch grid ("grid", pooled to `config.grid_size` per side). Computed without
-            grad while the encoder is frozen, so it can be cached and fed back as `image_features`.
+            grad while no tower parameter requires grad (a frozen tower), so it can be cached and fed back as `image_features`.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         batch, views = pixel_values.shape[:2]
@@ -325,8 +240,8 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         flat = pixel_values.flatten(0, 1)[view_mask.flatten()]
         if not torch.is_autocast_enabled(flat.device.type):
             flat = flat.to(self.vision_model.dtype)
-        frozen = self.config.freeze_vision_encoder
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        trains = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             outputs = self.vision_model(pixel_values=flat)
             tokens = self._tokens_from_encoder_output(outputs)
         features = tokens.new_zeros(batch * views, *tokens.shape[1:])
@@ -387,7 +302,152 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         prefix = prefix + self.view_embedding[:views].to(prefix.dtype)[None, :, None, :]
         return prefix.reshape(batch, views * tokens, -1), view_mask.long().repeat_interleave(tokens, dim=1)
 
-    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        view_mask: torch.Tensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> XrayCapModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, text_length)`, *optional*):
+                Report tokens: `bos + report + eos`, right-padded (see `XrayCapProcessor`).
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)` or `(batch, views, 3, H, W)`, *optional*):
+                Images; their prefix goes in front of the text. Without images (and without
+                `image_features`) the model is exactly GPT-2 on the text.
+            attention_mask (`torch.Tensor` of shape `(batch, text_length)`, *optional*):
+                1 on text tokens, 0 on padding; the image prefix's mask is put in front of it. A mask that
+                already spans prefix + text (as `generate` passes it) is used as it is.
+            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
+                1 = real view, 0 = absent (its tokens are masked out of attention). Default: views whose
+                pixels / features are all zero (the processor's and `get_image_features`' padding) are absent.
+            image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`, *optional*):
+                Precomputed `get_image_features` output used instead of `pixel_values`.
+            inputs_embeds, position_ids, cache, use_cache:
+                As in `GPT2Model`. Position ids count attended positions, so absent views shift nothing.
+
+        Returns:
+            [`XrayCapModelOutputWithPast`]: hidden states over prefix + text, and `prefix_length`.
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, view_mask)
+        prefix_length = 0
+        if image_features is not None:
+            inputs_embeds, attention_mask, prefix_length = self._prepend_prefix(
+                image_features, view_mask, inputs_embeds, attention_mask
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past, torch.Tensor):  # a static cache's count is on the device: its size bounds it
+            past = max(cache.get_max_length() - inputs_embeds.shape[1], 0)
+        total = past + inputs_embeds.shape[1]
+        n_positions = self.config.text_config.n_positions
+        if total > n_positions:
+            raise ValueError(
+                f"Sequence of {total} positions ({prefix_length} image-prefix + {total - prefix_length} text) "
+                f"exceeds the decoder's n_positions={n_positions}: shorten the report "
+                "(XrayCapProcessor(max_length=...) truncates) or lower max_new_tokens."
+            )
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, **kwargs,
+        )  # fmt: skip
+        return XrayCapModelOutputWithPast(**outputs, prefix_length=prefix_length)
+
+    def _prepend_prefix(
+        self, image_features: torch.Tensor, view_mask, inputs_embeds: torch.Tensor, attention_mask
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The image prefix in front of the text embeddings, and its mask in front of the text's (a mask that
+        already spans prefix + text, from `generate`, is kept). Returns the embeddings, the mask, the prefix length."""
+        prefix_embeds, prefix_mask = self.get_prefix_embeds(image_features, view_mask)
+        batch, prefix_length = prefix_embeds.shape[:2]
+        if inputs_embeds.shape[0] != batch:
+            raise ValueError(
+                f"{batch} studies of images but {inputs_embeds.shape[0]} texts: pass one report per study."
+            )
+        if attention_mask is None:
+            attention_mask = prefix_mask.new_ones(inputs_embeds.shape[:2])
+        if attention_mask.ndim == 2 and attention_mask.shape[1] == inputs_embeds.shape[1]:
+            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        elif attention_mask.ndim != 2 or attention_mask.shape[1] != prefix_length + inputs_embeds.shape[1]:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}: give a 2D mask with one entry per "
+                f"text token ({inputs_embeds.shape[1]}) or per image-prefix + text position ({prefix_length} "
+                f"+ {inputs_embeds.shape[1]})."
+            )
+        inputs_embeds = torch.cat([prefix_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+        return inputs_embeds, attention_mask, prefix_length
+
+
+class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
+    r"""
+    Radiology report generator: [`XrayCapModel`] and GPT-2's LM head (tied to the token embeddings), with the loss
+    and `generate`.
+
+    Args:
+        config ([`XrayCapConfig`]):
+            The whole configuration; the towers are built from `config.vision_config` and
+            `config.text_config` with random weights (the training code loads pretrained towers into them);
+            `from_pretrained` loads a saved XrayCap folder.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("outputs/xraycap-demo", trust_remote_code=True)
+    >>> inputs = processor(images=[["frontal.png", "lateral.png"]], return_tensors="pt")
+    >>> ids = model.generate(**inputs, num_beams=3, max_new_tokens=120)
+    >>> processor.batch_decode(ids, skip_special_tokens=True)
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.wte.weight"}
+
+    def __init__(self, config: XrayCapConfig):
+        super().__init__(config)
+        self.model = XrayCapModel(config)
+        self.lm_head = nn.Linear(config.text_config.n_embd, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        room = config.text_config.n_positions - self.max_prefix_length - 1
+        if room < 1:
+            raise ValueError(
+                f"text_config.n_positions={config.text_config.n_positions} leaves no room for text after an "
+                f"image prefix of {self.max_prefix_length} tokens: raise n_positions or lower image_size/max_views."
+            )
+        self.generation_config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+        self.generation_config.max_length = None
+        # `_auto_class` holds one Auto class ("AutoModel", below); the config names this class for the other.
+        auto_map = {"AutoModelForImageTextToText": f"{__name__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
+        config.auto_map = {**auto_map, **(getattr(config, "auto_map", None) or {})}
+
+    # The base model's parts, as LLaVA's head exposes them.
+    vision_model = property(lambda self: self.model.vision_model, doc="The vision tower.")
+    language_model = property(lambda self: self.model.language_model, doc="The GPT-2 body (`GPT2Model`).")
+    projection = property(lambda self: self.model.projection, doc="The projection to GPT-2's width.")
+    view_embedding = property(lambda self: self.model.view_embedding, doc="One embedding per view slot.")
+    vision_feature_dim = property(lambda self: self.model.vision_feature_dim, doc="The tower's width.")
+    tokens_per_view = property(lambda self: self.model.tokens_per_view, doc="Image tokens per view.")
+    max_prefix_length = property(lambda self: self.model.max_prefix_length, doc="The longest image prefix.")
+
+    def get_image_features(self, pixel_values: torch.Tensor, view_mask=None) -> torch.Tensor:
+        """[`XrayCapModel.get_image_features`]: each view through the vision tower, before projection."""
+        return self.model.get_image_features(pixel_values, view_mask)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -405,104 +465,40 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
     ) -> XrayCapCausalLMOutput:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch, text_length)`, *optional*):
-                Report tokens: `bos + report + eos`, right-padded (see `XrayCapProcessor`).
-            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)` or `(batch, views, 3, H, W)`, *optional*):
-                Images; their prefix goes in front of the text. Without images (and without
-                `image_features`) the model is exactly GPT-2 on the text.
-            attention_mask (`torch.Tensor` of shape `(batch, text_length)`, *optional*):
-                1 on text tokens, 0 on padding; the image prefix's mask is put in front of it. A mask that
-                already spans prefix + text (as `generate` passes it) is used as it is.
             labels (`torch.LongTensor` of shape `(batch, text_length)`, *optional*):
                 Targets aligned with `input_ids`, -100 where no loss is wanted (padding, the leading bos).
                 The loss never covers the image prefix.
-            view_mask (`torch.Tensor` of shape `(batch, views)`, *optional*):
-                1 = real view, 0 = absent (its tokens are masked out of attention). Default: views whose
-                pixels / features are all zero (the processor's and `get_image_features`' padding) are absent.
-            image_features (`torch.FloatTensor` of shape `(batch, views, tokens, channels)`, *optional*):
-                Precomputed `get_image_features` output used instead of `pixel_values`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 As in `GPT2LMHeadModel`; with `labels` the loss covers the kept positions, so in training
                 `k = text_length + 1` gives the same loss without the LM head on the image prefix.
-            inputs_embeds, position_ids, cache, use_cache:
-                As in `GPT2LMHeadModel`. Position ids count attended positions, so absent views shift nothing.
-                `use_cache` defaults to False for a training forward (train mode, with `labels`).
+            use_cache (`bool`, *optional*):
+                Defaults to False for a training forward (train mode, with `labels`).
+            input_ids, pixel_values, attention_mask, view_mask, image_features, inputs_embeds, position_ids, cache:
+                As in [`XrayCapModel.forward`].
 
         Returns:
             [`XrayCapCausalLMOutput`] with `loss` (when `labels` is given) and `logits` over prefix + text.
         """
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass either pixel_values or image_features, not both.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, view_mask)
-
-        prefix_length = 0
-        if image_features is not None:
-            prefix_embeds, prefix_mask = self.get_prefix_embeds(image_features, view_mask)
-            batch, prefix_length = prefix_embeds.shape[:2]
-            if inputs_embeds.shape[0] != batch:
-                raise ValueError(
-                    f"{batch} studies of images but {inputs_embeds.shape[0]} texts: pass one report per study."
-                )
-            if attention_mask is None:
-                attention_mask = prefix_mask.new_ones(inputs_embeds.shape[:2])
-            # A mask over the text gets the prefix's in front; one over prefix + text (from `generate`) is kept.
-            if attention_mask.ndim == 2 and attention_mask.shape[1] == inputs_embeds.shape[1]:
-                attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-            elif (
-                attention_mask.ndim != 2 or attention_mask.shape[1] != prefix_length + inputs_embeds.shape[1]
-            ):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}: give a 2D mask with one entry per "
-                    f"text token ({inputs_embeds.shape[1]}) or per image-prefix + text position ({prefix_length} "
-                    f"+ {inputs_embeds.shape[1]})."
-                )
-            inputs_embeds = torch.cat([prefix_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-            if labels is not None:
-                labels = torch.cat([labels.new_full((batch, prefix_length), -100), labels], dim=1)
-
-        past = cache.get_seq_length() if cache is not None else 0
-        if isinstance(past, torch.Tensor):  # a static cache's count is on the device: its size bounds it
-            past = max(cache.get_max_length() - inputs_embeds.shape[1], 0)
-        total = past + inputs_embeds.shape[1]
-        n_positions = self.config.text_config.n_positions
-        if total > n_positions:
-            raise ValueError(
-                f"Sequence of {total} positions ({prefix_length} image-prefix + {total - prefix_length} text) "
-                f"exceeds the decoder's n_positions={n_positions}: shorten the report "
-                "(XrayCapProcessor(max_length=...) truncates) or lower max_new_tokens."
-            )
-        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            labels = labels[:, -logits_to_keep:]  # the loss covers the kept logits only
         if use_cache is None and labels is not None and self.training:
             use_cache = False
-        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, view_mask=view_mask,
+            image_features=image_features, inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, **kwargs,
+        )  # fmt: skip
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
+        logits = self.lm_head(outputs.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            labels = torch.cat([labels.new_full((len(labels), outputs.prefix_length), -100), labels], dim=1)
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                labels = labels[:, -logits_to_keep:]  # the loss covers the kept logits only
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
         return XrayCapCausalLMOutput(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            prefix_length=prefix_length,
-        )
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, prefix_length=outputs.prefix_length,
+        )  # fmt: skip
 
-    # ----------------------------------------------------------------------------------------- generate
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, is_first_iteration: bool = False, **kwargs
     ):
@@ -554,7 +550,7 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
             generate_kwargs.pop(key, None)
         if image_features is None:
             image_features = self.get_image_features(pixel_values, view_mask)
-        view_mask = self._check_view_mask(view_mask, image_features)
+        view_mask = self.model._check_view_mask(view_mask, image_features)
         batch, views, tokens = image_features.shape[:3]
         bos_id = self.config.bos_token_id
         if bos_id is None:
@@ -582,19 +578,19 @@ class XrayCapForConditionalGeneration(XrayCapPreTrainedModel, GenerationMixin):
         generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
         generate_kwargs.setdefault("bos_token_id", bos_id)
         outputs = super().generate(
-            input_ids=bos,
-            attention_mask=attention_mask,
-            image_features=image_features,
-            view_mask=view_mask,
+            input_ids=bos, attention_mask=attention_mask, image_features=image_features, view_mask=view_mask,
             **generate_kwargs,
-        )
+        )  # fmt: skip
         if isinstance(outputs, torch.Tensor):
             return outputs[:, 1:]
         outputs.sequences = outputs.sequences[:, 1:]
         return outputs
 
 
-# Saved folders carry the code and load with AutoModel.from_pretrained(dir, trust_remote_code=True).
+# Saved folders carry the code. `AutoModelForImageTextToText` (where transformers files GIT, BLIP and LLaVA) and
+# `AutoModel` both give the generating model: `AutoModel.from_pretrained(dir, trust_remote_code=True).generate(...)`
+# keeps working, as `AutoModel` gives the whole model for transformers' `VisionEncoderDecoderModel`. The base
+# model loads from the same folder with `XrayCapModel.from_pretrained(dir)`.
 XrayCapForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["XrayCapPreTrainedModel", "XrayCapForConditionalGeneration", "XrayCapCausalLMOutput"]
+__all__ = ["XrayCapPreTrainedModel", "XrayCapModel", "XrayCapForConditionalGeneration", "tower_input_size"]

@@ -1,9 +1,10 @@
 """The transformers pipeline for XrayCap: `pipeline("image-to-text", model=dir, trust_remote_code=True)`.
 
 transformers 5 removed the built-in "image-to-text" task: `pipeline("image-to-text", ...)` is redirected
-to "image-text-to-text", whose pipeline only loads `AutoModelForImageTextToText` chat models (a prompt,
-a chat template, the prompt's tokens stripped from the output). An image-prefix captioner like XrayCap
-has none of these. What transformers does keep is the custom-pipeline route: a model folder whose
+to "image-text-to-text", a pipeline for `AutoModelForImageTextToText` chat models (a prompt, a chat
+template, the prompt's tokens stripped from the output). XrayCap is registered for that Auto class, so it
+loads there too and writes the same report from an empty prompt (`text=""`), one image at a time; studies
+(several views each) need this pipeline. transformers keeps the custom-pipeline route: a model folder whose
 `config.json` holds
 
     "custom_pipelines": {"image-to-text": {"impl": "pipeline_xraycap.XrayCapImageToTextPipeline",

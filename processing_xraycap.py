@@ -1,28 +1,30 @@
-"""XrayCap preprocessing: chest X-ray images -> normalised 3-channel tensors; reports -> GPT-2 tokens + labels.
+"""XrayCap processor: studies of chest X-ray views -> `pixel_values` + `view_mask`; reports -> GPT-2 tokens + labels.
 
-`XrayCapImageProcessor` turns any PIL image, numpy array or file path (8/16-bit grayscale, RGB, RGBA,
-palette) into a normalised `(3, size, size)` tensor (ImageNet's mean/std, or the vision tower's own). `XrayCapProcessor` pairs it with a GPT-2
+`XrayCapProcessor` pairs the image processor (`image_processing_xraycap.XrayCapImageProcessor`) with a GPT-2
 byte-level BPE tokenizer and builds `bos + report + eos` inputs and labels. `train_tokenizer` trains such
 a tokenizer locally (no Hub access needed).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from transformers import GPT2TokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_base import ImageProcessingMixin
-from transformers.processing_utils import ImagesKwargs, ProcessorMixin
-from transformers.utils import cached_file, logging
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+try:  # inside a package / a saved model folder (transformers' remote-code loader copies `.x` siblings)
+    from .image_decoding_xraycap import MAX_IMAGE_PIXELS, ImageLike, load_image
+    from .image_processing_xraycap import IMAGENET_MEAN, IMAGENET_STD, XrayCapImageProcessor
+except ImportError:  # the repository root on sys.path (`import processing_xraycap`)
+    from image_decoding_xraycap import MAX_IMAGE_PIXELS, ImageLike, load_image
+    from image_processing_xraycap import IMAGENET_MEAN, IMAGENET_STD, XrayCapImageProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -35,251 +37,8 @@ _LOADER_KWARGS = ("dtype", "torch_dtype", "device_map", "device")
 # The saved settings `from_pretrained` reads from processor_config.json (and takes as overrides).
 _PROCESSOR_SETTINGS = ("max_views", "max_length")
 
-# The raster formats an X-ray arrives in; anything else (EPS, which runs Ghostscript; PDF; ...) is refused.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-# Pixels per image at most: the dataset builder's cap (dataset_builder.images.DEFAULT_MAX_IMAGE_PIXELS).
-MAX_IMAGE_PIXELS = 50_000_000
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
-
-ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
-
-
-def _array_to_pil(array: np.ndarray, name: str = "array") -> Image.Image:
-    """A (H, W), (H, W, C) or (C, H, W) array of any integer/float dtype -> an 8-bit PIL image."""
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channels-first -> channels-last
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"{name} has shape {array.shape}; expected an image (H, W), (H, W, 3/4) or (3/4, H, W)."
-        )
-    if array.dtype != np.uint8:
-        array = array.astype(np.float64)
-        if array.dtype.kind == "f" and array.size and 0.0 <= array.min() and array.max() <= 1.0:
-            array = array * 255.0  # floats in [0, 1]
-        elif array.size and (array.max() > 255 or array.min() < 0):
-            low, high = float(array.min()), float(array.max())  # 16-bit / HU: use the image's own range
-            array = (array - low) / max(high - low, 1e-8) * 255.0
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
-
-
-def _to_luminance(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, LA, P, I;16, I, F, RGB, RGBA, CMYK, ...) -> its 8-bit luminance ("L").
-
-    The same conversion as the dataset builder (`dataset_builder.images.to_grayscale_8bit`, which stores
-    every training image as 8-bit grayscale "L"): high-bit-depth images are scaled from their own min-max
-    range, transparency is composited on black, colour becomes luminance. So an RGB copy and an "L" copy of
-    one film give the same tensor, as they did in training.
-    """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        if high <= low:
-            gray = np.zeros(array.shape, dtype=np.uint8)
-        else:
-            gray = np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
-        image = Image.fromarray(gray)
-    elif image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # X-ray background is black
-        image = Image.alpha_composite(background, rgba)
-    return image if image.mode == "L" else image.convert("L")
-
-
-def load_image(path_or_image: ImageLike) -> Image.Image:
-    """
-    Open an image and convert it to its 8-bit luminance in RGB form, as the training images were stored.
-
-    Args:
-        path_or_image (`str`, `os.PathLike`, `bytes`, `PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
-            A file path, encoded file bytes, or an image already in memory. 16-bit and float images are
-            rescaled from their own min-max range; RGBA is composited on black; colour becomes luminance.
-            Files are opened only as one of `ACCEPTED_FORMATS` and only up to `MAX_IMAGE_PIXELS` pixels.
-
-    Returns:
-        `PIL.Image.Image` in mode "RGB" (three equal channels).
-
-    Raises:
-        `FileNotFoundError` if the path does not exist; `ValueError` naming the file if it is not a readable
-        image in an accepted format, or is larger than `MAX_IMAGE_PIXELS`.
-    """
-    return _load_luminance(path_or_image).convert("RGB")
-
-
-def _load_luminance(path_or_image: ImageLike) -> Image.Image:
-    """[`load_image`] before the expansion to three channels: the 8-bit luminance ("L")."""
-    if isinstance(path_or_image, Image.Image):
-        _check_pixels(path_or_image.size, "image")
-        return _to_luminance(path_or_image)
-    if isinstance(path_or_image, torch.Tensor):
-        return _to_luminance(_array_to_pil(path_or_image.detach().cpu().numpy(), "tensor"))
-    if isinstance(path_or_image, np.ndarray):
-        return _to_luminance(_array_to_pil(path_or_image))
-    if isinstance(path_or_image, bytes | bytearray):
-        source, name = io.BytesIO(path_or_image), "<bytes>"
-    elif isinstance(path_or_image, str | os.PathLike):
-        source = name = os.fspath(path_or_image)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"Image file not found: {source}")
-    else:
-        raise ValueError(
-            f"Cannot read an image from a {type(path_or_image).__name__}: pass a path, bytes, a PIL image "
-            "or a numpy array."
-        )
-    try:
-        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS is refused below, before decoding
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source, formats=ACCEPTED_FORMATS) as image:
-                _check_pixels(image.size, name)
-                image.load()
-                return _to_luminance(image)
-    except Image.DecompressionBombError as err:
-        raise ValueError(
-            f"{name} is too large to decode ({err}); the limit is {MAX_IMAGE_PIXELS:,} pixels: downscale it."
-        ) from err
-    except UnidentifiedImageError as err:
-        raise ValueError(
-            f"{name} is not a readable image file in an accepted format ({', '.join(ACCEPTED_FORMATS)}): {err}"
-        ) from err
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"{name} is not a readable image file ({err}).") from err
-
-
-def _check_pixels(size: tuple[int, int], name: str) -> None:
-    """Refuse an image over `MAX_IMAGE_PIXELS` (read from its header, before any pixel is decoded)."""
-    width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: "
-            "downscale it (the training images were at most that size too)."
-        )
-
-
-class XrayCapImageProcessor(ImageProcessingMixin):
-    r"""
-    Chest X-ray image preprocessing: to RGB, resize the shorter side to `size`, centre-crop `size` x `size`,
-    scale to [0, 1] and normalise with the ImageNet mean/std (what ResNet weights expect), or the vision tower's
-    own ([`~XrayCapImageProcessor.from_vision_tower`]; ViTs often use 0.5).
-
-    Args:
-        size (`int`, *optional*, defaults to 224): output side in pixels (`XrayCapConfig.image_size`).
-        image_mean (`list[float]`, *optional*, defaults to ImageNet's): per-channel mean.
-        image_std (`list[float]`, *optional*, defaults to ImageNet's): per-channel std.
-        resample (`str`, *optional*, defaults to `"bicubic"`): `"bilinear"`, `"bicubic"` or `"lanczos"`.
-    """
-
-    model_input_names = ["pixel_values"]
-    # Read by AutoProcessor / pipeline() when they pass loading options (dtype=...).
-    valid_kwargs = ImagesKwargs
-    _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
-
-    def __init__(
-        self,
-        size: int = 224,
-        image_mean: Sequence[float] | None = None,
-        image_std: Sequence[float] | None = None,
-        resample: str = "bicubic",
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if isinstance(size, dict):  # {"height": h, "width": w} / {"shortest_edge": s} from other processors
-            size = size.get("shortest_edge") or size.get("height")
-        if int(size) < 32:
-            raise ValueError(f"size={size} px is too small: use at least 32.")
-        if resample not in self._RESAMPLE:
-            raise ValueError(f"resample={resample!r} is not one of {sorted(self._RESAMPLE)}.")
-        self.size = int(size)
-        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
-        self.resample = resample
-
-    @classmethod
-    def from_vision_tower(
-        cls, vision_model: str | os.PathLike, size: int = 224, **hub_kwargs
-    ) -> XrayCapImageProcessor:
-        """
-        An image processor with the normalisation a pretrained vision tower was trained with: `image_mean` /
-        `image_std` from its preprocessor_config.json (ViTs usually use 0.5), else the `mean` / `std` of a timm
-        checkpoint's `pretrained_cfg` (config.json); ImageNet's where the tower gives neither.
-
-        Args:
-            vision_model (`str` or `os.PathLike`): the tower's Hub id or folder (`--vision_model`).
-            size (`int`, *optional*, defaults to 224): output side in pixels (`XrayCapConfig.image_size`).
-            **hub_kwargs: Hub access (`cache_dir`, `revision`, `token`, `local_files_only`, ...).
-        """
-        preprocessor = _read_json(vision_model, "preprocessor_config.json", **hub_kwargs)
-        timm_cfg = _read_json(vision_model, "config.json", **hub_kwargs).get("pretrained_cfg") or {}
-        normalisation = {}
-        for settings, mean, std in ((preprocessor, "image_mean", "image_std"), (timm_cfg, "mean", "std")):
-            if settings.get(mean) is not None and settings.get(std) is not None:
-                normalisation = {"image_mean": settings[mean], "image_std": settings[std]}
-                break
-        else:
-            logger.info(f"{vision_model} gives no image mean/std: using ImageNet's.")
-        return cls(size=size, **normalisation)
-
-    def process_image(self, image: ImageLike) -> torch.Tensor:
-        """One image (anything `load_image` reads) -> a normalised `(3, size, size)` float32 tensor.
-
-        The luminance is resized and cropped, then expanded to three channels: a third of the work of resizing
-        three equal channels, with the same values."""
-        image = _load_luminance(image)
-        width, height = image.size
-        scale = self.size / min(width, height)
-        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), self._RESAMPLE[self.resample])
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None].expand(3, -1, -1)
-        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
-        return (array - mean) / std
-
-    def __call__(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs):
-        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
-
-    def preprocess(
-        self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs
-    ) -> BatchFeature:
-        """
-        Args:
-            images: one image or a list of images.
-            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"`, `"np"` or None (lists).
-
-        Returns:
-            `BatchFeature` with `pixel_values` of shape `(num_images, 3, size, size)`.
-        """
-        if kwargs:
-            logger.warning("XrayCapImageProcessor ignores arguments %s.", sorted(kwargs))
-        if not isinstance(images, list | tuple):
-            images = [images]
-        pixel_values = torch.stack([self.process_image(image) for image in images])
-        return BatchFeature({"pixel_values": pixel_values}, tensor_type=None).convert_to_tensors(
-            return_tensors
-        )
-
-
-def _read_json(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs) -> dict[str, Any]:
-    """A JSON file of a Hub repo or folder as a dict; empty when it has no such file or the Hub is unreachable."""
-    path = cached_file(
-        path_or_repo,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
-    if path is None:
-        return {}
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> GPT2TokenizerFast:
@@ -457,12 +216,14 @@ class XrayCapProcessor(ProcessorMixin):
 
     def _process_studies(self, images: Any) -> dict[str, torch.Tensor]:
         studies = self._studies(images)
-        size = self.image_processor.size
-        pixel_values = torch.zeros(len(studies), self.max_views, 3, size, size)
+        views = self.image_processor([view for study in studies for view in study], return_tensors="pt")
+        crop = views["pixel_values"].shape[-2:]
+        pixel_values = torch.zeros(len(studies), self.max_views, 3, *crop)
         view_mask = torch.zeros(len(studies), self.max_views, dtype=torch.long)
-        for i, views in enumerate(studies):
-            for j, view in enumerate(views):
-                pixel_values[i, j] = self.image_processor.process_image(view)
+        flat = iter(views["pixel_values"])
+        for i, study in enumerate(studies):
+            for j in range(len(study)):
+                pixel_values[i, j] = next(flat)
                 view_mask[i, j] = 1
         if self.max_views == 1:
             pixel_values = pixel_values[:, 0]  # (batch, 3, size, size): the natural single-view layout
@@ -560,7 +321,14 @@ class XrayCapProcessor(ProcessorMixin):
 
 
 # Saved folders carry this file and load with AutoProcessor.from_pretrained(dir, trust_remote_code=True).
-XrayCapImageProcessor.register_for_auto_class("AutoImageProcessor")
 XrayCapProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["XrayCapImageProcessor", "XrayCapProcessor", "load_image", "train_tokenizer"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAX_IMAGE_PIXELS",
+    "XrayCapImageProcessor",
+    "XrayCapProcessor",
+    "load_image",
+    "train_tokenizer",
+]

@@ -30,7 +30,7 @@ class SeedCaptioner(nn.Module):
         sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
         text = model.language_model.config
         self.decoder = GPT2LMHeadModel(GPT2Config(**{key: getattr(text, key) for key in sizes}))
-        self.decoder.load_state_dict(model.language_model.state_dict())
+        self.decoder.transformer.load_state_dict(model.language_model.state_dict())
         self.encoder = copy.deepcopy(model.vision_model).requires_grad_(False)
         feature_dim = model.config.vision_config.hidden_sizes[-1]
         self.image_projection = nn.Linear(feature_dim, text.n_embd)

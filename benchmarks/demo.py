@@ -35,9 +35,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from xraycap.radiology_report.clinical_efficacy import observation_key  # noqa: E402
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS  # noqa: E402
+
 from benchmarks.run import machine_info  # noqa: E402
-from metrics.radiology_report.clinical_efficacy import observation_key  # noqa: E402
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "demo.json"
 README = REPO_ROOT / "README.md"

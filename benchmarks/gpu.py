@@ -25,10 +25,10 @@ import yaml
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+from xraycap.dataset_builder import build_dataset, synthesize
 
-from dataset_builder import build_dataset, synthesize
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
-from training.data import IndexedStudies, StudyCollator
+from xraycap.training.data import IndexedStudies, StudyCollator
 
 from .inputs import random_batch
 from .sections import REPO_ROOT, autocast_dtype, build_model, make_xraycap_step, summarize, timed

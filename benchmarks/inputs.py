@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from dataset_builder import synthesize
+from xraycap.dataset_builder import synthesize
 
 
 def random_batch(config, batch_size: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,11 +6,13 @@ the GPU benchmark (absolute rates at real size) and the scale section (dataset g
     python benchmarks/run.py --sections train,beam --output /tmp/bench.json
     python benchmarks/run.py --device cuda              # the GPU benchmark: benchmarks/results/<card>.json
     python benchmarks/run.py --sections scale           # dataset growth: benchmarks/results/scale.json
+    python benchmarks/run.py --sections profile         # the training step's profile: benchmarks/results/profile.json
 
 Prints a markdown table and writes `benchmarks/results/latest.json`: the machine (CPU model, whether it has bf16
 matmul hardware, GPU), the versions, and every figure with its median and spread. `--device cuda` runs the `gpu`
 section (absolute rates at real size, MFU, the loader beside the step's demand) on the GPU; the `scale` section
-builds phantom MIMIC-CXR layouts of growing size (`--scale_sizes`).
+builds phantom MIMIC-CXR layouts of growing size (`--scale_sizes`); the `profile` section runs `torch.profiler` over
+the training step. docs/PERFORMANCE.md's blocks are regenerated from the default results files (`benchmarks/report.py`).
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks import gpu, scale, scale_report  # noqa: E402
+from benchmarks import gpu, report, scale, scale_report, step_profile  # noqa: E402
 from benchmarks import sections as bench  # noqa: E402
-from training.precision import resolve_mixed_precision  # noqa: E402
+from xraycap.training.distributed import resolve_mixed_precision  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
 RESULTS = bench.REPO_ROOT / "benchmarks" / "results"
 SCALE_SIZES = (1000, 4000, 16000)
 
-SECTIONS = ("train", "beam", "data", "build", "scale", "gpu")
+SECTIONS = ("train", "beam", "data", "build", "scale", "gpu", "profile")
 DEFAULT_SECTIONS = {"cpu": "train,beam,data,build", "cuda": "gpu"}
 COMPARE = {">=": operator.ge, "<": operator.lt}
 TARGETS = {
@@ -89,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         default=None,
-        help="results file. Default: benchmarks/results/<card>.json with --device cuda, scale.json when only the "
-        "scale section runs, else latest.json",
+        help="results file. Default: benchmarks/results/<card>.json with --device cuda, scale.json / profile.json "
+        "when only the scale / profile section runs, else latest.json",
     )
     args = parser.parse_args(argv)
     args.sections = args.sections or DEFAULT_SECTIONS[args.device]
@@ -122,7 +124,7 @@ def card_slug(name: str) -> str:
 def default_output_name(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         return card_slug(torch.cuda.get_device_name(0)) + ".json"
-    return "scale.json" if args.sections == "scale" else "latest.json"
+    return {"scale": "scale.json", "profile": "profile.json"}.get(args.sections, "latest.json")
 
 
 def machine_info() -> dict[str, Any]:
@@ -216,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "data": lambda: bench.data_section(settings, workdir / "data"),
             "build": lambda: bench.build_section(settings, workdir / "build"),
             "scale": lambda: scale.scale_section(args.scale_sizes, workdir / "scale"),
+            "profile": lambda: step_profile.profile_section(settings, "cpu"),
             "gpu": lambda: gpu.gpu_section(
                 gpu.GPU_SMOKE if args.smoke else gpu.GpuSettings.from_config(),
                 args.device,
@@ -233,10 +236,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(to_json(results) + "\n")
             logger.info("section %s done in %.0f s", name, results["section_seconds"][name])
-    if "scale" in results["sections"] and Path(args.output).resolve() == (RESULTS / "scale.json").resolve():
+    output = Path(args.output).resolve()
+    if "scale" in results["sections"] and output == (RESULTS / "scale.json").resolve():
         scale_report.write_doc(
             results
         )  # the committed results file: docs/PERFORMANCE.md's scale table follows it
+    for name in (report.FIGURES, report.PROFILE):  # likewise the current figures and the profile paragraph
+        if output == (RESULTS / name).resolve() and not args.smoke:
+            report.write_doc(results, name)
     return results
 
 

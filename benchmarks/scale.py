@@ -5,7 +5,7 @@ mimic-cxr`), builds them with `--num_proc 1` and with every core (fresh caches; 
 row for row), and trains a few steps on the built dataset with `run_captioning.py --cache_features true` and a
 local random-weight ResNet whose features have ResNet-50's size (2,048 channels, 4 x 4 grid tokens per view at 224
 px) but is narrow elsewhere. Each command runs in a fresh process; its peak memory is that of its whole process
-tree (pool workers included), sampled every 50 ms.
+tree (pool workers included), sampled every 250 ms (the sampler's own CPU seconds are recorded beside).
 
 `benchmarks/scale_report.py` turns the results into docs/PERFORMANCE.md's table and its projection to MIMIC-CXR's
 227,835 studies on a 16-core node.
@@ -64,11 +64,13 @@ def process_memory(process: psutil.Process) -> dict[str, int]:
     return fields
 
 
-def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.05) -> dict[str, Any]:
+def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.25) -> dict[str, Any]:
     """Runs `cmd` to its end; returns its wall seconds and the peak, over time, of its process tree's summed memory
     in MB ([`process_memory`]): `peak_rss_mb`, `peak_pss_mb`, and beside them the peaks of each kind
     (`peak_rss_anon_mb`, `peak_rss_file_mb`, `peak_rss_shmem_mb`, `peak_pss_anon_mb`, `peak_pss_file_mb`), so a
     growth can be told apart: anonymous memory the program holds, or pages of files it has read through a mapping.
+    Every `interval` seconds the sampler reads each process's smaps, which costs CPU the measured command then lacks
+    on a small machine: `sampler_cpu_s` is what it used.
 
     Raises:
         `RuntimeError`: the command failed; the message holds the end of its output.
@@ -83,6 +85,7 @@ def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.05) 
     reader.start()
     peak = dict.fromkeys(PEAKS, 0)
     root = psutil.Process(proc.pid)
+    sampler_cpu = sum(psutil.Process().cpu_times()[:2])
     while proc.poll() is None:
         total = dict.fromkeys(PEAKS, 0)
         try:
@@ -102,7 +105,12 @@ def measured_run(cmd: list[str], cwd: Path = REPO_ROOT, interval: float = 0.05) 
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {''.join(output)[-3000:]}")
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), **{f"peak_{key}_mb": round(peak[key] / 2**20, 1) for key in PEAKS}}
+    sampler_cpu = sum(psutil.Process().cpu_times()[:2]) - sampler_cpu
+    return {
+        "seconds": round(seconds, 2),
+        "sampler_cpu_s": round(sampler_cpu, 2),
+        **{f"peak_{key}_mb": round(peak[key] / 2**20, 1) for key in PEAKS},
+    }
 
 
 def disk_bytes(*folders: Path) -> int:

@@ -25,14 +25,15 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+from xraycap.dataset_builder import build_dataset, synthesize
 
 from configuration_xraycap import XrayCapConfig
-from dataset_builder import build_dataset, synthesize
 from modeling_xraycap import XrayCapForConditionalGeneration
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer
-from training.data import IndexedStudies, StudyCollator
-from training.optimization import build_optimizer, training_loss
-from training.precision import resolve_mixed_precision
+from xraycap.training.data import IndexedStudies, StudyCollator
+from xraycap.training.distributed import resolve_mixed_precision
+from xraycap.training.models import freeze_vision_tower
+from xraycap.training.optimization import build_optimizer
 
 from .baselines import SeedCaptioner, seed_train_step
 from .inputs import make_full_size_studies, random_batch
@@ -45,7 +46,8 @@ class BenchSettings:
     """Sizes and repeat counts of one run: the model preset ("resnet50-gpt2" is the real size, random weights),
     the training batch (`batch_size` studies, `text_tokens` report tokens; `repeats` timed and `warmup_steps`
     untimed steps; the feature encoding spread over `amortize_epochs`; `matmul_size` for the matmul rate), the
-    beam search, the data-loading epochs (`data_studies` studies of `full_size` px) and the dataset builds."""
+    beam search, the data-loading epochs (`data_studies` studies of `full_size` px), the dataset builds (phantom
+    layouts of `build_sizes` images of `build_image_px` x `build_image_px` px) and the profiled steps."""
 
     preset: str = "resnet50-gpt2"
     batch_size: int = 8
@@ -64,6 +66,7 @@ class BenchSettings:
     build_sizes: tuple[int, ...] = (1000, 2000, 4000, 8000)
     build_image_px: int = 64
     build_repeats: int = 2
+    profile_steps: int = 3
 
 
 QUICK = BenchSettings()
@@ -72,7 +75,7 @@ FULL = BenchSettings(repeats=9, beam_repeats=5, nocache_repeats=2, data_studies=
 SMOKE = BenchSettings(  # every code path at toy sizes, in seconds: the harness's own test
     preset="tiny", batch_size=2, text_tokens=8, repeats=2, warmup_steps=1, matmul_size=256, num_beams=2,
     new_tokens=5, beam_repeats=2, nocache_repeats=2, data_studies=2, full_size=(300, 360), data_repeats=2,
-    build_sizes=(40, 80), build_image_px=64, build_repeats=1,
+    build_sizes=(40, 80), build_image_px=64, build_repeats=1, profile_steps=1,
 )
 # fmt: on
 
@@ -123,7 +126,7 @@ def build_model(preset: str, seed: int = 0) -> XrayCapForConditionalGeneration:
     """The preset's model with random weights (no Hub access) and a frozen vision encoder."""
     torch.manual_seed(seed)
     model = XrayCapForConditionalGeneration(XrayCapConfig.from_preset(preset))
-    model.set_vision_encoder_frozen(True)
+    freeze_vision_tower(model)
     return model
 
 
@@ -135,9 +138,18 @@ def encode_features(model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtyp
         return model.get_image_features(batch["pixel_values"], batch["view_mask"])
 
 
+def step_inputs(
+    model, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """The inputs of the `--cache_features` training step: the batch's text and view mask, and its image features
+    from the one-off encoding pass (`encode_features`) in place of the pixels."""
+    inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}
+    return inputs | {"image_features": encode_features(model, batch, amp_dtype)}
+
+
 def make_xraycap_step(model, inputs: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> Callable:
     """One optimizer step as run_captioning.py takes it, from stock parts: the forward under autocast over fp32
-    weights (`training_loss`: logits on the report positions only), backward (fp16: through a GradScaler, as
+    weights (logits on the report positions only: `logits_to_keep`), backward (fp16: through a GradScaler, as
     Accelerate does), `clip_grad_norm_(params, 1.0)`, fused AdamW (`build_optimizer`), `zero_grad`."""
     device_type = next(model.parameters()).device.type
     optimizer = build_optimizer(model, learning_rate=1e-4, weight_decay=0.01)
@@ -146,7 +158,7 @@ def make_xraycap_step(model, inputs: dict[str, torch.Tensor], amp_dtype: torch.d
 
     def step() -> torch.Tensor:
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = training_loss(model, inputs)
+            loss = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] + 1).loss
         (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -174,11 +186,9 @@ def train_section(settings: BenchSettings, device: str = "cpu", model=None) -> d
     batch = {k: v.to(device) for k, v in batch.items()}
     seed_model = SeedCaptioner(model).to(device).train()
     seed_optimizer = torch.optim.AdamW([p for p in seed_model.parameters() if p.requires_grad], lr=1e-4)
-    inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}
-    inputs["image_features"] = encode_features(model, batch, amp_dtype)
     steps = {
         "seed": lambda: seed_train_step(seed_model, seed_optimizer, batch),
-        "xraycap": make_xraycap_step(model, inputs, amp_dtype),
+        "xraycap": make_xraycap_step(model, step_inputs(model, batch, amp_dtype), amp_dtype),
     }
     for _ in range(settings.warmup_steps):  # first-call allocations, kernel choice, optimizer state
         for step in steps.values():
@@ -264,7 +274,7 @@ def beam_section(settings: BenchSettings, device: str = "cpu", model=None) -> di
 
 
 def data_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
-    """An epoch of training batches from the built dataset (`training.data.IndexedStudies` + `StudyCollator`: the
+    """An epoch of training batches from the built dataset (`xraycap.training.data.IndexedStudies` + `StudyCollator`: the
     stored 512-px PNGs decoded and processed) against the same collator fed the ORIGINAL full-size PNGs (c). Same
     studies, reports and batch size, `num_workers=0` on both."""
     paths, mean_side = make_full_size_studies(
@@ -323,7 +333,7 @@ def data_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
 _BUILD_RUNNER = """
 import json, sys, time
 start = time.perf_counter()
-from dataset_builder.__main__ import main
+from xraycap.dataset_builder.__main__ import main
 rc = main(sys.argv[1:])
 status = open("/proc/self/status").read().splitlines()
 peak_kb = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
@@ -353,5 +363,7 @@ def build_section(settings: BenchSettings, workdir: Path) -> dict[str, Any]:
         rows.append({"images": size // 2 * 2, "peak_rss_mb": round(peak, 1), "seconds": runs[0]["seconds"]})
     growth = {"median": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1}
     what = f"dataset build peak RSS growth, {rows[0]['images']:,} to {rows[-1]['images']:,} images"
+    what += f" of {settings.build_image_px} x {settings.build_image_px} px"
     peaks = " / ".join(f"{row['peak_rss_mb']:.0f}" for row in rows) + " MB"
-    return {"series": rows, "figures": {"build_rss_growth": figure(growth, what, peaks, "-")}}
+    setup = {"image_px": settings.build_image_px, "writer_batch_size": 64}
+    return {"setup": setup, "series": rows, "figures": {"build_rss_growth": figure(growth, what, peaks, "-")}}

@@ -1,4 +1,4 @@
-"""`python -m dataset_builder synthesize|build|download ...` (see DESIGN.md for the contract).
+"""`python -m dataset_builder synthesize|build|download ...` (options and layouts: docs/DATA.md).
 
 `build --format indiana` (default) reads the Kaggle layout; `build --format mimic-cxr` reads MIMIC-CXR-JPG with
 the MIMIC-CXR reports (`--reports_dir` where they are not inside `--data_dir`); both write the same schema and

@@ -4,8 +4,9 @@
 in-process (loading scripts no longer exist in datasets >= 4). It follows the plan of its format's `make_plan`
 (the Indiana Kaggle layout in `indiana.py`, MIMIC-CXR-JPG in `mimic_cxr.py`) and yields one example per study
 (uid) in one schema (`FEATURES`) whatever the format, with each image decoded once, converted to 8-bit
-grayscale and re-encoded as PNG bytes (never paths). The studies are handed to `datasets` in shards
-(`study_encoding.py`), encoded by `num_proc` processes, the rows and their order the same for any `num_proc`.
+grayscale and re-encoded as PNG bytes (never paths). The studies are planned in shards (`study_encoding.py`),
+encoded by `num_proc` worker processes started once for the build (`ShardPool`) and written in plan order by this
+process, the rows and their order the same for any `num_proc`.
 
 `build_dataset` is the entry point: it fingerprints the inputs (the format's tables, a listing of its images and
 reports, the split file, every option: see each format's `fingerprint`) so that rebuilding with the same inputs
@@ -31,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,7 +45,7 @@ from .folders import folder_lock, move_into_place, refuse_non_empty, temporary_s
 from .formats import DEFAULT_FORMAT, get_format
 from .saving import save_dataset_dict
 from .splits import SPLIT_NAMES
-from .study_encoding import StudyShard, encode_study, plan_in_shards, skips_found_while_encoding
+from .study_encoding import ShardPool, StudyShard, encode_study, plan_in_shards, skips_found_while_encoding
 from .study_plan import finding_set_novelty
 
 logger = logging.getLogger(__name__)
@@ -88,10 +90,11 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         self.plan_skipped: list[dict] = []
         self.planned: dict[str, list[StudyShard]] = {}
         self.plan_stats: dict = {}
+        self.pool: ShardPool | None = None
 
     def __getstate__(self):
-        # what a worker process is sent: the plan stays in the main process (the shards carry the studies)
-        return {k: v for k, v in self.__dict__.items() if k not in ("planned", "plan_skipped")}
+        # the plan and the worker processes stay in this process (the shards carry the studies)
+        return {k: v for k, v in self.__dict__.items() if k not in ("planned", "plan_skipped", "pool")}
 
     def _info(self) -> datasets.DatasetInfo:
         data_format = get_format(self.config.data_format)
@@ -113,38 +116,51 @@ class ChestXrayBuilder(datasets.GeneratorBasedBuilder):
         self.generated = True
         data_format = get_format(cfg.data_format)
         self.planned, self.plan_skipped, self.plan_stats = run_apart(
-            plan_in_shards, data_format.make_plan, cfg, Path(cfg.data_dir), self.num_proc
+            plan_in_shards, data_format.make_plan, cfg, Path(cfg.data_dir)
         )
         return [
-            datasets.SplitGenerator(name=name, gen_kwargs={"shards": self.planned[name]})
+            datasets.SplitGenerator(name=name, gen_kwargs={"split": name, "shards": self.planned[name]})
             for name in SPLIT_NAMES
         ]
 
-    def _prepare_split(self, split_generator: datasets.SplitGenerator, num_proc: int | None = None, **kwargs):
-        # no more processes than the split has shards (datasets would say so in a warning per split)
-        num_shards = len(split_generator.gen_kwargs["shards"])
-        num_proc = min(num_proc, num_shards) if num_proc else None
-        return super()._prepare_split(
-            split_generator, num_proc=num_proc if num_proc and num_proc > 1 else None, **kwargs
-        )
+    def _generate_examples(self, split: str, shards: list[StudyShard]):
+        """Yields the examples of `split`'s `shards` (consecutive runs of planned studies), in plan order.
 
-    def _generate_examples(self, shards: list[StudyShard]):
-        """Yields the examples of `shards` (consecutive runs of planned studies, in plan order).
-
-        With `num_proc` > 1, `datasets` gives each worker process a consecutive group of shards and
-        concatenates their files in shard order, so the rows and their order do not depend on `num_proc`.
-        Nothing is recorded on the side: an image that fails here is simply left out of its example (and a
-        study left with too few images is not yielded); `encoding_skips` finds both afterwards from what the
-        shards hold.
+        With `num_proc` > 1 the shards are encoded by the build's `ShardPool` (started at the first split, for
+        all of them; `close_pool` stops it) and come back in plan order; otherwise they are encoded here. Either
+        way `datasets` writes them from this process, so the rows and their order do not depend on `num_proc`.
+        Nothing is recorded on the side: an image that fails is simply left out of its example (and a study left
+        with too few images is not yielded); `skips_found_while_encoding` finds both afterwards.
         """
         cfg: ChestXrayConfig = self.config
-        data_format = get_format(cfg.data_format)
-        image_dir = data_format.image_root(Path(cfg.data_dir))
-        for shard in shards:
-            for study in shard.studies():
-                example = encode_study(study, image_dir, cfg, lambda s: data_format.example_texts(s, cfg))
-                if example is not None:
-                    yield study.uid, example
+        encode = partial(
+            encode_shard, image_dir=get_format(cfg.data_format).image_root(Path(cfg.data_dir)), cfg=cfg
+        )
+        if self.num_proc > 1:
+            if self.pool is None:
+                self.pool = ShardPool(encode, self.planned, self.num_proc)
+            encoded = self.pool.results(split)
+        else:
+            encoded = (example for shard in shards for example in encode(shard))
+        yield from encoded
+
+    def close_pool(self) -> None:
+        """Stops the worker processes of `_generate_examples` (if it started them)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def encode_shard(shard: StudyShard, image_dir: Path, cfg: ChestXrayConfig) -> list[tuple[str, dict]]:
+    """The `(uid, example)` pairs of a shard's studies that keep enough images (`encode_study`), in plan order.
+    Runs in a worker process with `num_proc` > 1 (module level, so that it pickles)."""
+    data_format = get_format(cfg.data_format)
+    examples = []
+    for study in shard.studies():
+        example = encode_study(study, image_dir, cfg, lambda s: data_format.example_texts(s, cfg))
+        if example is not None:
+            examples.append((study.uid, example))
+    return examples
 
 
 def run_apart(fn: Callable[..., R], *args) -> R:
@@ -218,8 +234,10 @@ def _prepare(
     download_mode = (
         "force_redownload" if force_rebuild or not sidecar.is_file() else "reuse_dataset_if_exists"
     )
-    num_proc = builder.num_proc if builder.num_proc > 1 else None
-    builder.download_and_prepare(download_mode=download_mode, num_proc=num_proc)
+    try:  # datasets writes from this process: the encoding's worker processes are the builder's own
+        builder.download_and_prepare(download_mode=download_mode)
+    finally:
+        builder.close_pool()
     ds = datasets.DatasetDict()
     for name in SPLIT_NAMES:
         # datasets cannot read back a split with no example: give it an empty Dataset with the features

@@ -3,10 +3,10 @@
 Every image is decoded once at build time, converted to 8-bit grayscale and re-encoded as PNG with its
 longer side at most `image_size`, so training never decodes the 2,000-3,000 px originals.
 
-Conversions: 16-bit (and 32-bit integer / float) images are scaled linearly from their ACTUAL value
-range (min..max) to 0..255, not by a fixed 257 or 65535 (many 16-bit radiographs use 10-12 bits);
-RGBA / LA / palette images are composited over black (the radiograph background) then turned to
-luminance; RGB to luminance; bilevel to 0/255.
+Conversions (`to_grayscale_8bit`, the image processor's `image_decoding_xraycap.to_luminance`): 16-bit
+(and 32-bit integer / float) images are scaled linearly from their ACTUAL value range (min..max) to 0..255,
+not by a fixed 257 or 65535 (many 16-bit radiographs use 10-12 bits); RGBA / LA / palette images are
+composited over black (the radiograph background) then turned to luminance; RGB to luminance; bilevel to 0/255.
 
 Problems are raised as `ImageProblem(reason, detail)` with one of the reasons below; the builder
 records them in `skipped` instead of crashing.
@@ -19,17 +19,19 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+# The X-ray decoding lives with the model's image processor, so training images are stored exactly as inference
+# reads an upload: one conversion (16-bit by its own range, alpha on black, colour to luminance) and one pixel
+# cap (50 M; the real Indiana PNGs are at most ~2,934 x 2,934 = 8.6 M pixels).
+from image_decoding_xraycap import MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
+from image_decoding_xraycap import to_luminance as to_grayscale_8bit
 
 REASON_MISSING = "image file missing"
 REASON_ESCAPES = "filename escapes the image folder"
 REASON_NOT_IMAGE = "not an image"
 REASON_UNREADABLE = "unreadable or truncated image"
 REASON_TOO_LARGE = "image too large (decompression bomb guard)"
-
-# The real Indiana PNGs are at most ~2,934 x 2,934 = 8.6 M pixels.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ImageProblem(Exception):
@@ -80,26 +82,6 @@ def probe_image(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with _open_checked(fh, path, max_image_pixels) as im:
             return im.size
-
-
-def to_grayscale_8bit(im: Image.Image) -> Image.Image:
-    """Converts any PIL mode to 8-bit grayscale ("L"), scaling high-bit-depth images by their real range."""
-    mode = im.mode
-    if mode == "L":
-        return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        if hi <= lo:
-            out = np.zeros(arr.shape, dtype=np.uint8)
-        else:
-            out = np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-        return Image.fromarray(out)
-    if mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("L")
-    return im.convert("L")
 
 
 def _target_size(size: tuple[int, int], image_size: int) -> tuple[int, int] | None:

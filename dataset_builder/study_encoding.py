@@ -1,23 +1,27 @@
 """Encoding the planned studies, in shards, and accounting afterwards for every image that failed.
 
-The builder hands `datasets` its planned studies as a list of shards (consecutive runs of studies, in plan
-order: `shard_studies`, each held pickled as a `StudyShard`, cut by `plan_in_shards` where the plan is made);
-with `num_proc` > 1 each worker process encodes a consecutive group of shards, so
-the rows and their order are the same whatever `num_proc` is. `encode_study` opens each chosen image once
+The plan of each split is cut into shards (`shard_studies`: consecutive runs of a fixed number of studies, in plan
+order, each held pickled as a `StudyShard`; the cut does not depend on `num_proc`). With `num_proc` > 1 a
+`ShardPool` starts the worker processes once for the whole build and hands them the shards of every split in plan
+order, one at a time: a worker that finishes a shard takes the next, so no worker idles while another has a long
+run left, and the next split's shards start while the last ones of a split are still being encoded. The main
+process receives the examples in plan order and writes them (`datasets`' single-writer path), so the rows and
+their order are the same whatever `num_proc` is. `encode_study` opens each chosen image once
 (`images.encode_image`) and builds the example, leaving out an image that fails and returning None for a
 study left with too few images.
 
-Nothing is recorded on the side (a worker process's memory does not come back): once the splits are written,
-`skips_found_while_encoding` compares the plan with what the shards hold (the `uid` and `image_filenames`
-columns, read from the Arrow files) and re-reads only the images that are missing there to name their reason.
-The skipped entries are therefore exact, and in plan order, for any `num_proc`.
+Nothing is recorded on the side: once the splits are written, `skips_found_while_encoding` compares the plan
+with what was written (the `uid` and `image_filenames` columns, read from the Arrow files) and re-reads only the
+images that are missing there to name their reason. The skipped entries are therefore exact, and in plan order,
+for any `num_proc`.
 """
 
 from __future__ import annotations
 
-import math
+import multiprocessing
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,25 +31,25 @@ from . import images as img
 from .splits import SPLIT_NAMES
 from .study_plan import REASON_TOO_FEW_IMAGES, PlannedStudy, skip_entry
 
-# shards hold at least this many studies (tiny builds stay in one process) and a split gets about four
-# shards per process (a slow shard does not leave the other processes idle for long)
-MIN_SHARD_STUDIES = 8
-SHARDS_PER_PROCESS = 4
+# a shard is the unit of work a worker process takes at a time: small enough that the last shards of a build
+# leave little idle time and that the examples waiting to be written stay few; large enough that handing it over
+# (a few pickled file names, its examples back) costs little beside decoding its images
+SHARD_STUDIES = 16
+# shards handed out and not yet written, per worker process: each worker has the next one queued
+SHARDS_AHEAD_PER_PROCESS = 2
 
 
-def shard_studies(studies: list[PlannedStudy], num_proc: int) -> list[list[PlannedStudy]]:
-    """Cuts `studies` into consecutive shards for `num_proc` processes (`datasets` shards over this list).
+def shard_studies(studies: list[PlannedStudy], size: int | None = None) -> list[list[PlannedStudy]]:
+    """Cuts `studies` into consecutive shards of `size` studies (the last one shorter).
 
     Args:
         studies (`list[PlannedStudy]`): one split's planned studies, in plan order.
-        num_proc (`int`): the build's worker processes.
+        size (`int`, *optional*): studies per shard (default: `SHARD_STUDIES`).
 
     Returns:
         `list[list[PlannedStudy]]`: the shards; concatenated, they are `studies`.
     """
-    if not studies:
-        return []
-    size = max(MIN_SHARD_STUDIES, math.ceil(len(studies) / (max(1, num_proc) * SHARDS_PER_PROCESS)))
+    size = size or SHARD_STUDIES
     return [studies[i : i + size] for i in range(0, len(studies), size)]
 
 
@@ -71,7 +75,7 @@ class StudyShard:
 
 
 def plan_in_shards(
-    make_plan: Callable, cfg, data_dir: Path, num_proc: int
+    make_plan: Callable, cfg, data_dir: Path
 ) -> tuple[dict[str, list[StudyShard]], list[dict], dict]:
     """A format's `make_plan`, its studies cut into shards per split (`shard_studies`) and held pickled.
 
@@ -81,12 +85,63 @@ def plan_in_shards(
     """
     studies, skipped, stats = make_plan(cfg, data_dir)
     shards = {
-        name: [
-            StudyShard.of(shard) for shard in shard_studies([s for s in studies if s.split == name], num_proc)
-        ]
+        name: [StudyShard.of(shard) for shard in shard_studies([s for s in studies if s.split == name])]
         for name in SPLIT_NAMES
     }
     return shards, skipped, stats
+
+
+class ShardPool:
+    """Worker processes, started once for the build, that encode the shards of every split in plan order.
+
+    The shards are handed out in plan order (the splits in `SPLIT_NAMES` order, as `datasets` prepares them), with
+    at most `SHARDS_AHEAD_PER_PROCESS` a process handed out and not yet read back: a worker that finishes a shard
+    takes the next one, whichever split it belongs to, and the examples waiting in this process are those of a
+    few shards, whatever the size of the build. `results` gives a split's examples back in plan order.
+
+    Args:
+        encode (`Callable[[StudyShard], list]`): encodes one shard (pickled to the workers: a module-level
+            function or a `functools.partial` of one).
+        planned (`dict[str, list[StudyShard]]`): each split's shards, in plan order.
+        num_proc (`int`): worker processes (forked where the OS can, so they start at once).
+    """
+
+    def __init__(
+        self, encode: Callable[[StudyShard], list], planned: dict[str, list[StudyShard]], num_proc: int
+    ):
+        self._encode = encode
+        self._planned = planned
+        self._order = [(name, i) for name in SPLIT_NAMES for i in range(len(planned.get(name, [])))]
+        self._next = 0
+        self._pending: dict[tuple[str, int], Future] = {}
+        self._ahead = SHARDS_AHEAD_PER_PROCESS * num_proc
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        self._executor = ProcessPoolExecutor(  # no more workers than shards (a tiny build starts one)
+            max(1, min(num_proc, len(self._order))),
+            mp_context=multiprocessing.get_context("fork") if fork else None,
+        )
+
+    def _hand_out(self, until: tuple[str, int] | None = None) -> None:
+        """Hands out shards in plan order: up to `until` (whatever the window), then while the window has room."""
+        while self._next < len(self._order) and (
+            (until is not None and until not in self._pending) or len(self._pending) < self._ahead
+        ):
+            key = self._order[self._next]
+            self._pending[key] = self._executor.submit(self._encode, self._planned[key[0]][key[1]])
+            self._next += 1
+
+    def results(self, split: str) -> Iterator:
+        """The encoded results of `split`'s shards, in plan order (each shard's list flattened)."""
+        for index in range(len(self._planned.get(split, []))):
+            self._hand_out(until=(split, index))
+            result = self._pending.pop((split, index)).result()  # a worker's error is raised here
+            self._hand_out()
+            yield from result
+
+    def close(self) -> None:
+        """Stops the workers (shards not started are cancelled)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
 
 
 def _min_images(study: PlannedStudy, cfg) -> int:

@@ -19,8 +19,8 @@ from testing_utils import (
 )
 
 from processing_xraycap import load_image
-from training.augmentation import ROTATION_LIMIT, SCALE_LIMITS, TRANSLATION_LIMIT, XrayAugmentation
-from training.data import StudyCollator, study_dataloader
+from xraycap.training.augmentation import ROTATION_LIMIT, SCALE_LIMITS, TRANSLATION_LIMIT, XrayAugmentation
+from xraycap.training.data import StudyCollator, study_dataloader
 
 SIZE = 96
 IDENTITY = {"angle": 0.0, "translate": [0.0, 0.0], "scale": 1.0, "brightness": 1.0, "contrast": 1.0}

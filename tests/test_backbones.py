@@ -1,6 +1,6 @@
 """Backbones: transformers ResNet, ConvNeXt, ViT, DeiT and Swin towers and timm CNNs / ViTs, with pooled and grid
 tokens, and GPT-2-family decoders (distilgpt2, gpt2-medium; tiny random configs of their architecture). Each is built
-from a local random-weight folder through `from_pretrained_towers`, trained a few steps, saved, and reloaded with
+from a local random-weight folder through `model_from_pretrained_towers`, trained a few steps, saved, and reloaded with
 `trust_remote_code` (the folder's own copy of the code)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from testing_utils import FINDINGS, SMALL_RUN, make_phantom_image, make_tiny_tokenizer, reset_accelerate_state
 from transformers import (
     AutoConfig,
@@ -33,8 +34,9 @@ from transformers import (
 )
 
 from configuration_xraycap import XrayCapConfig, fixed_input_size
-from modeling_xraycap import XrayCapForConditionalGeneration
+from modeling_xraycap import XrayCapForConditionalGeneration, XrayCapModel
 from processing_xraycap import IMAGENET_MEAN, XrayCapProcessor
+from xraycap.training.models import freeze_vision_tower, model_from_pretrained_towers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,9 +129,10 @@ def text_tower(tmp_path_factory) -> str:
 
 
 def towers_model(
-    vision: str, text: str, **config_kwargs
+    vision: str, text: str, freeze_vision_encoder: bool = True, **config_kwargs
 ) -> tuple[XrayCapForConditionalGeneration, XrayCapProcessor]:
-    """`from_pretrained_towers` and its processor, paired as run_captioning pairs them (the tokenizer's special ids)."""
+    """`model_from_pretrained_towers` and its processor, paired as run_captioning pairs them (the tokenizer's special
+    ids), the vision tower frozen unless told otherwise, as run_captioning does with --vision_model."""
     processor = XrayCapProcessor.from_tokenizer(text, image_size=SIZE, max_views=2, vision_model=vision)
     tok = processor.tokenizer
     ids = {
@@ -137,7 +140,8 @@ def towers_model(
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
     }
-    model = XrayCapForConditionalGeneration.from_pretrained_towers(vision, text, **ids, **config_kwargs)
+    model = model_from_pretrained_towers(vision, text, **ids, **config_kwargs)
+    freeze_vision_tower(model, freeze_vision_encoder)
     return model, processor
 
 
@@ -257,9 +261,10 @@ def test_class_tokens_are_handled(kind):
     torch.testing.assert_close(grid.get_image_features(pixels)[:, 0], expected)
 
 
-def test_real_size_layouts_and_widths_from_the_config_alone():
+def test_real_size_layouts_and_widths_are_read_without_compute():
     """ViT-B/16 and DeiT-B at 224 px: a 14x14 patch grid; Swin-T and ConvNeXt-T downsample 32x: 7x7. Widths: the last
-    stage's (ConvNeXt hidden_sizes[-1]; Swin hidden_size) or the ViT width."""
+    stage's (ConvNeXt hidden_sizes[-1]; Swin hidden_size) or the ViT width. The model reads them from its built tower
+    on the meta device (as `from_pretrained` builds it): no weights, no compute."""
     expected = [
         (ViTConfig(), (14, 1), 768),
         (DeiTConfig(), (14, 2), 768),
@@ -267,28 +272,30 @@ def test_real_size_layouts_and_widths_from_the_config_alone():
         (ConvNextConfig(), (7, 0), 768),
         (ResNetConfig(hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck"), (7, 0), 2048),
     ]
-    for vision, grid, width in expected:
+    for vision, (side, prefix), width in expected:
         config = XrayCapConfig(vision_config=vision.to_dict(), image_size=224)
-        assert (config.vision_grid(), config.vision_feature_dim()) == (grid, width), vision.model_type
+        with torch.device("meta"):
+            model = XrayCapModel(config)
+        assert (model._grid_side, model._prefix_tokens, model.vision_feature_dim) == (side, prefix, width)
 
 
 def test_image_size_follows_a_tower_with_fixed_position_embeddings(text_tower, tmp_path):
-    """A ViT (transformers or timm) takes one image size: from_pretrained_towers defaults to it, and another is refused
+    """A ViT (transformers or timm) takes one image size: model_from_pretrained_towers defaults to it, and another is refused
     naming both sizes and the fix. A CNN takes any size (default 224)."""
     for kind, name in (("vit", "ViTModel"), ("timm-vit", "TimmWrapperModel")):
         vision = save_vision_tower(kind, tmp_path / kind)
-        model = XrayCapForConditionalGeneration.from_pretrained_towers(vision, text_tower, max_views=1)
+        model = model_from_pretrained_towers(vision, text_tower, max_views=1)
         assert model.config.image_size == SIZE
         with pytest.raises(
             ValueError, match=rf"image_size=96, but the vision tower \({name}\) takes only 64-px"
         ):
-            XrayCapForConditionalGeneration.from_pretrained_towers(vision, text_tower, image_size=96)
+            model_from_pretrained_towers(vision, text_tower, image_size=96)
     with pytest.raises(ValueError, match="use image_size=64"):
         XrayCapForConditionalGeneration(
             XrayCapConfig(vision_config=ViTConfig(image_size=SIZE, **_VIT).to_dict())
         )
     resnet = save_vision_tower("resnet", tmp_path / "resnet")
-    model = XrayCapForConditionalGeneration.from_pretrained_towers(resnet, text_tower, max_views=1)
+    model = model_from_pretrained_towers(resnet, text_tower, max_views=1)
     assert model.config.image_size == 224
     # A timm checkpoint's config says so too (pretrained_cfg), before any model is built (run_captioning reads it).
     timm_config = TimmWrapperConfig(architecture="test_vit", pretrained_cfg={"input_size": [3, 96, 96]})
@@ -317,9 +324,12 @@ def test_processor_takes_the_vision_towers_normalisation(text_tower, tmp_path):
         (resnet, IMAGENET_MEAN, None),
     ):
         processor = XrayCapProcessor.from_tokenizer(text_tower, image_size=SIZE, vision_model=vision)
-        assert processor.image_processor.image_mean == mean and processor.image_processor.size == SIZE
+        assert (
+            list(processor.image_processor.image_mean) == mean
+            and processor.image_processor.crop_size.height == SIZE
+        )
         if std is not None:
-            assert processor.image_processor.image_std == std
+            assert list(processor.image_processor.image_std) == std
     processor = XrayCapProcessor.from_tokenizer(text_tower, image_size=SIZE, vision_model=vit)
     grey = make_phantom_image(size=SIZE).convert("RGB")
     pixels = processor(images=[grey])["pixel_values"][0, 0]
@@ -328,7 +338,8 @@ def test_processor_takes_the_vision_towers_normalisation(text_tower, tmp_path):
     processor.save_pretrained(tmp_path / "saved")
     reloaded = AutoProcessor.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     assert (
-        reloaded.image_processor.image_mean == [0.5] * 3 and reloaded.image_processor.image_std == [0.5] * 3
+        list(reloaded.image_processor.image_mean) == [0.5] * 3
+        and list(reloaded.image_processor.image_std) == [0.5] * 3
     )
 
 
@@ -350,9 +361,7 @@ def test_gpt2_family_text_tower_trains_saves_and_reloads(family, tmp_path):
     assert model.config.pad_token_id == processor.tokenizer.pad_token_id != model.config.eos_token_id
     ids = torch.randint(2, gpt2.config.vocab_size, (1, 10))
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.eval().language_model(input_ids=ids).logits, gpt2(input_ids=ids).logits
-        )
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, gpt2(input_ids=ids).logits)
     losses = train_save_reload(model, study_batch(processor), tmp_path / f"xraycap-{family}")
     assert losses[-1] < losses[0], losses
 
@@ -370,12 +379,12 @@ def test_a_tower_of_another_kind_is_refused_naming_it(text_tower, tmp_path):
     with pytest.raises(
         ValueError, match=r"Text tower model_type 'bert' is not GPT-2.*distilgpt2, gpt2-medium"
     ):
-        XrayCapForConditionalGeneration.from_pretrained_towers(resnet, str(bert))
+        model_from_pretrained_towers(resnet, str(bert))
     with pytest.raises(
         ValueError, match=r"Vision tower model_type 'bert' is not supported: use one of \('resnet'"
     ):
-        XrayCapForConditionalGeneration.from_pretrained_towers(str(bert), text_tower)
-    with pytest.raises(ValueError, match="Text tower model_type 'bert'"):
+        model_from_pretrained_towers(str(bert), text_tower)
+    with pytest.raises(StrictDataclassError, match="Text tower model_type 'bert'"):
         XrayCapConfig(text_config=AutoConfig.from_pretrained(bert).to_dict())
 
 
@@ -430,8 +439,8 @@ def test_run_captioning_with_pretrained_towers(kind, run_cache, tmp_path, monkey
     assert model.config.image_size == (
         SIZE if kind == "vit" else 128
     )  # the ViT's own; the preset's for a CNN
-    assert processor.image_processor.size == model.config.image_size
-    assert processor.image_processor.image_mean == ([0.5] * 3 if kind == "vit" else IMAGENET_MEAN)
+    assert processor.image_processor.crop_size.height == model.config.image_size
+    assert list(processor.image_processor.image_mean) == ([0.5] * 3 if kind == "vit" else IMAGENET_MEAN)
     for name, value in (
         AutoModel.from_pretrained(vision).state_dict().items()
     ):  # frozen: the checkpoint's weights
@@ -445,7 +454,7 @@ def test_run_captioning_config_and_processor_follow_the_vision_tower(tmp_path, m
     """Without --image_size a ViT's own size is used; with a locally trained tokenizer (no --text_model) the processor
     still takes the tower's normalisation."""
     import run_captioning
-    from training.models import build_config, build_processor
+    from xraycap.training.models import build_config, build_processor
 
     vit = save_vision_tower("vit", tmp_path / "vit")
     (tmp_path / "vit" / "preprocessor_config.json").write_text(
@@ -456,6 +465,7 @@ def test_run_captioning_config_and_processor_follow_the_vision_tower(tmp_path, m
     config = build_config(model_args)
     assert config.image_size == SIZE
     processor = build_processor(model_args, config, ["Heart size is normal. No pleural effusion."] * 20)
-    assert processor.image_processor.size == SIZE and processor.image_processor.image_mean == [0.5] * 3
+    assert processor.image_processor.crop_size.height == SIZE
+    assert list(processor.image_processor.image_mean) == [0.5] * 3
     model_args, _, _ = run_captioning.parse_args(["--vision_model", vit, "--image_size", "96"])
     assert build_config(model_args).image_size == 96  # asked for: kept (the model then refuses it, naming 64)

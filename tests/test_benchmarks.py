@@ -17,7 +17,7 @@ from benchmarks import gpu, run  # noqa: E402
 from benchmarks.baselines import SeedCaptioner  # noqa: E402
 from benchmarks.inputs import random_batch  # noqa: E402
 from benchmarks.sections import make_xraycap_step  # noqa: E402
-from training.precision import cpu_has_bf16_matmuls  # noqa: E402
+from xraycap.training.distributed import cpu_has_bf16_matmuls  # noqa: E402
 
 CPU_FIGURES = (
     "train_speedup_vs_seed",
@@ -97,7 +97,7 @@ def test_seed_baseline_adds_the_image_vector_to_every_token_with_stock_gpt2():
         hook.remove()
         offset = captured["embeds"] - seed.decoder.get_input_embeddings()(batch["input_ids"])
         ids = batch["input_ids"]
-        expected = model.language_model.eval()(input_ids=ids).logits
+        expected = model.eval()(input_ids=ids).logits  # without an image: GPT-2 on the text
         torch.testing.assert_close(seed.decoder(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert out.logits.shape[1] == batch["input_ids"].shape[1]
     torch.testing.assert_close(offset, offset[:, :1].expand_as(offset))
@@ -107,8 +107,7 @@ def test_seed_baseline_adds_the_image_vector_to_every_token_with_stock_gpt2():
 def test_xraycap_step_trains_fp32_weights_and_lowers_the_loss():
     """The benchmarked step is run_captioning's: fp32 weights stay fp32 under autocast, and repeated steps on one
     batch lower the loss."""
-    model, _ = make_tiny_model_and_processor()
-    model.set_vision_encoder_frozen(True)
+    model, _ = make_tiny_model_and_processor(freeze_vision_encoder=True)
     model.train()
     batch = random_batch(model.config, batch_size=2, text_tokens=8)
     inputs = {k: batch[k] for k in ("view_mask", "input_ids", "attention_mask", "labels")}

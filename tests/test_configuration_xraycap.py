@@ -1,11 +1,14 @@
-"""XrayCapConfig: presets, overrides, validation, save/load round trip, timm vision configs."""
+"""XrayCapConfig: presets, overrides, validation, save/load round trip, timm vision configs, old config files."""
 
 import json
 
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 from testing_utils import REPO_ROOT  # noqa: F401  (puts the repo root on sys.path)
 from transformers import AutoConfig, GPT2Config, ResNetConfig, TimmWrapperConfig
+from transformers.testing_utils import CaptureLogger
 
+import configuration_xraycap
 from configuration_xraycap import XrayCapConfig
 
 
@@ -18,7 +21,7 @@ def test_presets_have_the_documented_sizes():
     tiny = XrayCapConfig.from_preset("tiny")
     assert tiny.vision_config.hidden_sizes == [32, 64, 128, 256] and tiny.vision_config.depths == [1, 1, 1, 1]
     assert (tiny.text_config.n_layer, tiny.text_config.n_embd, tiny.image_size) == (3, 192, 128)
-    assert tiny.visual_tokens == "grid" and tiny.freeze_vision_encoder is True
+    assert tiny.visual_tokens == "grid" and not hasattr(tiny, "freeze_vision_encoder")
 
 
 def test_overrides_reach_the_right_sub_config():
@@ -41,16 +44,39 @@ def test_overrides_reach_the_right_sub_config():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"visual_tokens": "patches"}, "visual_tokens"),
-        ({"projection": "conv"}, "projection"),
-        ({"max_views": 3}, "max_views"),
+        ({"visual_tokens": "patches"}, r"'visual_tokens' expected one of \('pooled', 'grid'\), got patches"),
+        ({"projection": "conv"}, r"'projection' expected one of \('linear', 'mlp'\), got conv"),
+        ({"max_views": 3}, r"max_views=3: use 1 \(frontal\) or 2"),
+        ({"grid_size": 0}, r"grid_size=0: use a positive number"),
+        ({"image_size": 16}, r"image_size=16 px is too small: use at least 32"),
+        ({"image_size": "224"}, r"'image_size' expected int"),
+        ({"vision_config": {"model_type": "bert"}}, r"model_type 'bert' is not supported: use one of"),
     ],
 )
-def test_bad_fields_raise_naming_the_field(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_fields_raise_naming_the_value_and_the_fix(kwargs, message):
+    with pytest.raises(StrictDataclassError, match=message):
         XrayCapConfig.from_preset("tiny", **kwargs)
     with pytest.raises(ValueError, match="Unknown preset"):
         XrayCapConfig.from_preset("huge")
+
+
+def test_saving_validates_a_config_changed_after_construction(tmp_path):
+    config = XrayCapConfig.from_preset("tiny")
+    config.max_views = 4  # validators run at save time too
+    with pytest.raises(StrictDataclassError, match="max_views=4"):
+        config.save_pretrained(tmp_path)
+
+
+def test_old_config_with_freeze_vision_encoder_loads_and_says_it_is_ignored(tmp_path):
+    config = XrayCapConfig.from_preset("tiny", vocab_size=300)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "freeze_vision_encoder": True}))
+    with CaptureLogger(configuration_xraycap.logger) as captured:
+        loaded = XrayCapConfig.from_pretrained(tmp_path)
+    assert "freeze_vision_encoder=True: ignored" in captured.out
+    assert not hasattr(loaded, "freeze_vision_encoder") and "freeze_vision_encoder" not in loaded.to_dict()
+    assert loaded.text_config.vocab_size == 300
 
 
 def test_save_load_round_trip_and_auto_config(tmp_path):

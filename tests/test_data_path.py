@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import processing_xraycap
 from processing_xraycap import XrayCapImageProcessor, load_image
-from training import data
-from training.arguments import DataArguments, parse_args, resolve_build_options
-from training.data import IndexedStudies, StudyCollator, dataloader_workers
+from xraycap.training import data
+from xraycap.training.arguments import DataArguments, parse_args, resolve_build_options
+from xraycap.training.data import IndexedStudies, StudyCollator, dataloader_workers
 
 
 def built_dir(tmp_path: Path, **options) -> Path:
@@ -120,7 +119,7 @@ def test_num_proc_reaches_the_dataset_build(tmp_path: Path, monkeypatch):
 def test_a_split_with_cached_features_decodes_no_image(tmp_path: Path):
     """A split carrying its features (training.feature_cache.with_features) has no image column left to decode;
     its batches hold the stored features, read a batch at a time."""
-    from training.feature_cache import with_features
+    from xraycap.training.feature_cache import with_features
 
     split = datasets.Dataset.from_dict(
         {"uid": ["a", "b", "c"], "report": ["x", "y", "z"], "images": [[b"not a png"]] * 3}
@@ -163,14 +162,14 @@ def test_the_collator_refuses_a_study_without_any_view():
 
 def processed_the_old_way(processor: XrayCapImageProcessor, image) -> torch.Tensor:
     """The processor before the change: RGB first, then resize and crop the three channels."""
-    image = load_image(image)
+    image, side = load_image(image), processor.crop_size.height
     width, height = image.size
-    scale = processor.size / min(width, height)
-    new_w, new_h = max(processor.size, round(width * scale)), max(processor.size, round(height * scale))
+    scale = side / min(width, height)
+    new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), processor._RESAMPLE[processor.resample])
-    left, top = (new_w - processor.size) // 2, (new_h - processor.size) // 2
-    image = image.crop((left, top, left + processor.size, top + processor.size))
+        image = image.resize((new_w, new_h), processor.resample)
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(processor.image_mean)[:, None, None]
     return (array - mean) / torch.tensor(processor.image_std)[:, None, None]
@@ -189,7 +188,7 @@ def test_resizing_the_luminance_gives_the_tensors_of_resizing_rgb(resample, monk
         resized_modes.append(self.mode)
         return original_resize(self, *args, **kwargs)
 
-    monkeypatch.setattr(processing_xraycap.Image.Image, "resize", recording_resize)
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
     for height, width in ((300, 257), (64, 64), (50, 90)):
         gray = rng.integers(0, 256, (height, width), dtype=np.uint8)
         colour = np.stack([gray, gray[::-1], np.roll(gray, 3, axis=1)], axis=-1)
@@ -200,6 +199,6 @@ def test_resizing_the_luminance_gives_the_tensors_of_resizing_rgb(resample, monk
             Image.fromarray(gray.astype(np.uint16) * 257),
         ):
             resized_modes.clear()
-            new = processor.process_image(image)
+            new = processor(image)["pixel_values"][0]
             assert set(resized_modes) <= {"L"}
             assert torch.equal(new, processed_the_old_way(processor, image)), (height, width, image.mode)

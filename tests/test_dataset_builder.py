@@ -7,14 +7,13 @@ from pathlib import Path
 
 import datasets
 import pytest
+import xraycap.dataset_builder.images as images_module
 from PIL import Image
-
-import dataset_builder.images as images_module
-from dataset_builder import KAGGLE_HANDLE, build_dataset, download, synthesize
-from dataset_builder.__main__ import main as cli_main
-from dataset_builder.split_file import parse_r2gen_id
-from dataset_builder.splits import assign_splits, split_sizes
-from dataset_builder.text_cleaning import XXXX_MARKER, clean_text
+from xraycap.dataset_builder import KAGGLE_HANDLE, build_dataset, download, synthesize
+from xraycap.dataset_builder.__main__ import main as cli_main
+from xraycap.dataset_builder.split_file import parse_r2gen_id
+from xraycap.dataset_builder.splits import assign_splits, split_sizes
+from xraycap.dataset_builder.text_cleaning import XXXX_MARKER, clean_text
 
 SAMPLE_UIDS = {"3", "14", "20", "42", "103", "1000", "1001", "1002", "1003"}
 EMPTY_FINDINGS = {"3", "1002"}
@@ -207,7 +206,7 @@ def test_saved_folder_with_an_empty_split_loads_back(tmp_path):
 
 def test_saving_copies_the_built_files_and_keeps_a_selection_exact(phantom_30, tmp_path):
     """The saved splits are the built ones row for row; a split narrowed with `select` saves only its rows."""
-    from dataset_builder.saving import save_dataset_dict
+    from xraycap.dataset_builder.saving import save_dataset_dict
 
     ds, report = build_dataset(phantom_30, tmp_path / "out", image_size=64, cache_dir=tmp_path / "cache")
     reloaded = datasets.load_from_disk(str(tmp_path / "out"))
@@ -384,7 +383,7 @@ def test_real_reports_r2gen_population_with_placeholders(shared_data, tmp_path):
 
 def test_builder_class_used_directly(phantom_30, tmp_path):
     """The GeneratorBasedBuilder works on its own, as a `datasets` user would drive it."""
-    from dataset_builder import IndianaXrayBuilder
+    from xraycap.dataset_builder import IndianaXrayBuilder
 
     builder = IndianaXrayBuilder(
         data_dir=str(phantom_30), cache_dir=str(tmp_path), image_size=64, views="frontal"

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from dataset_builder import build_dataset
-from dataset_builder.images import to_grayscale_8bit
+from xraycap.dataset_builder import build_dataset
+from xraycap.dataset_builder.images import to_grayscale_8bit
 
 REPORT_HEADER = "uid,MeSH,Problems,image,indication,comparison,findings,impression\n"
 

@@ -1,4 +1,4 @@
-"""Two processes on one default cache: one synthesizes and builds, the other waits and reuses (issue 20, 7)."""
+"""Two processes on one default cache: one synthesizes and builds, the other waits and reuses."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 RUNNER = """
 import json, logging, sys, time
 from pathlib import Path
-from dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder import build_dataset, synthesize
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 root = Path(sys.argv[1])
 (root / f"ready-{sys.argv[2]}").touch()

@@ -12,9 +12,8 @@ import types
 
 import filelock
 import pytest
-
-from dataset_builder import download
-from dataset_builder.folders import folder_lock
+from xraycap.dataset_builder import download
+from xraycap.dataset_builder.folders import folder_lock
 
 
 @pytest.mark.parametrize("failure", ["ENOLCK", "NotImplementedError"])
@@ -32,7 +31,7 @@ def test_lock_without_flock_falls_back_and_says_so(tmp_path, monkeypatch, caplog
 
         monkeypatch.setattr(filelock.FileLock, "acquire", not_implemented)
     folder = tmp_path / "cache"
-    with caplog.at_level(logging.WARNING, logger="dataset_builder.folders"):
+    with caplog.at_level(logging.WARNING, logger="xraycap.dataset_builder.folders"):
         with folder_lock(folder):
             held = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".soft"))
             assert held == [".cache.lock.soft"]

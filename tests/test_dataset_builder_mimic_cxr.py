@@ -1,4 +1,4 @@
-"""`build --format mimic-cxr` on a small synthetic tree in the official MIMIC-CXR-JPG layout (issue 22, point 5).
+"""`build --format mimic-cxr` on a small synthetic tree in the official MIMIC-CXR-JPG layout.
 
 The tree (written here; no MIMIC data is used) holds eight studies of five patients, with the official file
 names: gzipped split and metadata tables, `files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg` and one report `.txt`
@@ -26,12 +26,11 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.__main__ import main as cli_main
-from dataset_builder.configuration import ChestXrayConfig
-from dataset_builder.mimic_cxr import ANON_TOKEN, make_plan, parse_report
-from dataset_builder.text_cleaning import XXXX_MARKER, clean_text
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.__main__ import main as cli_main
+from xraycap.dataset_builder.configuration import ChestXrayConfig
+from xraycap.dataset_builder.mimic_cxr import ANON_TOKEN, make_plan, parse_report
+from xraycap.dataset_builder.text_cleaning import XXXX_MARKER, clean_text
 
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"

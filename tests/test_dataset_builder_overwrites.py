@@ -1,4 +1,4 @@
-"""`synthesize` and `build` never replace what the user did not ask them to replace (issue 20, point 6).
+"""`synthesize` and `build` never replace what the user did not ask them to replace.
 
 A folder holding other files is refused without an explicit overwrite; a build writes a complete new output
 next to the target and renames it into place, so a failure while saving keeps the previous output loadable.
@@ -11,9 +11,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.__main__ import main as cli_main
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.__main__ import main as cli_main
 
 REAL_CSV = "uid,MeSH\n1,real data\n"
 

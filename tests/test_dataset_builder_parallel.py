@@ -6,19 +6,19 @@ import os
 import pathlib
 import pickle
 import shutil
+import time
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
-
-from dataset_builder import build_dataset
-from dataset_builder import images as img
-from dataset_builder.builder import fingerprint_inputs
-from dataset_builder.configuration import ChestXrayConfig
-from dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, make_plan, report_relpath
-from dataset_builder.study_encoding import plan_in_shards
-from dataset_builder.synthesize_mimic import dicom_id_of, ids_of, synthesize_mimic
+from xraycap.dataset_builder import build_dataset
+from xraycap.dataset_builder import images as img
+from xraycap.dataset_builder.builder import fingerprint_inputs
+from xraycap.dataset_builder.configuration import ChestXrayConfig
+from xraycap.dataset_builder.mimic_cxr import METADATA_CSV, image_relpath, make_plan, report_relpath
+from xraycap.dataset_builder.study_encoding import plan_in_shards
+from xraycap.dataset_builder.synthesize_mimic import dicom_id_of, ids_of, synthesize_mimic
 
 NUM_STUDIES = 48
 
@@ -63,7 +63,7 @@ def test_sharded_build_is_row_for_row_the_serial_one_with_exact_accounting(damag
     data, damage = damaged_mimic
     serial, serial_report = _build(data, tmp_path, 1)
     sharded, sharded_report = _build(data, tmp_path, 2)
-    assert sharded_report["num_proc"] == 2 and len(sharded["train"].cache_files) == 2  # two processes wrote
+    assert sharded_report["num_proc"] == 2
     for name in serial:
         assert sharded[name].data.table.equals(serial[name].data.table), name
     assert sharded_report["skipped"] == serial_report["skipped"]
@@ -175,7 +175,7 @@ def test_what_the_workers_are_sent_per_study_does_not_grow_with_the_reports(tmp_
     for report in root.glob("files/p1*/p*/s*.txt"):
         report.write_text(f"FINAL REPORT\n FINDINGS: {findings}\n IMPRESSION: No acute process.\n")
     cfg = ChestXrayConfig(name="default", data_format="mimic-cxr", data_dir=str(root))
-    shards, _, _ = plan_in_shards(make_plan, cfg, root, num_proc=2)
+    shards, _, _ = plan_in_shards(make_plan, cfg, root)
     num_studies = sum(shard.num_studies for split in shards.values() for shard in split)
     assert num_studies == 16
     assert len(pickle.dumps(shards)) / num_studies < 1024
@@ -183,3 +183,67 @@ def test_what_the_workers_are_sent_per_study_does_not_grow_with_the_reports(tmp_
     assert {row["findings"] for row in ds["train"]} | {row["findings"] for row in ds["test"]} == {
         findings.strip()
     }
+
+
+def test_workers_start_once_and_share_every_split_when_some_studies_are_slow(
+    damaged_mimic, tmp_path, monkeypatch
+):
+    # the first half of train's studies are slow to encode: a worker that gets them must not be left with all of
+    # them while the other one idles, and the small splits must not wait for a new set of workers
+    from xraycap.dataset_builder import builder as builder_module
+    from xraycap.dataset_builder import study_encoding
+
+    data = damaged_mimic[0]
+    studies, _, _ = make_plan(
+        ChestXrayConfig(name="default", data_format="mimic-cxr", data_dir=str(data)), data
+    )
+    train = [s.uid for s in studies if s.split == "train"]
+    slow = set(train[: len(train) // 2])
+    log = tmp_path / "encoded.txt"
+    real_encode_study = builder_module.encode_study
+
+    def recording_encode_study(study, *args, **kwargs):
+        if study.uid in slow:
+            time.sleep(0.05)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {study.split} {study.uid}\n")
+        return real_encode_study(study, *args, **kwargs)
+
+    monkeypatch.setattr(builder_module, "encode_study", recording_encode_study)  # the workers are forked
+    monkeypatch.setattr(study_encoding, "SHARD_STUDIES", 2)
+    sharded, _ = _build(data, tmp_path, 2)
+    monkeypatch.undo()
+    serial, _ = _build(data, tmp_path, 1)
+
+    encoded = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(uid for _, _, uid in encoded) == sorted(s.uid for s in studies)  # each study encoded once
+    workers = {pid for pid, _, _ in encoded}
+    assert len(workers) == 2 and str(os.getpid()) not in workers  # two processes, started once for all splits
+    assert {pid for pid, _, uid in encoded if uid in slow} == workers  # the slow studies are shared
+    for name in serial:
+        assert sharded[name].data.table.equals(serial[name].data.table), name
+
+
+def test_a_failing_worker_stops_the_sharded_build_with_its_error_and_leaves_no_process(
+    damaged_mimic, tmp_path, monkeypatch
+):
+    import psutil
+    from xraycap.dataset_builder import builder as builder_module
+
+    real_encode_study = builder_module.encode_study
+    failing = damaged_mimic[1]["truncated"][0]
+
+    def encode_study(study, *args, **kwargs):
+        if study.uid == failing:
+            raise ValueError(f"report of study {study.uid} changed while the dataset was built")
+        return real_encode_study(study, *args, **kwargs)
+
+    monkeypatch.setattr(builder_module, "encode_study", encode_study)
+    before = {
+        child.pid for child in psutil.Process().children(recursive=True)
+    }  # e.g. an earlier test's METEOR
+    with pytest.raises(datasets.exceptions.DatasetGenerationError) as raised:  # as in a serial build
+        _build(damaged_mimic[0], tmp_path, 2)
+    assert f"study {failing} changed" in str(raised.value.__cause__)
+    assert not {child.pid for child in psutil.Process().children(recursive=True)} - before
+    assert not (tmp_path / "out2").exists()

@@ -18,7 +18,7 @@ from PIL import Image
 # The build's own peak RSS (VmHWM): getrusage's ru_maxrss would carry over the parent's peak across fork + exec.
 RUNNER = """
 import sys
-from dataset_builder.__main__ import main
+from xraycap.dataset_builder.__main__ import main
 rc = main(sys.argv[1:])
 status = open("/proc/self/status").read().splitlines()
 print("PEAK_RSS_KB", next(line.split()[1] for line in status if line.startswith("VmHWM:")))

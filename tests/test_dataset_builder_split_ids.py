@@ -1,12 +1,11 @@
-"""R2Gen `--split_file` ids in every Open-i form map to the Kaggle study they name (issue 20, point 9)."""
+"""R2Gen `--split_file` ids in every Open-i form map to the Kaggle study they name."""
 
 import json
 import logging
 
 import pandas as pd
 import pytest
-
-from dataset_builder.split_file import read_split_file
+from xraycap.dataset_builder.split_file import read_split_file
 
 PROJECTIONS = pd.DataFrame(
     {
@@ -59,7 +58,7 @@ def test_extra_number_after_the_uid_is_not_taken_for_the_uid(tmp_path):
 
 
 def test_unmatched_id_is_a_warning_naming_it(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="dataset_builder.split_file"):
+    with caplog.at_level(logging.WARNING, logger="xraycap.dataset_builder.split_file"):
         membership, unmatched, _ = _read(tmp_path, {"train": ["CXR1_1_IM-0001", "CXR99_2_IM-9999-1001"]})
     assert membership == {"1": "train"}
     assert unmatched == ["CXR99_2_IM-9999-1001"]

@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def accelerator_of():
     """`accelerator_of(argv)`: the Accelerator run_captioning builds for these arguments."""
-    from training.arguments import parse_args
-    from training.distributed import build_accelerator
+    from xraycap.training.arguments import parse_args
+    from xraycap.training.distributed import build_accelerator
 
     def build(argv: list[str]):
         model_args, _, train_args = parse_args(["--output_dir", "/nonexistent/xraycap-test", *argv])
@@ -52,7 +52,7 @@ def test_frozen_tower_buffers_are_not_broadcast_every_forward(accelerator_of):
 
 def test_each_process_probes_its_own_gpu_for_bf16(monkeypatch):
     """On a node with a V100 as GPU 0 and an A100 as GPU 1, the process on GPU 1 (LOCAL_RANK=1) trains in bf16."""
-    from training.precision import resolve_mixed_precision
+    from xraycap.training.distributed import resolve_mixed_precision
 
     capabilities = {0: (7, 0), 1: (8, 0)}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -68,8 +68,7 @@ def test_each_process_probes_its_own_gpu_for_bf16(monkeypatch):
 def _tiny_model(frozen: bool):
     from testing_utils import make_tiny_model_and_processor
 
-    model, _ = make_tiny_model_and_processor(image_size=64)
-    model.set_vision_encoder_frozen(frozen)
+    model, _ = make_tiny_model_and_processor(image_size=64, freeze_vision_encoder=frozen)
     return model
 
 
@@ -80,7 +79,7 @@ def _tiny_model(frozen: bool):
 def test_trained_batchnorm_tower_is_synced_across_gpus(frozen, processes, device, converted):
     """A trained tower's BatchNorm layers become SyncBatchNorm on several GPUs (same weights and statistics);
     a frozen tower, one process or a CPU run keep plain BatchNorm."""
-    from training.models import sync_batchnorm
+    from xraycap.training.models import sync_batchnorm
 
     model = _tiny_model(frozen)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -95,7 +94,7 @@ def test_trained_batchnorm_tower_is_synced_across_gpus(frozen, processes, device
 
 
 def test_tf32_flag_sets_the_fp32_matmul_precision(monkeypatch):
-    from training.distributed import set_tf32
+    from xraycap.training.distributed import set_tf32
 
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = matmul.fp32_precision, conv.fp32_precision
@@ -112,7 +111,7 @@ def test_tf32_flag_sets_the_fp32_matmul_precision(monkeypatch):
 
 THREADS_SCRIPT = """
 import torch
-from training.distributed import use_the_cpu_cores
+from xraycap.training.distributed import use_the_cpu_cores
 print("threads", use_the_cpu_cores(torch.device("cpu")))
 """
 

@@ -12,7 +12,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `xraycap-caption` is the console script `caption:main`; running it through Python keeps this checkout's code.
-XRAYCAP_CAPTION = ["-c", "import sys; from caption import main; sys.argv[0] = 'xraycap-caption'; main()"]
+XRAYCAP_CAPTION = [
+    "-c",
+    "import sys; from xraycap.caption import main; sys.argv[0] = 'xraycap-caption'; main()",
+]
 
 ENTRY_POINTS = {
     "run_captioning": (

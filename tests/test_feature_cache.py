@@ -1,4 +1,4 @@
-"""The on-disk feature cache (`training/feature_cache.py`) and the nearest-train floor computed from it."""
+"""The on-disk feature cache (`xraycap/training/feature_cache.py`) and the nearest-train floor computed from it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from testing_utils import (
     reset_accelerate_state,
 )
 
-from training.data import StudyCollator
-from training.evaluation import nearest_train_rows
-from training.feature_cache import FeatureCache, feature_fingerprint, features_from_storage
+from xraycap.training.data import StudyCollator
+from xraycap.training.evaluation import nearest_train_rows
+from xraycap.training.feature_cache import FeatureCache, feature_fingerprint, features_from_storage
 
 FAST = ["--max_steps", "2", "--num_beams", "1", "--max_new_tokens", "8", "--per_device_eval_batch_size", "16"]
 
@@ -119,8 +119,8 @@ def test_generating_reports_starts_one_set_of_loader_workers(fresh_state, starte
     """Evaluation's generation, like encoding, starts its loader's workers once, and every study comes back."""
     from torch.utils.data import dataloader
 
-    from training.data import IndexedStudies
-    from training.evaluation import generate_reports
+    from xraycap.training.data import IndexedStudies
+    from xraycap.training.evaluation import generate_reports
 
     model, processor = make_tiny_model_and_processor(image_size=32, max_views=1)
     collator = StudyCollator(processor, 1, 32, with_text=False)
@@ -265,8 +265,8 @@ def old_nearest_train_reports(
 
 def built_splits(cache: Path, views: str) -> datasets.DatasetDict:
     """The phantom build a SMALL_RUN job trained on (its cached build is reused)."""
-    from training.arguments import DataArguments, resolve_build_options
-    from training.data import load_studies
+    from xraycap.training.arguments import DataArguments, resolve_build_options
+    from xraycap.training.data import load_studies
 
     data_args = DataArguments(synthetic_studies=40, cache_dir=str(cache))
     resolve_build_options(data_args)

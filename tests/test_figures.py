@@ -1,4 +1,4 @@
-"""training.figures: training curves and the samples contact sheet are written and are valid files."""
+"""xraycap.training.figures: training curves and the samples contact sheet are written and are valid files."""
 
 from html.parser import HTMLParser
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.figures import plot_training_curves, write_samples_sheet
+from xraycap.training.figures import plot_training_curves, write_samples_sheet
 
 
 def _history(num_steps=40, num_epochs=3):

@@ -4,9 +4,8 @@ with the human-coded MeSH column, and the synthetic phantom reports."""
 import csv
 
 import pytest
-
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS, label_report, label_reports, split_clauses
-from metrics.radiology_report.mesh_agreement import (
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS, label_report, label_reports, split_clauses
+from xraycap.radiology_report.mesh_agreement import (
     MACRO_OBSERVATIONS,
     MESH_TO_CHEXPERT,
     agreement_table,
@@ -203,8 +202,8 @@ def test_real_indiana_phrasing(shared_data):
 
 def test_r2gen_cleaned_text_labels_like_the_raw_text(shared_data):
     """References cleaned the R2Gen way (lower-case, no punctuation, " . " between sentences) label the same."""
-    from metrics.radiology_report.language_metrics import normalize_report
-    from metrics.radiology_report.mesh_agreement import read_reports, report_text
+    from xraycap.radiology_report.language_metrics import normalize_report
+    from xraycap.radiology_report.mesh_agreement import read_reports, report_text
 
     texts = [
         report_text(r) for r in read_reports(shared_data / "iu_xray_reports_sample" / "indiana_reports.csv")
@@ -230,7 +229,7 @@ def test_mesh_mapping_is_the_fixed_issue_mapping():
 def test_agreement_with_indiana_mesh(shared_data, capsys):
     """Agreement with the human-coded MeSH column of the 409-report sample (uncertain = not positive),
     per observation and macro over the 8 observations; the command-line entry point prints the table."""
-    from metrics.radiology_report.mesh_agreement import main
+    from xraycap.radiology_report.mesh_agreement import main
 
     csv_path = shared_data / "iu_xray_reports_sample" / "indiana_reports.csv"
     table = agreement_table(csv_path)
@@ -250,7 +249,7 @@ def test_agreement_with_indiana_mesh(shared_data, capsys):
 def test_held_out_reports_are_a_fixed_third(shared_data):
     """The held-out reports (never read to write a rule) are a fixed set: the same 136 of the 409 every run,
     and their agreement is reported beside the whole sample's."""
-    from metrics.radiology_report.mesh_agreement import agreement_subsets, is_held_out, read_reports
+    from xraycap.radiology_report.mesh_agreement import agreement_subsets, is_held_out, read_reports
 
     rows = read_reports(shared_data / "iu_xray_reports_sample" / "indiana_reports.csv")
     held_out = sorted((r["uid"] for r in rows if is_held_out(r["uid"])), key=int)
@@ -266,7 +265,7 @@ def test_phantom_reports_match_their_mesh(tmp_path):
     """The data engineer's synthetic phantom phrasing is read right (checked against its MeSH column). A support
     device is a finding of its own (Support Devices) but, as in CheXpert's rules, not one that rules out No
     Finding: a study whose only drawn findings are devices reads No Finding."""
-    synthesize = pytest.importorskip("dataset_builder").synthesize
+    synthesize = pytest.importorskip("xraycap.dataset_builder").synthesize
     out = synthesize(tmp_path / "phantom", num_studies=120, seed=3, image_size=64)
     with open(out / "indiana_reports.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -312,7 +311,7 @@ def test_long_repetitive_text_is_fast():
 def test_module_docstring_example():
     import doctest
 
-    from metrics.radiology_report import labeler
+    from xraycap.radiology_report import labeler
 
     results = doctest.testmod(labeler)
     assert results.failed == 0 and results.attempted >= 2

@@ -2,8 +2,7 @@
 negation / uncertainty rules, No Finding rule): each sentence is labelled as CheXpert labels it."""
 
 import pytest
-
-from metrics.radiology_report.labeler import label_report
+from xraycap.radiology_report.labeler import label_report
 
 CM, PE, PTX, ATEL = "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Atelectasis"
 OPAC, CONS, PNA, EDEMA = "Lung Opacity", "Consolidation", "Pneumonia", "Edema"
@@ -108,7 +107,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Old granulomatous infection, no tuberculosis.", {DEV: None, PNA: None}),
     ("Mediport in the right chest.", {DEV: 1}),
     ("No acute cardiopulmonary abnormality.", {NF: 1}),
-    # --- Issue 21 review against the CheXpert sources (stanfordmlgroup/chexpert-labeler; NegBio). The
+    # --- A review against the CheXpert sources (stanfordmlgroup/chexpert-labeler; NegBio). The
     # comment above each group names the file whose rule gives the label.
     # patterns/pre_negation_uncertainty.txt "no new XXX" (matched before negation), "no evidence to rule out"
     ("No new pleural effusion.", {PE: -1, NF: None}),
@@ -147,7 +146,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("Pneumothorax is not seen.", {PTX: 0}),
     # phrases/mention/no_finding.txt: a positive or uncertain mention of one of its phrases (degenerative,
     # calcified, granuloma, scoliosis, emphysema, blunting, defibrillator, ...) also leaves No Finding blank
-    # (stages/aggregate.py); a negated one does not (until issue 28 a documented departure ignored the list)
+    # (stages/aggregate.py); a negated one does not (an earlier documented departure ignored the list)
     ("Degenerative changes of the thoracic spine.", {NF: None}),
     ("Mild scoliosis.", {NF: None}),
     ("Possible emphysema.", {NF: None}),
@@ -172,7 +171,7 @@ CHEXPERT_TABLE: list[tuple[str, dict]] = [
     ("No edema, atelectasis or rib fracture.", {EDEMA: 0, ATEL: 0, FX: 0, NF: 1}),
     # patterns/post_negation_uncertainty.txt has no rule for "likely" (only "less likely"), "probably",
     # "presumed", "suggestive of" / "suggests", "equivocal", "indeterminate", "questionably" or "evaluate for":
-    # CheXpert calls these mentions positive (until issue 28 a documented departure made them uncertain).
+    # CheXpert calls these mentions positive (an earlier documented departure made them uncertain).
     ("Left base opacity, likely atelectasis.", {ATEL: 1, OPAC: 1}),
     ("Atelectasis is likely.", {ATEL: 1}),
     ("Probably atelectasis at the left base.", {ATEL: 1}),

@@ -6,8 +6,7 @@ data folder (`../shared/data/chexpert_labeler_sample/`); the test skips where it
 import csv
 
 import pytest
-
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS, label_reports
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS, label_reports
 
 
 def _cell(value: str) -> int | None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from training.model_card import build_model_card, observation_table
+from xraycap.training.model_card import build_model_card, observation_table
 
 RUN_INFO = {
     "model_name": "xraycap-test",
@@ -42,3 +42,24 @@ def test_card_shows_each_observation_beside_both_floors(tmp_path: Path):
     assert "| Fracture | 7 | 0.800 | 0.000 | n/a |" in text
     assert "| Edema |" not in text
     assert observation_table({"test": {"ce_macro_f1": 0.5}}) == ""  # older results: no table
+
+
+def test_model_card_round_trips_through_huggingface_hub(tmp_path: Path):
+    """The card saves and loads with `ModelCard`: the test scores (numbers only) are its model-index; the body
+    table has a column per split, with n/a for a missing value."""
+    results = {
+        "test": {"bleu_4": 0.125, "ce_macro_f1": 0.75, "meteor": None, "num_examples": 8},
+        "test_image_ablated": {"bleu_4": 0.0625, "ce_macro_f1": 0.25},
+    }
+    build_model_card(results, {**RUN_INFO, "base_model": ["gpt2"]}).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.model_name == "xraycap-test" and card.data.base_model == ["gpt2"]
+    assert card.data.datasets is None  # phantoms are no Hub dataset; an Indiana run names the Kaggle copy
+    indiana = build_model_card(results, {**RUN_INFO, "dataset_id": "raddar/chest-xrays-indiana-university"})
+    assert indiana.data.datasets == ["raddar/chest-xrays-indiana-university"]
+    assert {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
+        ("bleu_4", 0.125, "test"),
+        ("ce_macro_f1", 0.75, "test"),
+    }
+    assert "| metric | test | test_image_ablated |" in card.text
+    assert "| ce_macro_f1 | 0.750 | 0.250 |" in card.text and "| meteor | n/a | n/a |" in card.text

@@ -1,14 +1,11 @@
-"""XrayCapForConditionalGeneration: forward and loss, parity with GPT-2, save/load, freezing, errors."""
+"""XrayCapModel / XrayCapForConditionalGeneration: forward and loss, parity with GPT-2, save/load (the Auto
+classes, folders saved before the base model existed), freezing as training does it, errors."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from testing_utils import (
     FINDINGS,
     PHANTOM_REPORTS,
@@ -21,6 +18,7 @@ from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel, TimmWrapper
 
 from configuration_xraycap import XrayCapConfig
 from modeling_xraycap import XrayCapForConditionalGeneration
+from xraycap.training.models import freeze_vision_tower, model_from_pretrained_towers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +71,7 @@ def test_grid_size_pools_the_feature_map():
     wide.load_state_dict(native.state_dict())
     torch.testing.assert_close(wide.eval().get_image_features(pixels)[:, 0], full)
     assert wide.tokens_per_view == 16
-    with pytest.raises(ValueError, match="grid_size=0"):
+    with pytest.raises(StrictDataclassError, match="grid_size=0"):
         XrayCapConfig.from_preset("tiny", grid_size=0)
 
 
@@ -119,9 +117,11 @@ def test_view_embedding_distinguishes_slots(tiny):
     batch = phantom_batch(processor, text=False)
     frontal = batch["pixel_values"][:, :1]
     as_second = torch.cat([torch.zeros_like(frontal), frontal], dim=1)
-    prefix_a, _ = model.get_prefix_embeds(model.get_image_features(frontal))
+    prefix_a, _ = model.model.get_prefix_embeds(model.get_image_features(frontal))
     view_mask = torch.tensor([[0, 1]] * 2)
-    prefix_b, mask_b = model.get_prefix_embeds(model.get_image_features(as_second, view_mask), view_mask)
+    prefix_b, mask_b = model.model.get_prefix_embeds(
+        model.get_image_features(as_second, view_mask), view_mask
+    )
     assert mask_b[:, :4].sum() == 0 and mask_b[:, 4:].all()
     diff = prefix_b[:, 4:] - prefix_a
     torch.testing.assert_close(diff, (model.view_embedding[1] - model.view_embedding[0]).expand_as(diff))
@@ -131,7 +131,7 @@ def test_text_path_matches_gpt2(tiny):
     """Without an image prefix the logits are those of GPT2LMHeadModel with the same weights."""
     model, processor = tiny
     gpt2 = GPT2LMHeadModel(model.config.text_config).eval()
-    gpt2.load_state_dict(model.language_model.state_dict())
+    gpt2.transformer.load_state_dict(model.language_model.state_dict())
     ids = processor(text=[PHANTOM_REPORTS["nodule"]], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = gpt2(input_ids=ids).logits
@@ -146,8 +146,8 @@ def test_decoder_is_gpt2_fed_the_prefix_and_text_embeddings(tiny, mode):
     model, processor = tiny
     batch = phantom_batch(processor)  # one view per study: the second view slot is masked out
     gpt2 = GPT2LMHeadModel(model.config.text_config)
-    gpt2.load_state_dict(model.language_model.state_dict())
-    prefix, prefix_mask = model.get_prefix_embeds(model.get_image_features(batch["pixel_values"]))
+    gpt2.transformer.load_state_dict(model.language_model.state_dict())
+    prefix, prefix_mask = model.model.get_prefix_embeds(model.get_image_features(batch["pixel_values"]))
     text = model.get_input_embeddings()(batch["input_ids"])
     mask = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
     labels = torch.cat([torch.full(prefix_mask.shape, -100), batch["labels"]], dim=1)
@@ -187,6 +187,22 @@ def test_bf16_autocast_over_fp32_weights_with_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ids = model.generate(**batch, max_new_tokens=3, eos_token_id=None)
     assert ids.shape == (2, 3) and int(ids.max()) < model.config.vocab_size
+
+
+def test_attention_weights_come_back_when_asked():
+    """With eager attention, `output_attentions=True` returns one map per layer over prefix + text, from the base
+    model and the head (the app's heat maps read them)."""
+    model, processor = make_tiny_model_and_processor(image_size=64, attn_implementation="eager")
+    batch = phantom_batch(processor)
+    with torch.no_grad():
+        base = model.eval().model(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], output_attentions=True
+        )
+        head = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], output_attentions=True)
+    length = base.prefix_length + batch["input_ids"].shape[1]
+    for out in (base, head):
+        assert len(out.attentions) == model.config.text_config.n_layer
+        assert out.attentions[0].shape[-2:] == (length, length)
 
 
 def test_a_training_forward_builds_no_cache_unless_asked(tiny):
@@ -229,69 +245,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 # ----------------------------------------------------------------------------------------- save / load
 
 
-def test_remote_code_round_trip_in_fresh_process(tiny, tmp_path):
-    """Save, reload with AutoModel/AutoProcessor from a fresh process outside the repo, same beams."""
-    model, processor = tiny
-    images = [tmp_path / "a.png", tmp_path / "b.png"]
-    for path, finding in zip(images, FINDINGS[:2]):
-        make_phantom_image(finding, size=64).save(path)
-    batch = processor(images=[str(p) for p in images], return_tensors="pt")
-    expected = model.generate(**batch, num_beams=3, max_new_tokens=8, eos_token_id=None)
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    files = sorted(os.listdir(folder))
-    for name in (
-        "configuration_xraycap.py",
-        "modeling_xraycap.py",
-        "processing_xraycap.py",
-        "model.safetensors",
-    ):
-        assert name in files
-    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))], files
-    config = json.loads((folder / "config.json").read_text())
-    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel"}
-    script = textwrap.dedent(
-        f"""
-        import json, torch
-        from transformers import AutoModel, AutoProcessor
-        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        batch = processor(images={[str(p) for p in images]!r}, return_tensors="pt")
-        ids = model.generate(**batch, num_beams=3, max_new_tokens=8, eos_token_id=None)
-        print(json.dumps({{"model": type(model).__name__, "module": type(model).__module__,
-                          "ids": ids.tolist()}}))
-        """
-    )
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=outside, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert reloaded["model"] == "XrayCapForConditionalGeneration"
-    assert reloaded["module"].startswith("transformers_modules.")  # the copied code, not the repo's
-    assert reloaded["ids"] == expected.tolist()
-
-
 def test_save_load_in_process_keeps_weights(tiny, tmp_path):
     model, _ = tiny
     model.save_pretrained(tmp_path)
     loaded = XrayCapForConditionalGeneration.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert loaded.language_model.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert loaded.generation_config.pad_token_id == model.config.pad_token_id
-    assert not any(p.requires_grad for p in loaded.vision_model.parameters())  # still frozen after loading
-    assert all(p.requires_grad for p in loaded.language_model.parameters())
+    # Freezing is the training code's choice, not the folder's: a loaded model trains whole until frozen.
+    assert all(p.requires_grad for p in loaded.parameters())
     loaded.train()
-    assert not loaded.vision_model.training
+    assert loaded.vision_model.training
 
 
-def test_from_pretrained_towers_accepts_local_folders(tmp_path):
+def test_model_from_pretrained_towers_accepts_local_folders(tmp_path):
     vision = ResNetModel(
         ResNetConfig(
             embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], layer_type="basic"
@@ -304,15 +272,13 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     text = GPT2LMHeadModel(text_config)
     vision.save_pretrained(tmp_path / "resnet")
     text.save_pretrained(tmp_path / "gpt2")
-    model = XrayCapForConditionalGeneration.from_pretrained_towers(
+    model = model_from_pretrained_towers(
         str(tmp_path / "resnet"), str(tmp_path / "gpt2"), image_size=64, max_views=1
     )
     assert torch.equal(
         model.vision_model.embedder.embedder.convolution.weight, vision.embedder.embedder.convolution.weight
     )
-    assert torch.equal(
-        model.language_model.transformer.h[0].attn.c_attn.weight, text.transformer.h[0].attn.c_attn.weight
-    )
+    assert torch.equal(model.language_model.h[0].attn.c_attn.weight, text.transformer.h[0].attn.c_attn.weight)
     old_vocab = text_config.vocab_size
     assert model.config.pad_token_id == old_vocab and model.config.vocab_size == old_vocab + 1
     assert torch.equal(model.get_input_embeddings().weight[:old_vocab], text.transformer.wte.weight)
@@ -321,12 +287,12 @@ def test_from_pretrained_towers_accepts_local_folders(tmp_path):
     ids = torch.randint(0, old_vocab, (1, 12))
     with torch.no_grad():
         expected = text.eval()(input_ids=ids).logits
-        got = model.eval().language_model(input_ids=ids).logits[..., :old_vocab]
+        got = model.eval()(input_ids=ids).logits[..., :old_vocab]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     ids = model.eval().generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=3, eos_token_id=None)
     assert ids.shape == (1, 3)
     # A pad id given explicitly (the tokenizer's, from XrayCapProcessor.from_tokenizer) also grows the vocabulary.
-    again = XrayCapForConditionalGeneration.from_pretrained_towers(
+    again = model_from_pretrained_towers(
         str(tmp_path / "resnet"), str(tmp_path / "gpt2"), image_size=64, pad_token_id=old_vocab
     )
     assert again.config.vocab_size == old_vocab + 1
@@ -362,18 +328,44 @@ def test_frozen_encoder_is_bit_identical_after_a_step():
     model, processor = make_tiny_model_and_processor(image_size=64)
     batch = phantom_batch(processor)
     vision_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
-    rest_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
+    rest_before = {k: v.clone() for k, v in model.state_dict().items() if "vision_model." not in k}
     _step(model, batch)
     assert model.training and not model.vision_model.training
     assert all(p.grad is None and not p.requires_grad for p in model.vision_model.parameters())
     for name, value in model.vision_model.state_dict().items():
         assert torch.equal(value, vision_before[name]), name  # includes running_mean / running_var
     after = model.state_dict()
-    for prefix in ("projection.", "view_embedding", "language_model."):
+    for prefix in ("model.projection.", "model.view_embedding", "model.language_model."):
         changed = [
             k for k in rest_before if k.startswith(prefix) and not torch.equal(after[k], rest_before[k])
         ]
         assert changed, prefix
+
+
+def test_image_features_carry_grad_exactly_when_a_tower_parameter_requires_it():
+    """The tower runs without grad when none of its parameters requires grad (what makes its features cacheable),
+    read from the parameters themselves: no setting can disagree with them."""
+    model, processor = make_tiny_model_and_processor(image_size=64, freeze_vision_encoder=False)
+    pixels = phantom_batch(processor, text=False)["pixel_values"]
+    assert model.get_image_features(pixels).requires_grad
+    freeze_vision_tower(model)
+    assert not model.get_image_features(pixels).requires_grad
+    model.vision_model.requires_grad_(True)  # trainable again, behind freeze_vision_tower's back
+    assert model.get_image_features(pixels).requires_grad
+
+
+def test_a_frozen_tower_stays_in_eval_mode_through_train_and_eval_switches():
+    """Training freezes the tower once; every later `model.train()` (the training loop, evaluation handing the
+    mode back) leaves it in eval mode, so its BatchNorm statistics never move. Unfreezing hands it back."""
+    model, _ = make_tiny_model_and_processor(image_size=64)  # frozen, as training freezes it
+    for mode in (True, False, True):
+        model.train(mode)
+        assert model.training is mode and model.language_model.training is mode
+        assert not model.vision_model.training and not any(m.training for m in model.vision_model.modules())
+    freeze_vision_tower(model, frozen=False)
+    assert model.vision_model.training and all(p.requires_grad for p in model.vision_model.parameters())
+    model.eval()
+    assert not model.vision_model.training
 
 
 def test_unfrozen_encoder_trains():
@@ -387,7 +379,7 @@ def test_unfrozen_encoder_trains():
     assert model.vision_model.training and conv.grad is not None
     assert not torch.equal(conv, conv_before) and not torch.equal(bn.running_mean, mean_before)
     # Freezing later restores eval mode and stops gradients.
-    model.set_vision_encoder_frozen(True)
+    freeze_vision_tower(model)
     model.train()
     assert not model.vision_model.training and not conv.requires_grad
 

@@ -71,7 +71,7 @@ def test_image_modes_become_normalised_rgb():
     image_processor = XrayCapImageProcessor(size=32)
     # Full 0-255 range, so the 16-bit copies (rescaled from their own min-max) match the 8-bit one.
     gray = ImageOps.autocontrast(make_phantom_image("cardiomegaly", size=48))
-    expected = image_processor.process_image(gray)
+    expected = image_processor(gray)["pixel_values"][0]
     assert expected.shape == (3, 32, 32)
     # All three channels carry the same grey values, normalised with ImageNet statistics.
     raw = (expected * torch.tensor(IMAGENET_STD)[:, None, None]) + torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -86,7 +86,7 @@ def test_image_modes_become_normalised_rgb():
         "float array": np.asarray(gray).astype(np.float32) / 255.0,
     }
     for name, image in variants.items():
-        out = image_processor.process_image(image)
+        out = image_processor(image)["pixel_values"][0]
         assert out.shape == (3, 32, 32), name
         assert (out - expected).abs().mean() < 0.05, name
 
@@ -122,7 +122,7 @@ def test_processor_save_and_auto_load(processor, tmp_path, caplog):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     direct = XrayCapProcessor.from_pretrained(tmp_path)  # no trust_remote_code needed with the class itself
-    assert direct.image_processor.size == 64 and len(direct.tokenizer) == len(processor.tokenizer)
+    assert direct.image_processor.crop_size.height == 64 and len(direct.tokenizer) == len(processor.tokenizer)
     overridden = XrayCapProcessor.from_pretrained(tmp_path, max_views=1)  # a saved setting overridden
     assert overridden.max_views == 1
     # pipeline() passes the model's loading options on: dropped. Anything else unknown is ignored by name.

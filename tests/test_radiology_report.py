@@ -13,17 +13,16 @@ import time
 from collections import Counter
 
 import pytest
-
-from metrics.radiology_report import language_metrics
-from metrics.radiology_report.bertscore import compute_bertscore, default_model_type
-from metrics.radiology_report.language_metrics import (
+from xraycap.radiology_report import language_metrics
+from xraycap.radiology_report.bertscore import compute_bertscore, default_model_type
+from xraycap.radiology_report.language_metrics import (
     MeteorError,
     MeteorScorer,
     close_meteor,
     get_meteor,
     normalize_report,
 )
-from metrics.radiology_report.radiology_report import compute_radiology_report_scores
+from xraycap.radiology_report.radiology_report import compute_radiology_report_scores
 
 # 24 prediction/reference pairs in real IU X-ray phrasing: exact, paraphrased, partly wrong, hedged,
 # numbered impressions, XXXX tokens, an empty prediction and two with several references.
@@ -374,10 +373,10 @@ def test_several_references_and_input_checks():
 
 
 def test_clinical_efficacy_averaging():
-    from metrics.radiology_report.clinical_efficacy import clinical_efficacy_scores
+    from xraycap.radiology_report.clinical_efficacy import clinical_efficacy_scores
 
     def labels(**positive):
-        from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+        from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
         out = dict.fromkeys(CHEXPERT_OBSERVATIONS)
         for key, value in positive.items():
@@ -402,8 +401,8 @@ def test_clinical_efficacy_averaging():
     # Support beside every per-observation score: references positive for it.
     assert ones["ce_support_cardiomegaly"] == 2.0 and ones["ce_support_edema"] == 2.0
     assert ones["ce_support_fracture"] == 0.0 and zeros["ce_support_edema"] == 2.0
-    from metrics.radiology_report.clinical_efficacy import observation_key
-    from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+    from xraycap.radiology_report.clinical_efficacy import observation_key
+    from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
     for observation in CHEXPERT_OBSERVATIONS:
         assert f"ce_support_{observation_key(observation)}" in ones
@@ -427,8 +426,8 @@ def test_ce_with_several_references_uses_all_of_them():
 
 
 def test_merge_reference_labels():
-    from metrics.radiology_report.clinical_efficacy import merge_reference_labels
-    from metrics.radiology_report.labeler import label_reports
+    from xraycap.radiology_report.clinical_efficacy import merge_reference_labels
+    from xraycap.radiology_report.labeler import label_reports
 
     normal, uncertain, empty = label_reports(["No acute disease.", "Possible small effusion.", ""])
     merged = merge_reference_labels([normal, uncertain])
@@ -628,7 +627,7 @@ def test_docstring_examples_run(repo_root, monkeypatch):
     """The `_KWARGS_DESCRIPTION` examples are runnable as written (from the repository root)."""
     import doctest
 
-    from metrics.radiology_report import radiology_report
+    from xraycap.radiology_report import radiology_report
 
     monkeypatch.chdir(repo_root)
     parser = doctest.DocTestParser()

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
-from metrics.radiology_report.__main__ import main
-from metrics.radiology_report.radiology_report import compute_radiology_report_scores
+from xraycap.radiology_report.__main__ import main
+from xraycap.radiology_report.radiology_report import compute_radiology_report_scores
 
 FAST = ["--no_bertscore", "--no_meteor"]
 

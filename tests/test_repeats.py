@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 from testing_utils import SMALL_RUN, reset_accelerate_state
 
-from training.evaluation import nearest_train_rows
-from training.feature_cache import pool_views
-from training.repeats import cross_validation_fold, run_plan, summarize, summary_table
+from xraycap.training.evaluation import nearest_train_rows
+from xraycap.training.feature_cache import pool_views
+from xraycap.training.repeats import cross_validation_fold, run_plan, summarize, summary_table
 
 FAST = ["--max_steps", "2", "--num_beams", "1", "--max_new_tokens", "8", "--per_device_eval_batch_size", "16"]
 

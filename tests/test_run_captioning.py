@@ -27,7 +27,7 @@ SMALL = [*SMALL_RUN, "--logging_steps", "1"]
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
 ACCELERATE_LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 FAST_EVAL = ["--num_beams", "2", "--max_new_tokens", "12", "--per_device_eval_batch_size", "8"]
-# The metric keys eval_results.json carries for each test run (docs/DESIGN.md).
+# The metric keys eval_results.json carries for each test run (the README's Metrics section).
 METRIC_KEYS = "bleu_1 bleu_2 bleu_3 bleu_4 meteor rouge_l cider bertscore_f1 ce_micro_f1 ce_macro_f1 ce_example_f1".split()
 
 
@@ -79,6 +79,8 @@ def test_outputs_follow_the_contract(trained_run: Path):
         "generation_config.json",
         "configuration_xraycap.py",
         "modeling_xraycap.py",
+        "image_decoding_xraycap.py",
+        "image_processing_xraycap.py",
         "processing_xraycap.py",
         "pipeline_xraycap.py",
         "tokenizer.json",
@@ -154,7 +156,7 @@ texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True
 print(json.dumps({{"regenerated": texts, "saved": [r["prediction"] for r in rows]}}))
 """
     # Export the test split next to the run (the test needs the images; the run itself does not save them).
-    from dataset_builder import build_dataset
+    from xraycap.dataset_builder import build_dataset
 
     args = json.loads((trained_run / "run_args.json").read_text())
     cache = Path(args["data"]["cache_dir"])
@@ -349,7 +351,7 @@ def test_bad_arguments_fail_fast(argv, error, message, tmp_path: Path, monkeypat
 def test_grid_size_argument_reaches_the_config():
     """--grid_size N pools to N x N tokens; 0 keeps the encoder's native map (grid_size None)."""
     import run_captioning
-    from training.models import build_config
+    from xraycap.training.models import build_config
 
     for argv, expected in (([], 4), (["--grid_size", "2"], 2), (["--grid_size", "0"], None)):
         model_args, _, _ = run_captioning.parse_args(["--preset", "resnet50-gpt2", *argv])

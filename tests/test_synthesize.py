@@ -9,13 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.phantom_drawing import draw_frontal, draw_lateral, sample_anatomy
-from dataset_builder.phantom_findings import CHEXPERT_OBSERVATION, FINDING_KINDS, Finding, sample_findings
-from dataset_builder.phantom_report import write_report
-from dataset_builder.splits import assign_splits
-from dataset_builder.study_plan import finding_set_novelty
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.phantom_drawing import draw_frontal, draw_lateral, sample_anatomy
+from xraycap.dataset_builder.phantom_findings import (
+    CHEXPERT_OBSERVATION,
+    FINDING_KINDS,
+    Finding,
+    sample_findings,
+)
+from xraycap.dataset_builder.phantom_report import write_report
+from xraycap.dataset_builder.splits import assign_splits
+from xraycap.dataset_builder.study_plan import finding_set_novelty
 
 # ------------------------------------------------------------------ an independent report checker
 
@@ -381,7 +385,7 @@ def test_phantom_reports_read_right_by_the_labeler(phantom_200, repo_root):
     drawn, and no observation a paraphrase adds by itself (e.g. "opacity" adding Lung Opacity)."""
     if not (repo_root / "metrics" / "radiology_report" / "labeler.py").is_file():
         pytest.skip("metrics/radiology_report/labeler.py not present")
-    labeler = pytest.importorskip("metrics.radiology_report.labeler")
+    labeler = pytest.importorskip("xraycap.radiology_report.labeler")
     reports = _read_csv(phantom_200 / "indiana_reports.csv")
     texts = [r["findings"] for r in reports] + [r["impression"] for r in reports]
     labels = labeler.label_reports(texts)
@@ -402,7 +406,7 @@ def test_an_older_generators_studies_are_redrawn(tmp_path):
     other folders are still refused."""
     import json
 
-    from dataset_builder.synthesize import GENERATOR_VERSION, SETTINGS_JSON
+    from xraycap.dataset_builder.synthesize import GENERATOR_VERSION, SETTINGS_JSON
 
     out = synthesize(tmp_path / "s", num_studies=3, seed=1, image_size=64, num_proc=1)
     settings = json.loads((out / SETTINGS_JSON).read_text())

@@ -8,11 +8,10 @@ import re
 
 import datasets
 import pytest
-
-from dataset_builder import build_dataset, synthesize
-from dataset_builder.__main__ import main as cli_main
-from dataset_builder.mimic_cxr import METADATA_CSV, SPLIT_CSV, parse_report
-from dataset_builder.synthesize_mimic import synthesize_mimic
+from xraycap.dataset_builder import build_dataset, synthesize
+from xraycap.dataset_builder.__main__ import main as cli_main
+from xraycap.dataset_builder.mimic_cxr import METADATA_CSV, SPLIT_CSV, parse_report
+from xraycap.dataset_builder.synthesize_mimic import synthesize_mimic
 
 NUM_STUDIES = 30
 

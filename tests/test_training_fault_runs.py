@@ -64,17 +64,22 @@ def _all_finite(folder: Path) -> bool:
 
 
 def _nan_loss_at(monkeypatch, bad_calls: set[int] | None) -> None:
-    """Makes run_captioning's training loss NaN on the given calls (1-based), or on every call with None."""
-    import run_captioning
+    """Makes the model's training loss (a forward with labels) NaN on the given calls (1-based), or on every call
+    with None."""
+    from modeling_xraycap import XrayCapForConditionalGeneration
 
-    real, calls = run_captioning.training_loss, [0]
+    real, calls = XrayCapForConditionalGeneration.forward, [0]
 
-    def loss(model, inputs):
+    def forward(self, *args, **kwargs):
+        outputs = real(self, *args, **kwargs)
+        if kwargs.get("labels") is None:
+            return outputs
         calls[0] += 1
-        value = real(model, inputs)
-        return value * float("nan") if bad_calls is None or calls[0] in bad_calls else value
+        if bad_calls is None or calls[0] in bad_calls:
+            outputs.loss = outputs.loss * float("nan")
+        return outputs
 
-    monkeypatch.setattr(run_captioning, "training_loss", loss)
+    monkeypatch.setattr(XrayCapForConditionalGeneration, "forward", forward)
 
 
 def test_a_nan_loss_skips_its_step_and_training_goes_on(cache, tmp_path: Path, monkeypatch, caplog):

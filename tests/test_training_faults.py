@@ -1,5 +1,5 @@
 """Faults a training run meets, in-process and without training: a non-empty output folder, stale checkpoints of
-an older run, a full disk while saving, what `--push_to_hub` uploads.
+an older run, a full disk while saving. What `--push_to_hub` uploads: test_hub.py.
 
 The faults that need a real training run (NaN loss, resume with changed arguments) are in
 test_training_fault_runs.py.
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
-from training.hub import push_to_hub
+from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,93 +131,6 @@ def test_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path: Path, m
     assert ("fsync", tmp_path.name) in events[rename:]
 
 
-# --------------------------------------------------------------------------------------------------
-# What --push_to_hub uploads
-# --------------------------------------------------------------------------------------------------
-
-MODEL_FILES = [
-    "model.safetensors",
-    "config.json",
-    "generation_config.json",
-    "configuration_xraycap.py",
-    "modeling_xraycap.py",
-    "processing_xraycap.py",
-    "pipeline_xraycap.py",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "README.md",
-]
-LOCAL_FILES = [
-    "predictions.jsonl",
-    "samples.png",
-    "samples.html",
-    "run_args.json",
-    "trainer_history.json",
-    "eval_results.json",
-    "training_curves.png",
-    "notes.txt",
-    "xraycap/events.out.tfevents.1.host",
-    "runs/xraycap/events.out.tfevents.2.host",
-    "checkpoints/checkpoint-8/model.safetensors",
-]
-
-
-def _fake_hub(monkeypatch, hub: Path) -> None:
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    def create_repo(self, repo_id, **kwargs):
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
-            (hub / rel).parent.mkdir(parents=True, exist_ok=True)
-            (hub / rel).write_bytes((Path(folder_path) / rel).read_bytes())
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-
-
-@pytest.fixture
-def run_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "model"
-    for name in MODEL_FILES + LOCAL_FILES:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps({"file": name}))
-    return folder
-
-
-def test_push_to_hub_uploads_only_the_model_files(run_folder: Path, tmp_path: Path, monkeypatch):
-    """Weights, configs, code, tokenizer, processor and card go up; predictions, samples, run arguments (local
-    paths), history, tracker logs wherever they are, checkpoints and stray files stay local."""
-    hub = tmp_path / "hub"
-    _fake_hub(monkeypatch, hub)
-    push_to_hub(run_folder, "someone/x")
-    assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()) == sorted(MODEL_FILES)
-
-
-def test_push_to_hub_uploads_the_extra_files_asked_for(run_folder: Path, tmp_path: Path, monkeypatch):
-    """`extra` patterns (--hub_upload_extra) add files to the upload; checkpoints stay local even then."""
-    hub = tmp_path / "hub"
-    _fake_hub(monkeypatch, hub)
-    push_to_hub(run_folder, "someone/x", extra=["predictions.jsonl", "eval_results.json", "checkpoints/*"])
-    uploaded = sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file())
-    assert uploaded == sorted([*MODEL_FILES, "predictions.jsonl", "eval_results.json"])
-
-
-def test_hub_upload_extra_argument_reaches_the_upload():
-    """--hub_upload_extra takes a comma-separated list of file patterns."""
-    import run_captioning
-
-    args = ["--hub_upload_extra", "predictions.jsonl, eval_results.json", "--output_dir", "/nonexistent/x"]
-    *_, train_args = run_captioning.parse_args(args)
-    assert run_captioning.hub_upload_extra(train_args) == ["predictions.jsonl", "eval_results.json"]
-
-
 # A process that saves checkpoint-1, then stalls in the middle of writing checkpoint-2 (after its first file) as a
 # slow disk would, printing where it is, until the test kills it.
 MID_WRITE_SCRIPT = """
@@ -226,7 +138,7 @@ import sys, time
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from training.checkpoints import save_checkpoint
+from xraycap.training.checkpoints import save_checkpoint
 
 root = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)
@@ -257,7 +169,7 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_latest_on_the_complete_one
 
     from accelerate import Accelerator
 
-    from training.checkpoints import load_checkpoint
+    from xraycap.training.checkpoints import load_checkpoint
 
     root = tmp_path / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,6 @@
-"""The `training` package's parts in-process: precision, optimizer, loss, batching, checkpoints, card, Hub upload.
+"""`xraycap.training`'s parts in-process: precision, optimizer, loss, batching, checkpoints.
+
+The model card is tested in test_model_card.py, what `--push_to_hub` uploads in test_hub.py.
 
 The end-to-end runs of run_captioning.py that use them are in test_run_captioning.py.
 """
@@ -14,12 +16,10 @@ import pytest
 import torch
 from testing_utils import PHANTOM_REPORTS, make_phantom_image, make_tiny_model_and_processor
 
-from training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
-from training.data import StudyCollator, model_inputs, study_dataloader
-from training.hub import push_to_hub
-from training.model_card import build_model_card
-from training.optimization import build_optimizer, training_loss
-from training.precision import cpu_has_bf16_matmuls, resolve_mixed_precision
+from xraycap.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from xraycap.training.data import StudyCollator, study_dataloader
+from xraycap.training.distributed import cpu_has_bf16_matmuls, resolve_mixed_precision
+from xraycap.training.optimization import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
 # Precision
@@ -30,9 +30,8 @@ from training.precision import cpu_has_bf16_matmuls, resolve_mixed_precision
 def test_auto_precision_on_cpu_follows_the_bf16_hardware(has_bf16, caplog, monkeypatch):
     """auto is bf16 only on a CPU with bf16 matmul hardware, else fp32 ("no"); an explicit bf16 is kept, with a
     warning where the hardware lacks it."""
-    import training.precision
 
-    monkeypatch.setattr(training.precision, "cpu_has_bf16_matmuls", lambda: has_bf16)
+    monkeypatch.setattr("xraycap.training.distributed.cpu_has_bf16_matmuls", lambda: has_bf16)
     with caplog.at_level("INFO"):
         assert resolve_mixed_precision("auto", "cpu") == ("bf16" if has_bf16 else "no")
         assert resolve_mixed_precision("bf16", "cpu") == "bf16"
@@ -90,8 +89,7 @@ def test_bf16_hardware_check_agrees_with_the_cpu_flags():
 def test_optimizer_is_fused_adamw_without_decay_on_biases_and_norms():
     """Every trainable parameter is in exactly one group; matrices decay, biases and norm weights do not; frozen
     parameters are left out."""
-    model, _ = make_tiny_model_and_processor(image_size=64)
-    model.set_vision_encoder_frozen(True)
+    model, _ = make_tiny_model_and_processor(image_size=64, freeze_vision_encoder=True)
     optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.05)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
     decay, no_decay = optimizer.param_groups
@@ -110,18 +108,6 @@ def test_optimizer_refuses_a_fully_frozen_model():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model, learning_rate=1e-3, weight_decay=0.0)
-
-
-def test_training_loss_equals_the_full_forward():
-    """training_loss computes logits on the report positions only and gives the loss of `model(**inputs).loss`."""
-    model, processor = make_tiny_model_and_processor(image_size=64)
-    inputs = processor(
-        images=[torch.rand(3, 64, 64), torch.rand(3, 64, 64)],
-        text=["No acute disease.", "Small left pleural effusion. Heart size normal."],
-        return_tensors="pt",
-    )
-    model.eval()
-    torch.testing.assert_close(training_loss(model, inputs), model(**inputs).loss)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +138,7 @@ def test_ablated_batches_show_every_study_the_same_grey_image():
     assert torch.equal(grey["pixel_values"], grey["pixel_values"][:1].expand_as(grey["pixel_values"]))
     assert not torch.equal(real["pixel_values"][0], real["pixel_values"][1])
     assert not torch.equal(grey["pixel_values"][0], real["pixel_values"][0])
-    assert "index" not in model_inputs(grey) and "input_ids" not in grey
+    assert "input_ids" not in grey
 
 
 def test_cached_features_replace_the_images():
@@ -249,59 +235,3 @@ def test_checkpoint_waits_for_every_rank_before_the_rename(tmp_path: Path):
     names = sorted(p.name for p in (tmp_path / "checkpoint-5").iterdir())
     assert names == ["random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"]
     assert not (tmp_path / "checkpoint-5.tmp").exists()
-
-
-# --------------------------------------------------------------------------------------------------
-# Model card and Hub upload
-# --------------------------------------------------------------------------------------------------
-
-RUN_INFO = {
-    "model_name": "xraycap-test",
-    "dataset_id": "synthetic-phantom-cxr",
-    "dataset_name": "Synthetic phantom chest X-rays",
-    "base_model": ["gpt2"],
-    "architecture": "a ResNet -> mlp projection -> grid visual tokens -> a GPT-2",
-    "data_description": "40 synthetic studies.",
-    "num_examples": {"train": 28, "validation": 4, "test": 8},
-    "section": "findings",
-    "views": "frontal",
-    "num_beams": 2,
-    "training_description": "AdamW, 8 steps.",
-}
-
-
-def test_model_card_round_trips_through_huggingface_hub(tmp_path: Path):
-    """The card saves and loads with `ModelCard`: the test scores (numbers only) are its model-index; the body
-    table has a column per split, with n/a for a missing value."""
-    from huggingface_hub import ModelCard
-
-    results = {
-        "test": {"bleu_4": 0.125, "ce_macro_f1": 0.75, "meteor": None, "num_examples": 8},
-        "test_image_ablated": {"bleu_4": 0.0625, "ce_macro_f1": 0.25},
-    }
-    build_model_card(results, RUN_INFO).save(tmp_path / "README.md")
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.model_name == "xraycap-test" and card.data.base_model == ["gpt2"]
-    assert card.data.datasets is None  # phantoms are no Hub dataset; an Indiana run names the Kaggle copy
-    indiana = build_model_card(results, {**RUN_INFO, "dataset_id": "raddar/chest-xrays-indiana-university"})
-    assert indiana.data.datasets == ["raddar/chest-xrays-indiana-university"]
-    assert {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
-        ("bleu_4", 0.125, "test"),
-        ("ce_macro_f1", 0.75, "test"),
-    }
-    assert "| metric | test | test_image_ablated |" in card.text
-    assert "| ce_macro_f1 | 0.750 | 0.250 |" in card.text and "| meteor | n/a | n/a |" in card.text
-
-
-def test_push_to_hub_offline_gives_a_clear_error(tmp_path: Path, monkeypatch):
-    """Without the Hub the error says the model is saved locally and how to upload it later."""
-    import huggingface_hub
-
-    def offline(self, *args, **kwargs):
-        raise ConnectionError("Failed to resolve 'huggingface.co'")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
-    with pytest.raises(
-        RuntimeError, match="Could not push .* 'someone/x' .*saved locally.*hf upload someone/x"
-    ):
-        push_to_hub(tmp_path, "someone/x", private=False)

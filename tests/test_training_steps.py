@@ -11,8 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.nonfinite import NonFiniteSteps, skip_nonfinite_update
-from training.step_log import StepLog, new_history
+from xraycap.training.optimization import NonFiniteSteps, StepLog, new_history, skip_nonfinite_update
 
 
 def _fake_accelerator(scaler=None) -> SimpleNamespace:

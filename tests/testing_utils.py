@@ -21,10 +21,11 @@ if str(REPO_ROOT) not in sys.path:
 from configuration_xraycap import XrayCapConfig  # noqa: E402
 from modeling_xraycap import XrayCapForConditionalGeneration  # noqa: E402
 from processing_xraycap import XrayCapImageProcessor, XrayCapProcessor, train_tokenizer  # noqa: E402
+from xraycap.training.models import freeze_vision_tower  # noqa: E402
 
 FINDINGS = ("normal", "cardiomegaly", "left_effusion", "right_pneumothorax", "nodule")
 
-# One report per phantom finding, phrased as the synthetic data is (see the API contract).
+# One report per phantom finding, phrased as the synthetic data is (dataset_builder/phantom_report.py).
 PHANTOM_REPORTS = {
     "normal": "Heart size is normal. No pneumothorax or pleural effusion. No acute cardiopulmonary abnormality.",
     "cardiomegaly": "The heart is enlarged. No pneumothorax or pleural effusion.",
@@ -58,13 +59,14 @@ def make_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 40
 
 
 def make_tiny_model_and_processor(
-    seed: int = 0, tokenizer=None, **config_overrides
+    seed: int = 0, tokenizer=None, freeze_vision_encoder: bool = True, **config_overrides
 ) -> tuple[XrayCapForConditionalGeneration, XrayCapProcessor]:
     """The "tiny" preset (2.7M parameters at default sizes) with a local tokenizer, seeded.
 
     Args:
         seed: torch seed for the random weights.
         tokenizer: a tokenizer to use instead of `make_tiny_tokenizer()`.
+        freeze_vision_encoder: freeze the vision tower as training does (`training.models.freeze_vision_tower`).
         **config_overrides: passed to `XrayCapConfig.from_preset("tiny", ...)`, e.g. `image_size=64`,
             `max_views=1`, `visual_tokens="pooled"`, `n_layer=2`.
 
@@ -82,6 +84,7 @@ def make_tiny_model_and_processor(
     config = XrayCapConfig.from_preset("tiny", **overrides)
     torch.manual_seed(seed)
     model = XrayCapForConditionalGeneration(config)
+    freeze_vision_tower(model, freeze_vision_encoder)
     processor = XrayCapProcessor(
         XrayCapImageProcessor(size=config.image_size),
         tokenizer,

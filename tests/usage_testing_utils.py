@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from testing_utils import make_tiny_model_and_processor
+from xraycap.dataset_builder.synthesize import make_study
 
-from dataset_builder.synthesize import make_study
 from pipeline_xraycap import add_pipeline_to_folder
-from training.model_card import build_model_card
+from xraycap.training.model_card import build_model_card
 
 
 def phantom_studies(num_studies: int = 4, image_size: int = 128, seed: int = 0, start: int = 0):
@@ -90,7 +90,7 @@ def save_model_folder(model, processor, folder: Path) -> Path:
 
 
 def write_model_card(folder: Path, dataset_id: str, data_description: str) -> Path:
-    """Write the model card run_captioning writes (training/model_card.py) for a run on `dataset_id`."""
+    """Write the model card run_captioning writes (xraycap/training/model_card.py) for a run on `dataset_id`."""
     run_info = {
         "model_name": folder.name,
         "architecture": "tiny ResNet -> GPT-2",

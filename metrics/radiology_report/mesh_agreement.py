@@ -3,7 +3,7 @@
 The Indiana University collection (Open-i) comes with a `MeSH` column coded by people from each report,
 e.g. `"Cardiomegaly/mild;Pleural Effusion/right/small"` or `"normal"`. The labeler's rules were not
 written on it, so it is an independent reference. The mapping of MeSH headings to CheXpert observations
-is fixed in advance (issue 21) and is not tuned to the labeler:
+is fixed in advance and is not tuned to the labeler:
 
 - a study is positive for an observation when any of its MeSH terms has a heading (the part before the
   first "/") listed for that observation in `MESH_TO_CHEXPERT`;
@@ -25,7 +25,13 @@ writes the tables with the commit, the machine and the CSV's SHA-256 (the README
 
 ```bash
 python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv] [--output results.json]
+python -m metrics.radiology_report.mesh_agreement --what_if --output metrics/radiology_report/results/mesh_agreement_what_if.json
 ```
+
+`--what_if` writes what the figure would be under rules the labeler does not follow (`what_if_record`: CheXpert's
+"or" rule or its always-uncertain phrases switched off, uncertain counted as positive) and where the labeler and
+MeSH disagree, by the labeler's label: the sources of the metric README's what-if figures. The variants are
+measurements, not options: the labeler follows CheXpert.
 
 ```python
 >>> from metrics.radiology_report.mesh_agreement import agreement_table, format_table
@@ -37,17 +43,22 @@ python -m metrics.radiology_report.mesh_agreement [path/to/indiana_reports.csv] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import platform
+import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
+from . import labeler
 from .labeler import POSITIVE, UNCERTAIN, label_reports
 
 logger = logging.getLogger(__name__)
@@ -69,7 +80,7 @@ MESH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
         "Pacemaker, Artificial",
     ),
 }
-"""CheXpert observation -> the MeSH headings that make a study positive for it (fixed, issue 21)."""
+"""CheXpert observation -> the MeSH headings that make a study positive for it (fixed before any measurement)."""
 
 MACRO_OBSERVATIONS: tuple[str, ...] = tuple(MESH_TO_CHEXPERT)
 """The 8 observations averaged into the macro F1."""
@@ -321,12 +332,100 @@ def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
     }
 
 
+# What-if variants: the labeler's rule patterns (module globals of `labeler`) switched off for one measurement.
+_NEVER = re.compile(r"(?!)")
+WHAT_IF_RULES: dict[str, tuple[str, ...]] = {
+    "without_or_rule": ("_OR_BEFORE", "_OR_AFTER"),
+    "without_always_uncertain_phrases": ("_ALWAYS_UNCERTAIN",),
+    "without_or_rule_and_always_uncertain_phrases": ("_OR_BEFORE", "_OR_AFTER", "_ALWAYS_UNCERTAIN"),
+}
+"""What-if variant -> the labeler patterns it switches off: CheXpert's "A or B" rule, and its always-uncertain
+phrases (vascular / pulmonary congestion, indistinctness, vascular prominence, borderline heart size)."""
+
+
+@contextlib.contextmanager
+def _rules_off(names: tuple[str, ...]):
+    """Within the block, the labeler's patterns `names` match nothing (restored on exit)."""
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(labeler, name, _NEVER))
+        yield
+
+
+def _macro_by_subset(reports_csv: Path, uncertain: str = "negative") -> dict[str, float]:
+    return {
+        subset: round(macro_f1(agreement_table(reports_csv, uncertain=uncertain, subset=subset)), 4)
+        for subset in SUBSETS
+    }
+
+
+def disagreements(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict[str, dict]:
+    """Where the labeler and MeSH disagree on all reports, per observation: the reports MeSH codes positive that
+    the labeler does not call positive, by the labeler's label ("-1", "0", "none": not mentioned), and the
+    reports the labeler calls positive that MeSH does not code."""
+    rows = [r for r in read_reports(reports_csv) if report_text(r)]
+    labels = label_reports([report_text(r) for r in rows])
+    mesh = [mesh_to_observations(r.get("MeSH", "")) for r in rows]
+    found = {}
+    for observation in MACRO_OBSERVATIONS:
+        missed = Counter(
+            str(lab[observation]).lower()
+            for m, lab in zip(mesh, labels)
+            if observation in m and lab[observation] != POSITIVE
+        )
+        extra = sum(observation not in m and lab[observation] == POSITIVE for m, lab in zip(mesh, labels))
+        found[observation] = {"mesh_only_by_label": dict(sorted(missed.items())), "labeler_only": extra}
+    return found
+
+
+def what_if_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
+    """The macro F1 on each subset now and under each what-if variant, with the disagreements and what produced
+    them (commit, machine, the CSV's SHA-256).
+
+    Args:
+        reports_csv (`str` or `Path`, *optional*): an `indiana_reports.csv`; defaults to `DEFAULT_REPORTS_CSV`.
+
+    Returns:
+        `dict`: JSON-ready; `macro_f1[variant][subset]`, with the variants "now", `WHAT_IF_RULES`'s and
+        "uncertain_positive" (the labeler's -1 counted as positive), and `disagreements` (`disagreements`).
+    """
+    path = Path(reports_csv)
+    variants = {"now": _macro_by_subset(path)}
+    for name, rules in WHAT_IF_RULES.items():
+        with _rules_off(rules):
+            variants[name] = _macro_by_subset(path)
+    variants["uncertain_positive"] = _macro_by_subset(path, uncertain="positive")
+    return {
+        "commit": _git_commit(),
+        "machine": _machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reports_csv": path.name,
+        "reports_csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "what_if_rules": {name: list(rules) for name, rules in WHAT_IF_RULES.items()},
+        "macro_f1": variants,
+        "disagreements": disagreements(path),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Prints the agreement tables (all reports, held-out, the rest); `--output` writes `agreement_record`."""
     parser = argparse.ArgumentParser(description="The labeler's agreement with the Indiana MeSH coding.")
     parser.add_argument("reports_csv", nargs="?", default=str(DEFAULT_REPORTS_CSV))
     parser.add_argument("--output", default=None, help="a JSON file for the tables, commit and machine")
+    parser.add_argument(
+        "--what_if",
+        action="store_true",
+        help="write what_if_record (the figure under rules the labeler does not follow, the disagreements) instead",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.what_if:
+        record = what_if_record(args.reports_csv)
+        print(json.dumps(record["macro_f1"], indent=1))
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+            print(f"wrote {args.output}")
+        return
     record = agreement_record(args.reports_csv)
     tables = {
         name: [AgreementRow(**{k: v for k, v in row.items() if k != "f1"}) for row in subset["rows"]]
@@ -355,8 +454,10 @@ __all__ = [
     "AgreementRow",
     "SUBSETS",
     "agreement_record",
+    "WHAT_IF_RULES",
     "agreement_subsets",
     "agreement_table",
+    "disagreements",
     "is_held_out",
     "format_table",
     "macro_f1",
@@ -365,4 +466,5 @@ __all__ = [
     "mesh_to_observations",
     "read_reports",
     "report_text",
+    "what_if_record",
 ]

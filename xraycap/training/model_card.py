@@ -12,8 +12,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from metrics.radiology_report.clinical_efficacy import observation_key
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+from xraycap.radiology_report.clinical_efficacy import observation_key
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+
+from .models import vision_tower_is_frozen
 
 # The metrics the card shows (eval_results.json has more).
 CARD_METRICS = "bleu_1 bleu_4 meteor rouge_l cider bertscore_f1 ce_micro_f1 ce_macro_f1 ce_example_f1".split()
@@ -26,8 +28,8 @@ _BODY = """
 A chest X-ray report generator: {architecture}. Trained with xraycap's `run_captioning.py`.
 
 ```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{model_name}", trust_remote_code=True)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("{model_name}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{model_name}", trust_remote_code=True)
 inputs = processor(images=[image], return_tensors="pt")
 print(processor.batch_decode(model.generate(**inputs, num_beams=3, max_new_tokens=100), skip_special_tokens=True))
@@ -207,7 +209,7 @@ def describe_run(
             f"{train_args.warmup_ratio:.0%} warmup, batch {train_args.per_device_train_batch_size} x "
             f"{run.get('num_processes', 1)} process(es) x {train_args.gradient_accumulation_steps} accumulation, "
             f"{run.get('optimizer_steps')} steps ({run.get('epochs')} epochs), mixed precision "
-            f"{run.get('mixed_precision')}, encoder {'frozen' if config.freeze_vision_encoder else 'trained'}, "
+            f"{run.get('mixed_precision')}, encoder {'frozen' if vision_tower_is_frozen(model) else 'trained'}, "
             f"seed {train_args.seed}, on {run.get('device')} in {run.get('train_time_s')} s of training "
             f"({run.get('wall_time_s')} s for the whole run)."
         ),

@@ -12,7 +12,7 @@ from usage_testing_utils import phantom_studies, write_model_card
 
 import app
 from processing_xraycap import XrayCapImageProcessor
-from training.model_card import SYNTHETIC_DATASET
+from xraycap.training.model_card import SYNTHETIC_DATASET
 
 
 def _component(demo, elem_id):
@@ -29,7 +29,8 @@ def test_16bit_upload_reaches_the_processor_as_uploaded(model_dir, tmp_path):
     processor = XrayCapImageProcessor(size=64)
     for elem_id in ("frontal", "lateral"):
         received = _component(demo, elem_id).preprocess(ImageData(path=str(film), orig_name="film.png"))
-        assert processor.process_image(received).equal(processor.process_image(film)), elem_id
+        pixels = [processor(image)["pixel_values"] for image in (received, film)]
+        assert pixels[0].equal(pixels[1]), elem_id
 
 
 def test_app_serves_only_the_model_the_user_named(tmp_path, monkeypatch):

@@ -1,5 +1,8 @@
 """Evaluation of a trained model: beam-search reports for a split, their scores, the prediction files.
 
+`evaluate_validation` is run_captioning's per-epoch validation (scores kept for the training curves);
+`evaluate_test` its final test evaluation beside the two floors (grey images, nearest train report).
+
 `generate_reports` runs on every process and gathers each study's report exactly once; `nearest_train_floor` is
 the retrieval floor (each test study gets the report of the train study with the closest encoder features, found
 by `nearest_train_rows` from the feature cache);
@@ -20,13 +23,20 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
-from metrics.radiology_report.labeler import label_reports
 from processing_xraycap import XrayCapProcessor
+from xraycap.radiology_report.labeler import label_reports
 
-from .data import model_inputs
 from .feature_cache import FeatureCache, process_rows
 from .figures import write_samples_sheet
+from .model_card import format_value
+from .models import vision_tower_is_frozen
+
+logger = logging.get_logger(__name__)
+
+# Validation scores kept per epoch (for training_curves.png); METEOR and BERTScore are left to the test split.
+CURVE_METRICS = ("bleu_1", "bleu_4", "rouge_l", "cider", "ce_micro_f1", "ce_macro_f1", "ce_example_f1")
 
 
 @torch.no_grad()
@@ -66,7 +76,8 @@ def generate_reports(
         leave=False,
     )
     for batch in batches:
-        ids = unwrapped.generate(**model_inputs(batch), do_sample=False, **generate_kwargs)
+        inputs = {k: v for k, v in batch.items() if k != "index"}  # the row indices stay with the batch
+        ids = unwrapped.generate(**inputs, do_sample=False, **generate_kwargs)
         ids = accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id)
         indices, ids = accelerator.gather_for_metrics((batch["index"], ids))
         for index, text in zip(indices.tolist(), processor.batch_decode(ids, skip_special_tokens=True)):
@@ -149,7 +160,7 @@ def nearest_train_floor(
     if "pooled" in train_split.column_names:
         train_vectors, test_vectors = train_split, cache.features(model, test_split, desc="test")
     else:
-        frozen = accelerator.unwrap_model(model, keep_torch_compile=False).config.freeze_vision_encoder
+        frozen = vision_tower_is_frozen(accelerator.unwrap_model(model, keep_torch_compile=False))
         floor_cache = (
             cache if frozen else FeatureCache(scratch_dir, accelerator, cache.collator, cache.batch_size)
         )
@@ -221,3 +232,96 @@ def write_samples(
         for example, prediction, ref_l, pred_l in zip(examples, predictions, ref_labels, pred_labels)
     ]
     write_samples_sheet(records, output_dir / "samples.png", output_dir / "samples.html")
+
+
+def evaluate_validation(
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    split: datasets.Dataset,
+    processor: XrayCapProcessor,
+    accelerator: Accelerator,
+    metric,
+    history: dict[str, Any],
+    epoch: int,
+    step: int,
+    generate_kwargs: dict[str, Any],
+) -> None:
+    """One epoch's validation: reports generated under the run's autocast, scored without METEOR and BERTScore,
+    `CURVE_METRICS` appended to `history["epoch_metrics"]` (main process) and logged (to the run's trackers too,
+    with `--report_to`).
+
+    Args:
+        model, dataloader, processor, accelerator: as for [`generate_reports`] (the prepared validation loader).
+        split (`datasets.Dataset`): the validation split (its references).
+        metric (`evaluate.EvaluationModule`): the `radiology_report` metric.
+        history (`dict[str, Any]`): the run's history, updated in place.
+        epoch (`int`), step (`int`): the epoch just trained and the optimizer steps done.
+        generate_kwargs (`dict[str, Any]`): passed to `model.generate` (`num_beams`, `max_new_tokens`).
+    """
+    with accelerator.autocast():
+        reports = generate_reports(
+            model, dataloader, processor, accelerator, f"validation, epoch {epoch}", **generate_kwargs
+        )
+    if not accelerator.is_main_process:
+        return
+    val_metrics = score(metric, split, reports, bertscore=False, meteor=False)
+    curves = {key: val_metrics[key] for key in CURVE_METRICS if val_metrics.get(key) is not None}
+    history["epoch_metrics"].append({"epoch": epoch, "step": step, **curves})
+    logger.info(
+        f"epoch {epoch}: validation ce_macro_f1 {format_value(val_metrics.get('ce_macro_f1'))}, "
+        f"bleu_4 {format_value(val_metrics.get('bleu_4'))}"
+    )
+    numbers = {f"validation/{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))}
+    accelerator.log(numbers, step=step)  # a no-op without trackers
+
+
+def evaluate_test(
+    model: torch.nn.Module,
+    loaders: dict[str, DataLoader],
+    splits: dict[str, datasets.Dataset],
+    processor: XrayCapProcessor,
+    accelerator: Accelerator,
+    metric,
+    features: FeatureCache,
+    output_dir: Path,
+    history: dict[str, Any],
+    generate_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The test evaluation beside two floors: `test`, `test_image_ablated` (every image mid-grey: a model that
+    ignores the image scores the same) and `test_nearest_train` (each study given the report of the train study
+    with the closest encoder features). The main process scores them, adds the last epoch's validation scores
+    and writes `predictions.jsonl` and `samples.png` / `samples.html` into `output_dir`.
+
+    Args:
+        model (`XrayCapForConditionalGeneration`): the trained, prepared model.
+        loaders (`dict[str, DataLoader]`): the run's loaders (`test`, `test_image_ablated`; not yet prepared).
+        splits (`dict[str, datasets.Dataset]`): the run's `train` and `test` splits.
+        processor, accelerator: as for [`generate_reports`].
+        metric (`evaluate.EvaluationModule`): the `radiology_report` metric.
+        features (`FeatureCache`): the run's feature cache (the nearest-train floor).
+        output_dir (`Path`): the run's output folder.
+        history (`dict[str, Any]`): the run's history (its last `epoch_metrics` give `validation`).
+        generate_kwargs (`dict[str, Any]`): passed to `model.generate` (`num_beams`, `max_new_tokens`).
+
+    Returns:
+        `dict[str, Any]`: each evaluation's metrics by name on the main process; empty on the others.
+    """
+    reports = {
+        name: generate_reports(
+            model, accelerator.prepare(loaders[name]), processor, accelerator, name, **generate_kwargs
+        )
+        for name in ("test", "test_image_ablated")
+    }
+    test_split = splits["test"]
+    reports["test_nearest_train"] = nearest_train_floor(
+        model, splits["train"], test_split, features, output_dir / "floor_features"
+    )
+    if not accelerator.is_main_process:
+        return {}
+    results = {name: score(metric, test_split, by_row) for name, by_row in reports.items()}
+    if history["epoch_metrics"]:
+        last = history["epoch_metrics"][-1]
+        results["validation"] = {k: v for k, v in last.items() if k not in ("epoch", "step")}
+    write_predictions(output_dir / "predictions.jsonl", test_split, reports)
+    write_samples(output_dir, test_split, reports["test"])
+    return results

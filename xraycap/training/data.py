@@ -7,7 +7,7 @@
   see `training.augmentation`); a split that carries cached encoder features (`training.feature_cache`) gives
   them instead, and no image is decoded.
 - `study_dataloader` is the DataLoader of a split, with its own seeded generator; `dataloader_workers` is its
-  default worker count.
+  default worker count; `make_dataloaders` builds a run's loaders, every split's once.
 - `load_studies` builds (or loads) the train / validation / test studies, synthetic phantoms by default;
   `run_splits` makes a run's splits from them (its cross-validation fold, `--max_eval_samples`).
 """
@@ -26,12 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers.utils import logging
 
-from dataset_builder import build_dataset, download, synthesize
 from modeling_xraycap import check_view_mask_rows
 from processing_xraycap import XrayCapProcessor
-from training.augmentation import XrayAugmentation
+from xraycap.dataset_builder import build_dataset, download, synthesize
+from xraycap.training.augmentation import XrayAugmentation
 
-from .feature_cache import FEATURE_COLUMNS, features_from_storage
+from .feature_cache import FEATURE_COLUMNS, FeatureCache, features_from_storage, with_features
 from .repeats import cross_validation_fold
 
 logger = logging.get_logger(__name__)
@@ -152,11 +152,6 @@ class StudyCollator:
             check_view_mask_rows(batch["view_mask"].bool())
         batch["index"] = torch.tensor(indices)
         return batch
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A collated batch without its row indices: the keyword arguments of the model's `forward` / `generate`."""
-    return {k: v for k, v in batch.items() if k != "index"}
 
 
 def study_dataloader(
@@ -292,3 +287,79 @@ def run_splits(
             s.select(range(min(len(s), data_args.max_eval_samples))) for s in (val_split, test_split)
         )
     return train_split, val_split, test_split
+
+
+def make_dataloaders(
+    dataset: datasets.DatasetDict,
+    processor: XrayCapProcessor,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    data_args,
+    train_args,
+    max_views: int,
+    split_seed: int,
+) -> tuple[dict[str, DataLoader], dict[str, datasets.Dataset], FeatureCache]:
+    """Every DataLoader of a run, each built once: `train` (shuffled, augmented with `--augment`), `validation`,
+    `test` and `test_image_ablated` (every image mid-grey). Each has its own seeded generator, so creating an
+    iterator never draws from the global RNG.
+
+    With `--cache_features` (and no `--augment`) the train and validation studies carry their encoder features
+    (computed once by the frozen tower, kept on disk) instead of their images.
+
+    Args:
+        dataset (`datasets.DatasetDict`): the built studies, from [`load_studies`].
+        processor (`XrayCapProcessor`): the run's processor.
+        model (`XrayCapForConditionalGeneration`): the model (its frozen tower encodes the cached features).
+        accelerator (`Accelerator`): the run's accelerator (its processes and device).
+        data_args (`DataArguments`): `max_target_length`, `dataloader_num_workers`, the cache folder, the fold.
+        train_args (`TrainingArguments`): `augment`, `cache_features`, `seed` and the batch sizes.
+        max_views (`int`): views kept per study.
+        split_seed (`int`): the seed the folds are dealt with ([`run_splits`]).
+
+    Returns:
+        `tuple`: the loaders by name, the run's splits by name (`train`, `validation`, `test`; train and validation
+        with their features when cached), and the run's `FeatureCache` (the nearest-train floor reads it too).
+    """
+    # --augment: the training images only, drawn anew each epoch (keyed on seed, epoch, row, view).
+    augmentation = XrayAugmentation(seed=train_args.seed) if train_args.augment else None
+    collator = StudyCollator(processor, max_views, data_args.max_target_length, augmentation=augmentation)
+    eval_collator = StudyCollator(processor, max_views, data_args.max_target_length, with_text=False)
+    ablated_collator = StudyCollator(
+        processor, max_views, data_args.max_target_length, with_text=False, ablate=True
+    )
+    eval_batch = train_args.per_device_eval_batch_size
+    workers = dataloader_workers(data_args.dataloader_num_workers, accelerator.num_processes)
+    pin = accelerator.device.type == "cuda"  # pinned batches: non-blocking copies to the GPU
+    features = FeatureCache(
+        cache_root(data_args) / "feature_cache", accelerator, eval_collator, eval_batch, workers
+    )
+    if train_args.cache_features and train_args.augment:
+        logger.warning(
+            "--cache_features is off: --augment changes the training images every epoch, so their encoder "
+            "features cannot be computed once; the frozen encoder runs on every batch instead."
+        )
+    elif train_args.cache_features:  # the built splits carry their features (on disk) instead of their images
+        for name in ("train", "validation"):
+            dataset[name] = with_features(dataset[name], features.features(model, dataset[name], desc=name))
+    splits = dict(zip(("train", "validation", "test"), run_splits(dataset, data_args, split_seed)))
+    if data_args.fold is not None:
+        logger.info(
+            f"fold {data_args.fold} of {data_args.folds}: {len(splits['train'])} train, "
+            f"{len(splits['validation'])} validation"
+        )
+    eval_loader = dict(batch_size=eval_batch, num_workers=workers, pin_memory=pin)
+    loaders = {
+        "train": study_dataloader(
+            splits["train"],
+            collator,
+            train_args.per_device_train_batch_size,
+            shuffle=True,
+            num_workers=workers,
+            seed=train_args.seed,
+            pin_memory=pin,
+        ),
+        "validation": study_dataloader(splits["validation"], eval_collator, **eval_loader),
+        "test": study_dataloader(splits["test"], eval_collator, **eval_loader),
+        "test_image_ablated": study_dataloader(splits["test"], ablated_collator, **eval_loader),
+    }
+    return loaders, splits, features

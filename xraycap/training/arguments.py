@@ -19,8 +19,8 @@ from transformers import HfArgumentParser
 
 from configuration_xraycap import XrayCapConfig
 
+from .distributed import MIXED_PRECISION_CHOICES
 from .models import encoder_is_frozen
-from .precision import MIXED_PRECISION_CHOICES
 
 
 def arg(default: Any, help: str, **metadata) -> Any:

@@ -12,7 +12,7 @@ split, in the split's order:
 - `pooled` `(channels,)`, float32: the features averaged over tokens and present views ([`pool_views`]).
 
 A `pooled_only` entry holds `pooled` alone. The fingerprint hashes the vision tower's weights and configuration,
-the image options (size, mean / std, resampling, views, pooled / grid tokens, grid size), the precision, and the
+the image options (size, crop, mean / std, resampling, views, pooled / grid tokens, grid size), the precision, and the
 split (its `datasets` fingerprint and length), so a resumed run, another seed or another fold finds the entry,
 and another tower or image size makes a new one.
 
@@ -113,7 +113,8 @@ def feature_fingerprint(
         "grid_size": config.grid_size,
         "max_views": processor.max_views,
         "image": {
-            "size": image.size,
+            "size": image.size,  # transformers' SizeDict: its text names every field
+            "crop_size": image.crop_size,
             "mean": image.image_mean,
             "std": image.image_std,
             "resample": image.resample,

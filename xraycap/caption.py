@@ -1,4 +1,4 @@
-"""Caption chest X-rays from the command line: `xraycap-caption` (or `python caption.py`).
+"""Caption chest X-rays from the command line: `xraycap-caption` (or `python -m xraycap.caption`).
 
 Examples:
 
@@ -14,7 +14,7 @@ Examples:
     xraycap-caption --model user/xraycap-iu --trust_remote_code --revision 4f1c2e0... chest.png
 
 Reports are written by the image-to-text pipeline the model folder ships (`pipeline_xraycap.py`, loaded by
-`inference.model_source.load_pipeline`, as the demo loads it): the same text as
+`xraycap.inference.model_source.load_pipeline`, as the demo loads it): the same text as
 `pipeline("image-to-text", model=..., trust_remote_code=True)`.
 
 `--model` is a local folder or, only with `--trust_remote_code`, a Hub repo id; a name that looks like a
@@ -51,13 +51,13 @@ from typing import Any
 
 from PIL import Image
 
-from inference.model_source import (
+from xraycap.inference.model_source import (
     ModelSourceError,
     add_model_arguments,
     load_pipeline,
     training_data_warning,
 )
-from metrics.radiology_report.labeler import CHEXPERT_OBSERVATIONS
+from xraycap.radiology_report.labeler import CHEXPERT_OBSERVATIONS
 
 logger = logging.getLogger("xraycap.caption")
 
@@ -222,7 +222,7 @@ def caption_batches(
     Args:
         studies (`list[Study]`): from `expand_inputs` / `read_pairs` (studies with `error` already set are
             yielded as they are, in their place).
-        captioner: the model's `XrayCapImageToTextPipeline` (`inference.model_source.load_pipeline`).
+        captioner: the model's `XrayCapImageToTextPipeline` (`xraycap.inference.model_source.load_pipeline`).
         batch_size (`int`, *optional*, defaults to 8): studies per `generate` call.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar on stderr.
         **generate_kwargs: passed to `generate` (`num_beams`, `max_new_tokens`, ...).
@@ -255,7 +255,7 @@ def caption_batches(
 
 def add_findings(studies: list[Study]) -> None:
     """Run the CheXpert-style labeler over the captioned studies' reports (in place)."""
-    from metrics.radiology_report.labeler import label_reports
+    from xraycap.radiology_report.labeler import label_reports
 
     done = [s for s in studies if s.report is not None]
     if not done:

@@ -1,6 +1,6 @@
 """Which model `--model` names, how to load it, and what its card says about its training data.
 
-Shared by the two ways of using a trained model, `caption.py` (the command line) and `app.py` (the demo):
+Shared by the two ways of using a trained model, `xraycap.caption` (the command line) and `app.py` (the demo):
 both take `--model` / `--trust_remote_code` / `--revision` (`add_model_arguments`) and both caption through
 the pipeline that ships in the model folder (`load_pipeline`, the `pipeline_xraycap.py` a saved folder
 carries), so a report from either is the text `pipeline("image-to-text", model=..., trust_remote_code=True)`
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_xraycap import PIPELINE_TASK
-from training.model_card import SYNTHETIC_DATASET
+from xraycap.training.model_card import SYNTHETIC_DATASET
 
 logger = logging.getLogger(__name__)
 
