@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure the embedded demo (the README's first command) and write `benchmarks/results/demo.json`.
 
-    python benchmarks/demo.py                       # the main job, the launcher comparison, 3 seeds
+    python benchmarks/demo.py                       # the main job (as is, and as on AVX2 in fp32), launchers, 3 seeds
     python benchmarks/demo.py --num_seeds 0         # without the seeds
     python benchmarks/demo.py --write_readme        # refresh the README's demo table from the results file
 
@@ -9,6 +9,10 @@ Three measurements, each timed from the outside (wall seconds, and the CPU secon
 ratio is the number of cores kept busy):
 - `main_job`: `accelerate launch run_captioning.py` with no arguments from a fresh cache folder, synthesis and
   build included, with its evaluation results (per observation too);
+- `main_job_avx2_fp32`: the same main job from its own fresh cache, as a CPU without bf16 hardware runs it:
+  torch's kernels and oneDNN restricted to AVX2 (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`) and
+  `--mixed_precision no`. Same cores, clock and caches as the machine measured, so it isolates the instruction
+  set and the precision, not the slower clock an older AVX2-only CPU may have;
 - `launchers`: the same training, `--launcher_steps` steps without evaluation on the now-built data, under
   `accelerate launch` and under `python`: on a CPU both must keep the same cores busy;
 - `seeds`: `--num_seeds` runs (seeds 42, 43, ... on one split), whose `eval_summary.json` gives mean ± sample std
@@ -61,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=60,
         help="Training steps of each launcher's run (0: no comparison).",
     )
+    parser.add_argument(
+        "--avx2_fp32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also time the main job restricted to AVX2 kernels in fp32 (a CPU without bf16 hardware).",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="The results file written.")
     parser.add_argument("--work_dir", type=Path, default=None, help="Run folders (default: a temporary one).")
     parser.add_argument(
@@ -72,13 +82,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_run(command: list[str], cwd: Path) -> dict[str, float]:
-    """Runs `command` to completion; its wall seconds and the CPU seconds of it and its children."""
+AVX2_FP32 = {
+    "env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "args": ["--mixed_precision", "no"],
+}
+
+
+def timed_run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Runs `command` to completion (`env` added to the environment); its wall seconds and the CPU seconds of it
+    and its children."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(
-        command, cwd=cwd, check=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    )
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    subprocess.run(command, cwd=cwd, check=True, env={**environment, **(env or {})})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -97,20 +113,24 @@ def per_observation(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
-def main_job(work: Path, extra: list[str]) -> dict[str, Any]:
-    """The main job under `accelerate launch`, timed from a fresh cache; its evaluation results."""
-    output = work / "main_job" / "outputs" / "xraycap-demo"
-    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
+def main_job(
+    work: Path, extra: list[str], name: str = "main_job", env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The main job under `accelerate launch`, timed from a fresh cache (`work / name`); its evaluation results."""
+    output = work / name / "outputs" / "xraycap-demo"
+    os.environ["XRAYCAP_CACHE"] = str(work / name / "cache")
     command = [
         *LAUNCHERS["accelerate launch"],
         str(REPO_ROOT / "run_captioning.py"),
         "--output_dir",
         str(output),
     ]
-    timing = timed_run([*command, *extra], work)
+    timing = timed_run([*command, *extra], work, env)
     results = json.loads((output / "eval_results.json").read_text())
     return {
-        "command": " ".join(["accelerate launch run_captioning.py", *extra]),
+        "command": " ".join(
+            [*(f"{k}={v}" for k, v in (env or {}).items()), "accelerate launch run_captioning.py", *extra]
+        ),
         **timing,
         "scores": {split: results[split] for split in TABLE_SPLITS if split in results},
         "per_observation": {
@@ -187,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.extra_args.split()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="xraycap-demo-"))
     results: dict[str, Any] = {"machine": machine_info(), "main_job": main_job(work, extra)}
+    if args.avx2_fp32:
+        avx2 = [*AVX2_FP32["args"], *extra]
+        results["main_job_avx2_fp32"] = main_job(work, avx2, "main_job_avx2_fp32", AVX2_FP32["env"])
     if args.launcher_steps:
         results["launchers"] = launcher_runs(args.launcher_steps, work, extra)
     if args.num_seeds:
@@ -200,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         f"main job: {run['wall_s']} s wall, {run['cores_busy']} cores busy, test ce_macro_f1 "
         f"{run['scores']['test']['ce_macro_f1']:.3f}"
     )
+    if "main_job_avx2_fp32" in results:
+        run = results["main_job_avx2_fp32"]
+        print(
+            f"main job, AVX2 and fp32: {run['wall_s']} s wall, test ce_macro_f1 {run['scores']['test']['ce_macro_f1']:.3f}"
+        )
     for launcher, timing in results.get("launchers", {}).items():
         print(
             f"{launcher}: {timing['steps']} steps in {timing['wall_s']} s, {timing['cores_busy']} cores busy"

@@ -6,9 +6,11 @@ even at 128 px:
 
 - cardiomegaly (heart width vs chest width: normal ~0.45, mild ~0.58, moderate ~0.66, severe ~0.74),
 - a widened mediastinum (the upper mediastinum pushes the lungs' medial borders outwards),
-- focal consolidation (a dense, irregular airspace opacity), nodule (a round, sharply marginated density),
-- patchy lung opacity (an ill-defined, mottled, fainter airspace haze over one lung zone),
-- pleural thickening (a smooth bright band inside the chest wall: an apical cap or along the lateral wall),
+- lobar consolidation (dense and homogeneous with dark air bronchograms; the right upper and middle lobes meet
+  at the sharp horizontal fissure), nodule (a round, sharply marginated density),
+- patchy lung opacity (ill-defined, mottled and fainter than a consolidation, with no border, over one zone),
+- pleural thickening (a smooth bright band inside the chest wall: an apical cap, or along the whole lateral
+  wall, thin and even, unlike the focal callus of a fracture),
 - plate-like atelectasis (a thin horizontal band, with volume loss: that hemidiaphragm rises),
 - edema (a bilateral perihilar haze, patchy, fading towards the periphery),
 - pleural effusion (fluid fills the lung base and blunts the costophrenic angle; small, moderate, large),
@@ -165,6 +167,48 @@ def _draw_device(img, f: Finding, a: Anatomy, size: int, frontal: bool) -> np.nd
     return img + 0.60 * np.maximum(*walls) + 0.20 * _polyline(size, [(x0, 0.0), (x0, 0.25)], 0.05)
 
 
+def _lobe(yy, xx, f: Finding, a: Anatomy, rng, size: int) -> np.ndarray:
+    """The part of one lung a lobar consolidation fills, in [0, 1] (the lung mask is applied by the caller).
+
+    On a frontal view the right upper lobe ends below at the horizontal (minor) fissure, a sharp straight edge,
+    and the middle lobe begins there and lies against the heart border; the lower lobes fill the base, with an
+    ill-defined upper edge (the oblique fissure runs obliquely to the beam). The left upper lobe ends above the
+    left lower lobe with a soft edge too.
+    """
+    sgn = -1.0 if f.side == "right" else 1.0
+    lcx = a.cx + sgn * a.lung_dx
+    fissure = 0.40 + rng.normal(
+        0, 0.008
+    )  # the right minor fissure; the left lobes part at about the same level
+    irregular = 0.018 * _smooth_noise(rng, size, 12)
+    if f.location == "upper lobe":
+        top = (a.lung_cy - a.lung_ry) + 0.06
+        inside = np.clip((yy - top - irregular) / 0.03, 0, 1)
+        edge = 0.006 if f.side == "right" else 0.03  # a fissure on the right only
+        return inside * np.clip((fissure - yy) / edge + 0.5, 0, 1)
+    if f.location == "middle lobe":  # below the minor fissure, the medial half (it effaces the heart border)
+        inside = np.clip((yy - fissure) / 0.006 + 0.5, 0, 1) * np.clip(
+            (fissure + 0.14 - yy + irregular) / 0.03, 0, 1
+        )
+        return inside * np.clip((0.25 - sgn * (xx - lcx) / a.lung_rx + irregular * 10) / 0.25, 0, 1)
+    top = fissure + 0.09 + irregular  # lower lobe: the base, up to an ill-defined upper edge
+    return np.clip((yy - top) / 0.05, 0, 1)
+
+
+def _air_bronchograms(f: Finding, a: Anatomy, rng, size: int) -> np.ndarray:
+    """Dark branching lines of air-filled bronchi, radiating from the hilum into the consolidated lobe."""
+    sgn = -1.0 if f.side == "right" else 1.0
+    hx, hy = a.cx + sgn * 0.08, 0.45
+    target_y = {"upper lobe": 0.27, "middle lobe": 0.49, "lower lobe": 0.62}[f.location]
+    mask = np.zeros((size, size), dtype=np.float32)
+    for _ in range(3):
+        ty = target_y + rng.uniform(-0.05, 0.05)
+        tx = a.cx + sgn * (a.lung_dx + a.lung_rx * rng.uniform(0.1, 0.7))
+        mid = ((hx + tx) / 2 + rng.uniform(-0.02, 0.02), (hy + ty) / 2 + rng.uniform(-0.03, 0.03))
+        mask = np.maximum(mask, _polyline(size, _bezier((hx, hy), mid, (tx, ty)), 0.012))
+    return mask
+
+
 def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: int) -> np.ndarray:
     """Effusion, consolidation, opacity, nodule, atelectasis or pleural thickening on the frontal view."""
     yy, xx = _grid(size)
@@ -185,28 +229,29 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
             medial = np.clip((sgn * (xx - a.cx) - 0.04) / 0.02, 0, 1)
             fluid = region * ribcage * medial * (yy < a.dome_y + 0.1)
             img = img * (1 - fluid) + 0.52 * fluid
-    elif f.kind == "consolidation":
-        lcx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.02, 0.03))
-        cy = LOBE_Y[f.location] + rng.normal(0, 0.015)
-        rad = rng.uniform(0.085, 0.105)
-        blob = _ellipse(yy, xx, cy, lcx, rad * 0.9, rad) + 0.35 * _smooth_noise(rng, size, 10)
-        img = img + (0.30 + 0.05 * markings) * _soft(blob, 0.25) * lungs[f.side]
-    elif f.kind == "opacity":  # ill-defined and mottled: fainter puffs fading into the lung
+    elif f.kind == "consolidation":  # lobar: dense, homogeneous, air bronchograms, a sharp fissural border
+        region = _lobe(yy, xx, f, a, rng, size) * lungs[f.side]
+        bronchi = _air_bronchograms(f, a, rng, size)
+        img = img + (0.36 + 0.03 * markings) * region - 0.16 * bronchi * region
+    elif f.kind == "opacity":  # ill-defined, patchy and faint: puffs fading into the lung, no border
         lcx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.01, 0.03))
         cy = ZONE_Y[f.location] + rng.normal(0, 0.012)
-        rad = rng.uniform(0.11, 0.125)
-        region = _soft(_ellipse(yy, xx, cy, lcx, rad * 0.8, rad) + 0.2 * _smooth_noise(rng, size, 8), 0.6)
-        mottle = np.clip(0.35 + 1.0 * _smooth_noise(rng, size, 28), 0, 1)
-        img = img + 0.30 * region * mottle * lungs[f.side]
-    elif f.kind == "pleural":  # a smooth band inside the chest wall: an apical cap or along the lateral wall
+        region = _soft(_ellipse(yy, xx, cy, lcx, 0.095, 0.12) + 0.2 * _smooth_noise(rng, size, 8), 0.7)
+        mottle = np.clip(0.3 + 1.0 * _smooth_noise(rng, size, 28), 0, 1)
+        img = img + 0.26 * region * mottle * lungs[f.side]
+    elif f.kind == "pleural":  # a smooth band inside the chest wall: an apical cap, or the whole lateral wall
         lcx = a.cx + sgn * a.lung_dx
         r = _ellipse(yy, xx, a.lung_cy, lcx, a.lung_ry, a.lung_rx)
         if f.location == "apical":
             band = np.clip((r - (1 - 0.075 / a.lung_ry)) / 0.04, 0, 1) * (yy < a.lung_cy - 0.62 * a.lung_ry)
-        else:
-            lateral = sgn * (xx - lcx) > 0.55 * a.lung_rx
-            band = np.clip((r - (1 - 0.05 / a.lung_rx)) / 0.04, 0, 1) * lateral * (np.abs(yy - 0.43) < 0.13)
-        img = img + 0.50 * band * lungs[f.side]
+        else:  # from below the apex to the costophrenic angle, even: unlike the focal callus of a fracture
+            lateral = sgn * (xx - lcx) > 0.3 * a.lung_rx
+            band = (
+                np.clip((r - (1 - 0.045 / a.lung_rx)) / 0.04, 0, 1)
+                * lateral
+                * (yy > a.lung_cy - 0.6 * a.lung_ry)
+            )
+        img = img + 0.45 * band * lungs[f.side]
     elif f.kind == "nodule":
         ncx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.03, 0.04))
         ncy = ZONE_Y[f.location] + rng.normal(0, 0.012)

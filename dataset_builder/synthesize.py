@@ -44,7 +44,7 @@ REPORTS_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison
 PROJECTIONS_COLUMNS = ["uid", "filename", "projection"]
 SETTINGS_JSON = "phantom_settings.json"
 # Raised whenever the same seed would draw different studies; a folder of another version is re-synthesized.
-GENERATOR_VERSION = 7
+GENERATOR_VERSION = 8
 
 
 @dataclass

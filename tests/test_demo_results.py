@@ -24,10 +24,16 @@ def test_readme_demo_table_is_the_results_file():
 
 
 def test_results_file_holds_the_main_job_the_launchers_and_the_seeds():
-    """The timed main job (wall, CPU seconds, cores busy), both launchers' runs and the 3-seed summary."""
+    """The timed main job (wall, CPU seconds, cores busy), as is and restricted to AVX2 in fp32, both launchers'
+    runs and the 3-seed summary."""
     results = json.loads(demo.RESULTS.read_text())
-    run = results["main_job"]
-    assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["scores"]["test"]["ce_macro_f1"] is not None
+    for name in ("main_job", "main_job_avx2_fp32"):
+        run = results[name]
+        assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["scores"]["test"]["ce_macro_f1"] is not None
+    assert results["main_job_avx2_fp32"]["command"].startswith(
+        "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+    )
+    assert "--mixed_precision no" in results["main_job_avx2_fp32"]["command"]
     assert set(results["launchers"]) == {"accelerate launch", "python"}
     assert results["seeds"]["num_runs"] == 3
     for split in demo.TABLE_SPLITS:
@@ -50,13 +56,14 @@ def test_write_readme_replaces_only_the_marked_table(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_script_times_the_main_job_and_summarizes_seeds(tmp_path: Path):
-    """A tiny run of the script itself: the main job, both launchers and two seeds, two steps each."""
+    """A tiny run of the script itself: the main job (as is and AVX2 in fp32), both launchers and two seeds, two
+    steps each."""
     output = tmp_path / "demo.json"
     extra = "--synthetic_studies 40 --per_device_train_batch_size 4 --num_beams 1 --max_steps 2"
     args = ["--num_seeds", "2", "--launcher_steps", "2", "--output", str(output), "--extra_args", extra]
     assert demo.main(args) == 0
     results = json.loads(output.read_text())
-    assert results["main_job"]["cores_busy"] > 0
+    assert results["main_job"]["cores_busy"] > 0 and results["main_job_avx2_fp32"]["cores_busy"] > 0
     assert all(run["steps"] == 2 for run in results["launchers"].values())
     assert results["seeds"]["summary"]["test"]["ce_macro_f1"]["n"] == 2
     assert demo.TABLE_START not in demo.readme_table(results)

@@ -212,14 +212,15 @@ def test_performance_doc_peaks_are_the_gpu_table():
 
 def test_mimic_study_count_and_demo_time_are_their_sources():
     """MIMIC-CXR's study count is the one the scale projection uses; the README's demo time bound holds for the
-    main job timed in demo.json."""
+    main job timed in demo.json, as this machine runs it and restricted to AVX2 kernels in fp32."""
     from benchmarks.scale_report import MIMIC_STUDIES
 
     assert f"{MIMIC_STUDIES:,} studies" in _flat(README)
     assert f"MIMIC-CXR-JPG has {MIMIC_STUDIES:,} studies" in _flat(report.DOC.read_text())
     demo = _json(REPO_ROOT / "benchmarks" / "results" / "demo.json")
     assert "It takes under 10 minutes on a 2-core CPU" in _flat(README)
-    assert demo["main_job"]["wall_s"] < 600 and demo["machine"]["cpu_count"] == 2
+    assert demo["main_job"]["wall_s"] < 600 and demo["main_job_avx2_fp32"]["wall_s"] < 600
+    assert demo["machine"]["cpu_count"] == 2
 
 
 def test_performance_doc_describes_the_settings_and_targets_the_harness_uses():

@@ -261,12 +261,12 @@ WHERE_DRAWN = [
     (Finding("consolidation", side="left", location="upper lobe"), L, (0.15, 0.45)),
     (Finding("nodule", side="left", location="mid"), L, (0.33, 0.55)),
     (Finding("nodule", side="right", location="upper"), R, (0.18, 0.40)),
-    # the band and the raised hemidiaphragm (volume loss), up to the midline
     (Finding("opacity", side="left", location="lower"), L, (0.45, 0.72)),
     (Finding("opacity", side="right", location="upper"), R, (0.15, 0.42)),
-    # the band inside the chest wall: above the lung apex, or along the lateral wall
+    # the band inside the chest wall: above the lung apex, or along the lateral wall down to the costophrenic angle
     (Finding("pleural", side="right", location="apical"), R, (0.12, 0.30)),
-    (Finding("pleural", side="left", location="lateral"), (0.75, 1.0), (0.28, 0.58)),
+    (Finding("pleural", side="left", location="lateral"), (0.72, 1.0), (0.25, 0.76)),
+    # the band and the raised hemidiaphragm (volume loss), up to the midline
     (Finding("atelectasis", side="right", location="mid"), (0.0, 0.52), (0.35, 0.95)),
     (Finding("atelectasis", side="left", location="lower"), (0.48, 1.0), (0.45, 0.95)),
     (Finding("edema", side="bilateral", severity="moderate"), (0.2, 0.8), (0.25, 0.72)),
@@ -301,6 +301,24 @@ def test_every_finding_kind_is_drawn_where_its_report_says(finding, xs, ys):
 
 def test_every_kind_is_covered_by_the_placement_check():
     assert {f.kind for f, _, _ in WHERE_DRAWN} == set(FINDING_KINDS)
+
+
+def test_look_alike_findings_are_told_apart_the_way_a_radiologist_does():
+    """Findings that share a place differ the way they do on a film: a lobar consolidation is denser than a
+    patchy opacity over the same zone, and the right upper lobe's ends at the horizontal fissure with a sharp
+    edge; a lateral pleural thickening runs along the chest wall far beyond a fracture's focal callus."""
+    normal = _frontal_128([])
+    consolidation = _frontal_128([Finding("consolidation", side="right", location="upper lobe")]) - normal
+    opacity = _frontal_128([Finding("opacity", side="right", location="upper")]) - normal
+    zone = (slice(int(0.24 * 128), int(0.36 * 128)), slice(int(0.22 * 128), int(0.36 * 128)))
+    assert consolidation[zone].mean() > 1.4 * opacity[zone].mean() > 0
+    column = consolidation[:, int(0.22 * 128) : int(0.36 * 128)].mean(axis=1)  # down the lobe
+    step = column[:-2] - column[2:]  # the fall over 2 px, top to bottom
+    assert step.max() > 0.5 * column.max()  # the fissure: half the density lost within 2 px
+    assert 0.36 * 128 < step.argmax() < 0.44 * 128
+    pleural = np.flatnonzero(_changed([Finding("pleural", side="left", location="lateral")]).any(axis=1))
+    fracture = np.flatnonzero(_changed([Finding("fracture", side="left", location="mid")]).any(axis=1))
+    assert np.ptp(pleural) > 2.5 * np.ptp(fracture)  # the image rows each one changes
 
 
 @pytest.mark.parametrize("kind, location", [("consolidation", "lower lobe"), ("nodule", "mid"),

@@ -141,7 +141,7 @@ class TrainingArguments:
         "Train this many runs (seeds --seed, --seed + 1, ...) on the same split, in OUTPUT_DIR/seed-<s>/; every "
         "metric's mean and std go to OUTPUT_DIR/eval_summary.json and the model cards.",
     )
-    num_train_epochs: int = arg(10, "Epochs (ignored when --max_steps > 0).")
+    num_train_epochs: int = arg(16, "Epochs (ignored when --max_steps > 0).")
     max_steps: int = arg(-1, "Total optimizer steps; overrides --num_train_epochs.")
     per_device_train_batch_size: int = arg(32, "Batch size per process.")
     per_device_eval_batch_size: int = arg(64, "Evaluation batch size per process.")
