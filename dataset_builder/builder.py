@@ -392,6 +392,7 @@ def build_dataset(
         "skipped": skipped,
         "options": {**builder.config.options(), "data_dir": str(data_path)},
         "split_arithmetic": fmt.split_rule,
+        "finding_sets": finding_set_novelty({name: ds[name]["mesh"] for name in SPLIT_NAMES if name in ds}),
         "fingerprint": fingerprint,
         "cache_dir": builder.cache_dir,
         "reused_cache": not builder.generated,
@@ -401,9 +402,6 @@ def build_dataset(
     }
     if "split_file" in stats:
         report["split_file"] = stats["split_file"]
-    report["finding_sets"] = finding_set_novelty(
-        {name: ds[name]["mesh"] for name in SPLIT_NAMES if name in ds}
-    )
     report["accounting"] = _accounting(report, ds)
     if not report["accounting"]["adds_up"]:
         logger.warning("build report counts do not add up: %s", report["accounting"])
