@@ -10,19 +10,20 @@ even at 128 px:
   at the sharp horizontal fissure), nodule (a round, sharply marginated density),
 - patchy lung opacity (ill-defined, mottled and fainter than a consolidation, with no border, over one zone),
 - pleural thickening (a smooth bright band inside the chest wall: an apical cap, or along the whole lateral
-  wall, thin and even, unlike the focal callus of a fracture),
+  wall from below the apex to the costophrenic angle, unlike the focal callus of a fracture),
 - plate-like atelectasis (a thin horizontal band, with volume loss: that hemidiaphragm rises),
 - edema (a bilateral perihilar haze, patchy, fading towards the periphery),
 - pleural effusion (fluid fills the lung base and blunts the costophrenic angle; small, moderate, large),
 - pneumothorax (a dark rim without lung markings and a bright visceral pleural line; small or large),
-- a healing rib fracture (a fusiform callus with a lucent line across the lateral arc of one rib),
+- a healing rib fracture (a bright focal callus split by a lucent line, with a step-off, across the lateral
+  arc of one rib),
 - support devices, bright as metal: a pacemaker (generator below the clavicle, leads into the heart), a
   central venous catheter (from the neck to the superior vena cava), an endotracheal tube (in the trachea).
 
 The lateral view shows what a lateral would: both lungs superimposed (no side), the heart anteriorly, fluid
 in the posterior sulcus, the devices and the anterior mediastinum; rib fractures, pneumothoraces and pleural
-thickening, hidden on a lateral, are not drawn there. Frontal views follow the radiological convention: the patient's right is
-on the image's left.
+thickening, hidden on a lateral, are not drawn there. Frontal views follow the radiological convention: the
+patient's right is on the image's left.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Both the drawing (`phantom_drawing`) and the report text (`phantom_report`) are functions of the sampled
 findings, so the text says exactly what the image shows. Twelve kinds, each read by the CheXpert labeler as one
-observation (`CHEXPERT_OBSERVATION`, twelve of its fourteen with No Finding); a study has 0 to 4 of them, each with its side, severity or location,
-so that most studies' finding sets (with their attributes) are combinations no other study shows.
+observation (`CHEXPERT_OBSERVATION`: twelve of its fourteen, with No Finding); a study has 0 to 4 of them, each
+with its side, severity or location, so that most studies' finding sets (with their attributes) are
+combinations no other study shows.
 """
 
 from __future__ import annotations

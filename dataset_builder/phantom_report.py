@@ -226,7 +226,10 @@ def write_report(
     """
     by_kind = {f.kind: f for f in findings}
     sentences: list[str] = []
-    phrase = lambda kind: _finding_phrase(by_kind[kind], rng, nodule_cm)  # noqa: E731
+
+    def phrase(kind: str) -> str:
+        return _finding_phrase(by_kind[kind], rng, nodule_cm)
+
     # heart and mediastinum
     if "cardiomegaly" in by_kind:
         sentences.append(phrase("cardiomegaly"))

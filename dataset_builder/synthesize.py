@@ -4,10 +4,11 @@ Each study samples its findings (`phantom_findings`), draws a frontal and a late
 (`phantom_drawing`) and writes the report from exactly what was drawn (`phantom_report`), so a model can
 only describe side and severity by looking at the image. Up to 4 findings a study, of twelve kinds read as
 twelve CheXpert observations: cardiomegaly (mild / moderate / severe), a widened mediastinum (mild / marked),
-focal consolidation (side and lobe), nodule (side and zone), patchy lung opacity (side and zone), plate-like
+lobar consolidation (side and lobe), nodule (side and zone), patchy lung opacity (side and zone), plate-like
 atelectasis (side and zone), perihilar edema (mild / moderate), pleural effusion (side and size), pleural
-thickening (side, apical or lateral), pneumothorax (side and size), a healing rib fracture (side and rib) and support devices (pacemaker, central venous catheter, endotracheal tube); about
-12% of the studies are normal. Most studies' finding sets, with their attributes, occur in no other study.
+thickening (side, apical or lateral), pneumothorax (side and size), a healing rib fracture (side and rib) and
+support devices (pacemaker, central venous catheter, endotracheal tube); about 12% of the studies are normal.
+Most studies' finding sets, with their attributes, occur in no other study.
 
 Everything is deterministic from ``seed``: each study draws from its own ``numpy`` generator seeded with
 ``(seed, study_index)``, so the output does not depend on the number of worker processes.
@@ -122,8 +123,8 @@ def _settings_of(folder: Path) -> dict | None:
 
 
 def _older_version_of(settings: dict):
-    """True for a folder holding the same synthesis by an older generator (replaced: the same arguments now
-    draw other studies)."""
+    """A predicate on folders: True for one holding the same synthesis by an older generator (replaced: the same
+    arguments now draw other studies)."""
 
     def older(folder: Path) -> bool:
         found = _settings_of(folder) or {}
