@@ -432,6 +432,7 @@ def train(
             "mixed_precision": mixed_precision,
             "torch_compile": train_args.torch_compile,
             "num_examples": {name: len(split) for name, split in splits.items()},
+            "finding_sets": build_report.get("finding_sets"),
             "final_train_loss": history["loss"][-1] if history["loss"] else None,
         }
         run_info = describe_run(

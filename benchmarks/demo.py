@@ -8,7 +8,8 @@
 Three measurements, each timed from the outside (wall seconds, and the CPU seconds of the process tree, whose
 ratio is the number of cores kept busy):
 - `main_job`: `accelerate launch run_captioning.py` with no arguments from a fresh cache folder, synthesis and
-  build included, with its evaluation results (per observation too);
+  build included, with its evaluation results (per observation too) and the build report's `finding_sets` (how
+  many test studies show a set of findings that no training study shows);
 - `main_job_avx2_fp32`: the same main job from its own fresh cache, as a CPU without bf16 hardware runs it:
   torch's kernels and oneDNN restricted to AVX2 (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`) and
   `--mixed_precision no`. Same cores, clock and caches as the machine measured, so it isolates the instruction
@@ -132,6 +133,7 @@ def main_job(
             [*(f"{k}={v}" for k, v in (env or {}).items()), "accelerate launch run_captioning.py", *extra]
         ),
         **timing,
+        "finding_sets": results["run"].get("finding_sets"),
         "scores": {split: results[split] for split in TABLE_SPLITS if split in results},
         "per_observation": {
             split: per_observation(results[split]) for split in TABLE_SPLITS if split in results

@@ -107,6 +107,9 @@ def test_outputs_follow_the_contract(trained_run: Path):
     assert results["run"]["mixed_precision"] == "bf16" and results["run"]["optimizer_steps"] == 8
     # The locally trained tokenizer saw the TRAIN split only (28 of 40 studies).
     assert results["run"]["num_examples"]["train"] == 28
+    # The build report's count of test studies whose finding set no training study shows (phantoms: most).
+    novelty = results["run"]["finding_sets"]
+    assert novelty["num_test"] == results["run"]["num_examples"]["test"] >= novelty["num_test_unseen"] > 0
     # bf16 autocast runs over fp32 weights: the saved model is fp32.
     saved = load_file(trained_run / "model.safetensors").values()
     assert {t.dtype for t in saved if t.is_floating_point()} == {torch.float32}
