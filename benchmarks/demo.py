@@ -5,7 +5,7 @@
     python benchmarks/demo.py --num_seeds 0         # without the seeds
     python benchmarks/demo.py --write_readme        # refresh the README's demo table from the results file
 
-Three measurements, each timed from the outside (wall seconds, and the CPU seconds of the process tree, whose
+Four measurements, each timed from the outside (wall seconds, and the CPU seconds of the process tree, whose
 ratio is the number of cores kept busy):
 - `main_job`: `accelerate launch run_captioning.py` with no arguments from a fresh cache folder, synthesis and
   build included, with its evaluation results (per observation too) and the build report's `finding_sets` (how
@@ -114,12 +114,19 @@ def per_observation(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
+def cache_folder(work: Path, name: str = "main_job") -> Path:
+    """The cache folder (synthesis, build, features) of the main job `name`; the launchers and the seeds reuse the
+    main job's, so that they time training, not a second synthesis and build."""
+    return work / name / "cache"
+
+
 def main_job(
     work: Path, extra: list[str], name: str = "main_job", env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """The main job under `accelerate launch`, timed from a fresh cache (`work / name`); its evaluation results."""
+    """The main job under `accelerate launch`, timed from a fresh cache (`cache_folder(work, name)`); its
+    evaluation results."""
     output = work / name / "outputs" / "xraycap-demo"
-    os.environ["XRAYCAP_CACHE"] = str(work / name / "cache")
+    os.environ["XRAYCAP_CACHE"] = str(cache_folder(work, name))
     command = [
         *LAUNCHERS["accelerate launch"],
         str(REPO_ROOT / "run_captioning.py"),
@@ -142,8 +149,9 @@ def main_job(
 
 
 def launcher_runs(steps: int, work: Path, extra: list[str]) -> dict[str, Any]:
-    """The same `steps` training steps (no evaluation, data already built) under each launcher, timed."""
-    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
+    """The same `steps` training steps (no evaluation, data already built by the main job) under each launcher,
+    timed."""
+    os.environ["XRAYCAP_CACHE"] = str(cache_folder(work))
     runs = {}
     for launcher, prefix in LAUNCHERS.items():
         output = work / "launchers" / launcher.replace(" ", "-")
@@ -156,9 +164,9 @@ def launcher_runs(steps: int, work: Path, extra: list[str]) -> dict[str, Any]:
 
 
 def repeated(num_seeds: int, work: Path, extra: list[str]) -> dict[str, Any]:
-    """The `--num_seeds` run; its `eval_summary.json`."""
+    """The `--num_seeds` run (data already built by the main job); its `eval_summary.json`."""
     output = work / "seeds" / "outputs"
-    os.environ["XRAYCAP_CACHE"] = str(work / "cache")
+    os.environ["XRAYCAP_CACHE"] = str(cache_folder(work))
     command = [
         *LAUNCHERS["accelerate launch"],
         str(REPO_ROOT / "run_captioning.py"),
