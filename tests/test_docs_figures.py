@@ -95,6 +95,20 @@ def test_training_doc_floor_figures_are_the_demo_results():
     assert f"(CIDEr {cider[0]:.2f} against {cider[1]:.2f} and {cider[2]:.2f}" in doc
 
 
+def test_demo_times_and_unseen_finding_sets_are_the_demo_results():
+    """docs/TRAINING.md's main-job times (bf16, and AVX2 kernels in fp32) and the README's fraction of test studies
+    whose finding set no training study shows are those of benchmarks/results/demo.json's main job."""
+    demo = _json(REPO_ROOT / "benchmarks" / "results" / "demo.json")
+    doc = _flat((REPO_ROOT / "docs" / "TRAINING.md").read_text())
+    bf16, fp32 = demo["main_job"]["wall_s"], demo["main_job_avx2_fp32"]["wall_s"]
+    assert (
+        f"took {bf16:.0f} s there with bf16 autocast and {fp32:.0f} s restricted to AVX2 kernels in fp32"
+        in doc
+    )
+    unseen = demo["main_job"]["finding_sets"]["test_unseen_in_train"]
+    assert f"cannot describe the {unseen:.0%} of test studies" in _flat(README)
+
+
 def _macro_row(label: str) -> list[str]:
     line = next(line for line in METRIC_README.splitlines() if line.startswith(f"| {label} |"))
     return [cell.strip("* ") for cell in line.strip("|").split("|")[1:]]
