@@ -178,20 +178,19 @@ def _lobe(yy, xx, f: Finding, a: Anatomy, rng, size: int) -> np.ndarray:
     """
     sgn = -1.0 if f.side == "right" else 1.0
     lcx = a.cx + sgn * a.lung_dx
-    fissure = 0.40 + rng.normal(
-        0, 0.008
-    )  # the right minor fissure; the left lobes part at about the same level
-    irregular = 0.018 * _smooth_noise(rng, size, 12)
+    # the right minor fissure; the left lobes part at about the same level
+    fissure = 0.40 + rng.normal(0, 0.008)
+    irregular = 0.018 * _smooth_noise(rng, size, 12)  # an uneven edge where no fissure bounds the lobe
     if f.location == "upper lobe":
         top = (a.lung_cy - a.lung_ry) + 0.06
         inside = np.clip((yy - top - irregular) / 0.03, 0, 1)
         edge = 0.006 if f.side == "right" else 0.03  # a fissure on the right only
         return inside * np.clip((fissure - yy) / edge + 0.5, 0, 1)
     if f.location == "middle lobe":  # below the minor fissure, the medial half (it effaces the heart border)
-        inside = np.clip((yy - fissure) / 0.006 + 0.5, 0, 1) * np.clip(
-            (fissure + 0.14 - yy + irregular) / 0.03, 0, 1
-        )
-        return inside * np.clip((0.25 - sgn * (xx - lcx) / a.lung_rx + irregular * 10) / 0.25, 0, 1)
+        below_fissure = np.clip((yy - fissure) / 0.006 + 0.5, 0, 1)
+        above_base = np.clip((fissure + 0.14 - yy + irregular) / 0.03, 0, 1)
+        medial = np.clip((0.25 - sgn * (xx - lcx) / a.lung_rx + 10 * irregular) / 0.25, 0, 1)
+        return below_fissure * above_base * medial
     top = fissure + 0.09 + irregular  # lower lobe: the base, up to an ill-defined upper edge
     return np.clip((yy - top) / 0.05, 0, 1)
 
@@ -246,12 +245,8 @@ def _draw_lung_finding(img, f: Finding, a: Anatomy, lungs, markings, rng, size: 
         if f.location == "apical":
             band = np.clip((r - (1 - 0.075 / a.lung_ry)) / 0.04, 0, 1) * (yy < a.lung_cy - 0.62 * a.lung_ry)
         else:  # from below the apex to the costophrenic angle, even: unlike the focal callus of a fracture
-            lateral = sgn * (xx - lcx) > 0.3 * a.lung_rx
-            band = (
-                np.clip((r - (1 - 0.045 / a.lung_rx)) / 0.04, 0, 1)
-                * lateral
-                * (yy > a.lung_cy - 0.6 * a.lung_ry)
-            )
+            lateral, below_apex = sgn * (xx - lcx) > 0.3 * a.lung_rx, yy > a.lung_cy - 0.6 * a.lung_ry
+            band = np.clip((r - (1 - 0.045 / a.lung_rx)) / 0.04, 0, 1) * lateral * below_apex
         img = img + 0.45 * band * lungs[f.side]
     elif f.kind == "nodule":
         ncx = a.cx + sgn * (a.lung_dx + rng.uniform(-0.03, 0.04))
