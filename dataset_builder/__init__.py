@@ -3,7 +3,7 @@
 the user brings); synthetic phantom studies in the Indiana or the MIMIC-CXR-JPG layout; the pinned kagglehub
 download.
 
-    from dataset_builder import build_dataset, synthesize, synthesize_mimic, download
+    from xraycap.dataset_builder import build_dataset, synthesize, synthesize_mimic, download
 
 The layouts are in `indiana.py` and `mimic_cxr.py`, registered in `formats.py`; the plan, the builder, the
 build report and the saved folder are shared.

@@ -28,7 +28,7 @@ the CheXpert labeler (Irvin et al., 2019):
 Example:
 
 ```python
->>> from metrics.radiology_report.labeler import label_reports
+>>> from xraycap.radiology_report.labeler import label_reports
 >>> labels = label_reports(["No effusion but mild cardiomegaly. Possible left basilar atelectasis."])
 >>> labels[0]["Cardiomegaly"], labels[0]["Pleural Effusion"], labels[0]["Atelectasis"]
 (1, 0, -1)

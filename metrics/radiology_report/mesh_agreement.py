@@ -34,7 +34,7 @@ MeSH disagree, by the labeler's label: the sources of the metric README's what-i
 measurements, not options: the labeler follows CheXpert.
 
 ```python
->>> from metrics.radiology_report.mesh_agreement import agreement_table, format_table
+>>> from xraycap.radiology_report.mesh_agreement import agreement_table, format_table
 >>> rows = agreement_table("/path/to/indiana_reports.csv")  # doctest: +SKIP
 >>> print(format_table(rows))  # doctest: +SKIP
 ```
