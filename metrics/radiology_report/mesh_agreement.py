@@ -290,6 +290,17 @@ def _machine() -> str:
     return f"{cpu}; {platform.system()} {platform.release()}; Python {platform.python_version()}"
 
 
+def _provenance(reports_csv: Path) -> dict:
+    """What produced a results file: the commit, the machine, the date, and the reports CSV with its SHA-256."""
+    return {
+        "commit": _git_commit(),
+        "machine": _machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reports_csv": reports_csv.name,
+        "reports_csv_sha256": hashlib.sha256(reports_csv.read_bytes()).hexdigest(),
+    }
+
+
 def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
     """The tables of `agreement_subsets` with what produced them (commit, machine, the CSV's SHA-256).
 
@@ -313,11 +324,7 @@ def agreement_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
         for name in SUBSETS
     }
     return {
-        "commit": _git_commit(),
-        "machine": _machine(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "reports_csv": path.name,
-        "reports_csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        **_provenance(path),
         "uncertain": "negative",
         "held_out_rule": "sha256(uid) % 3 == 0, fixed before any rule written after commit ee554a4",
         "subsets": {
@@ -396,11 +403,7 @@ def what_if_record(reports_csv: str | Path = DEFAULT_REPORTS_CSV) -> dict:
             variants[name] = _macro_by_subset(path)
     variants["uncertain_positive"] = _macro_by_subset(path, uncertain="positive")
     return {
-        "commit": _git_commit(),
-        "machine": _machine(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "reports_csv": path.name,
-        "reports_csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        **_provenance(path),
         "what_if_rules": {name: list(rules) for name, rules in WHAT_IF_RULES.items()},
         "macro_f1": variants,
         "disagreements": disagreements(path),
